@@ -1,0 +1,324 @@
+"""The PLADIS attention operator, in reading order.
+
+1. ``entmax``: the exact alpha-entmax map (closed form for alpha = 1.5 and 2, bisection otherwise).
+2. ``reference_attention``: the whole operator in plain PyTorch, float64-capable; it is the CPU (and
+   default) implementation of the custom op.
+3. ``attention_op``: the ``torch.library`` custom op ``pladis::attention`` and its fake twin, so that
+   ``torch.export``, ``torch.compile`` and the ONNX exporters see one node. A CUDA implementation
+   registers itself on it with ``attention_op.register_kernel("cuda")`` (the Triton kernel lives in
+   ``pladis/kernels/`` once it exists); nothing else changes.
+4. ``attention`` / ``joint_attention``: the public functions, which validate and call the op.
+
+Numerical contract (../shared/PLADIS.md): with logits ``S = Q K^T * scale``,
+``A = softmax(S) + lam * (entmax_alpha(S) - softmax(S))``, ``out = A V``. Logits and the threshold
+solve are computed in float32 for fp16/bf16/fp32 inputs (float64 for float64); the mixed map is cast to
+the value dtype only for the final ``A V``.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DEFAULT_LAM = 2.0  # the paper's and the official code's `pladis_scale`
+DEFAULT_ALPHA = 1.5  # entmax15
+
+CROSS = (-1, -1)
+"""The ``(text_start, text_end)`` value that means plain cross-attention (the whole map)."""
+
+# Every intermediate of one query chunk has at most this many elements (64 MiB in float32), so
+# joint attention over thousands of tokens does not materialise a full (B, H, L, L) float32 map.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. alpha-entmax
+# --------------------------------------------------------------------------------------------------
+
+
+def entmax(s: Tensor, alpha: float = 1.5) -> Tensor:
+    """alpha-entmax along the last axis: ``p_i = [(alpha-1) s_i - tau]_+ ^ (1/(alpha-1))``, ``sum p = 1``.
+
+    s: (..., L) floating logits; ``-inf`` marks keys that take no part. Computed in float32 (float64 for
+    float64 input) and returned in that compute dtype. A row whose entries are all ``-inf`` maps to zeros.
+    alpha = 1.5 and alpha = 2 (sparsemax) are exact (sort, then the closed form on the support); other
+    alpha in (1, 2) use bisection to the compute dtype's resolution.
+    """
+    s = s.to(_compute_dtype(s.dtype))
+    valid = s > -math.inf
+    smax = torch.where(valid.any(-1, keepdim=True), s.amax(-1, keepdim=True), torch.zeros_like(s[..., :1]))
+    # tau >= max(z) - 1, so every z below max(z) - 1 is off the support; clamping those (and masked keys)
+    # to max(z) - 2 leaves the solution unchanged and keeps -inf and huge magnitudes out of the sums.
+    z = ((alpha - 1.0) * (s - smax)).clamp(min=-2.0)
+    if alpha == 2.0:
+        p = (z - _sparsemax_threshold(z)).clamp(min=0)
+    elif alpha == 1.5:
+        p = (z - _entmax15_threshold(z)).clamp(min=0).square()
+    else:
+        p = _entmax_bisect(z, alpha)
+    return torch.where(valid, p, torch.zeros_like(p))
+
+
+def _sparsemax_threshold(z: Tensor) -> Tensor:
+    """tau for sparsemax: with z sorted descending, support size k = #{j : 1 + j z_j > sum_{i<=j} z_i}."""
+    zs, _ = z.sort(dim=-1, descending=True)
+    csum = zs.cumsum(-1)
+    j = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+    k = (1 + j * zs > csum).sum(-1, keepdim=True)
+    return (csum.gather(-1, k - 1) - 1) / k.to(z.dtype)
+
+
+def _entmax15_threshold(z: Tensor) -> Tensor:
+    """tau for 1.5-entmax on z = s/2 (already shifted so max z = 0).
+
+    For each prefix j of the descending sort, tau_j solves sum_{i<=j} (z_i - tau)^2 = 1:
+    ``tau_j = mean_j - sqrt((1 - j (msq_j - mean_j^2)) / j)``; the support is the largest j with
+    tau_j <= z_j, and tau is tau_k there (the closed form on the support).
+    """
+    zs, _ = z.sort(dim=-1, descending=True)
+    j = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+    mean = zs.cumsum(-1) / j
+    msq = zs.square().cumsum(-1) / j
+    tau = mean - ((1 - j * (msq - mean.square())) / j).clamp(min=0).sqrt()
+    k = (tau <= zs).sum(-1, keepdim=True)
+    return tau.gather(-1, k - 1)
+
+
+def _entmax_bisect(z: Tensor, alpha: float) -> Tensor:
+    """alpha-entmax for alpha in (1, 2) other than 1.5, by bisection on tau in its bracket, then renormalised."""
+    inv = 1.0 / (alpha - 1.0)
+    n = z.shape[-1]
+    lo = z.amax(-1, keepdim=True) - 1.0
+    hi = z.amax(-1, keepdim=True) - n ** (1.0 - alpha)
+    steps = 60 if z.dtype == torch.float64 else 32  # halves the width-1 bracket to below the dtype's eps
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        too_low = (z - mid).clamp(min=0).pow(inv).sum(-1, keepdim=True) >= 1  # f decreases in tau
+        lo = torch.where(too_low, mid, lo)
+        hi = torch.where(too_low, hi, mid)
+    p = (z - lo).clamp(min=0).pow(inv)
+    return p / p.sum(-1, keepdim=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. The reference implementation
+# --------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _masked_logits(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: float) -> Tensor:
+    """(..., Lq, Lk) logits in the compute dtype, with ``-inf`` where the mask removes a key."""
+    cdt = _compute_dtype(q.dtype)
+    s = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
+    if attn_mask is None:
+        return s
+    if attn_mask.dtype == torch.bool:
+        return torch.where(attn_mask, s, torch.full_like(s, -math.inf))
+    return s + attn_mask.to(cdt)
+
+
+def _softmax(s: Tensor) -> Tensor:
+    """softmax along the last axis that maps an all ``-inf`` row to zeros instead of NaN."""
+    smax = s.amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(smax > -math.inf, smax, torch.zeros_like(smax)))
+    denom = e.sum(-1, keepdim=True)
+    return e / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def _mixed_map(s: Tensor, lam: float, alpha: float, text_start: int, text_end: int, row0: int) -> Tensor:
+    """The PLADIS attention map for logits s: (..., rows, Lk), whose first row is query index row0."""
+    dense = _softmax(s)
+    if (text_start, text_end) == CROSS:
+        return dense + lam * (entmax(s, alpha) - dense)
+    # Joint attention: only image-query rows x text-key columns change, and keep their dense mass.
+    dense_t = dense[..., text_start:text_end]
+    mass = dense_t.sum(-1, keepdim=True)
+    block = dense_t + lam * (mass * entmax(s[..., text_start:text_end], alpha) - dense_t)
+    rows = torch.arange(row0, row0 + s.shape[-2], device=s.device).unsqueeze(-1)
+    is_image_row = (rows < text_start) | (rows >= text_end)
+    return torch.cat(
+        [dense[..., :text_start], torch.where(is_image_row, block, dense_t), dense[..., text_end:]], dim=-1
+    )
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor],
+    lam: float,
+    alpha: float,
+    scale: float,
+    text_start: int = CROSS[0],
+    text_end: int = CROSS[1],
+) -> Tensor:
+    """PLADIS attention in plain PyTorch (no validation; see ``attention`` for the contract).
+
+    q: (..., Lq, D), k: (..., Lk, D), v: (..., Lk, Dv), leading dims broadcastable; attn_mask broadcastable
+    to (..., Lq, Lk), bool (True = attend) or additive. Returns (..., Lq, Dv) in q's dtype. Queries are
+    processed in chunks whose intermediates hold at most ``_CHUNK_ELEMENTS`` elements.
+    """
+    if lam == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    lq, lk = q.shape[-2], k.shape[-2]
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, math.prod(batch) * lk))
+    low_precision = q.dtype not in (torch.float32, torch.float64)
+    outs = []
+    for r0 in range(0, lq, rows_per_chunk):
+        r1 = min(lq, r0 + rows_per_chunk)
+        mask = attn_mask
+        if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
+            mask = mask[..., r0:r1, :]
+        p = _mixed_map(_masked_logits(q[..., r0:r1, :], k, mask, scale), lam, alpha, text_start, text_end, r0)
+        outs.append(torch.matmul(p.to(v.dtype), v) if low_precision else torch.matmul(p, v.to(p.dtype)))
+    return torch.cat(outs, dim=-2).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. The custom op and its fake twin
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pladis::attention", mutates_args=())
+def attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor],
+    lam: float,
+    alpha: float,
+    scale: float,
+    text_start: int,
+    text_end: int,
+) -> Tensor:
+    """``pladis::attention``: validated arguments only (call ``attention``/``joint_attention``)."""
+    return reference_attention(q, k, v, attn_mask, lam, alpha, scale, text_start, text_end)
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, attn_mask, lam, alpha, scale, text_start, text_end):
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    return q.new_empty((*batch, q.shape[-2], v.shape[-1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Public functions
+# --------------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    lam: float = DEFAULT_LAM,
+    alpha: float = DEFAULT_ALPHA,
+    attn_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """PLADIS cross-attention: ``(softmax(S) + lam (entmax_alpha(S) - softmax(S))) V``, ``S = Q K^T scale``.
+
+    q: (B, H, Lq, D), k: (B, H, Lk, D), v: (B, H, Lk, Dv) (rank 3 also accepted; batch/head dims broadcast
+    as in ``torch.nn.functional.scaled_dot_product_attention``); float16, bfloat16, float32 or float64, all
+    the same dtype. attn_mask: broadcastable to (B, H, Lq, Lk), bool (True = attend) or additive float.
+    scale: defaults to D ** -0.5. lam: any finite value (0 = exactly SDPA, 1 = pure entmax, > 1
+    extrapolates). alpha: in (1, 2]; exact for 1.5 and 2. Returns (B, H, Lq, Dv) in q's dtype; a fully
+    masked query row gives a zero row.
+    """
+    scale = _check(q, k, v, lam, alpha, attn_mask, scale)
+    if lam == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    return attention_op(q, k, v, attn_mask, float(lam), float(alpha), scale, *CROSS)
+
+
+def joint_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    text_range: tuple[int, int],
+    lam: float = DEFAULT_LAM,
+    alpha: float = DEFAULT_ALPHA,
+    attn_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """PLADIS for joint (MMDiT) attention over one token sequence holding text and image tokens.
+
+    q, k: (B, H, L, D), v: (B, H, L, Dv); tokens ``text_range = (start, end)`` are text (FLUX puts them
+    first, SD3 last). Only image-query rows x text-key columns change: with ``m`` the dense mass of those
+    columns, ``A[text cols] = softmax + lam (m entmax(S_text) - softmax)``; other entries stay softmax and
+    text-query rows are plain attention. Other arguments as in ``attention``.
+    """
+    scale = _check(q, k, v, lam, alpha, attn_mask, scale)
+    start, end = _check_text_range(text_range, q.shape[-2], k.shape[-2])
+    if lam == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    return attention_op(q, k, v, attn_mask, float(lam), float(alpha), scale, start, end)
+
+
+def check_params(lam: float, alpha: float) -> None:
+    """Raise ValueError naming ``lam`` or ``alpha`` when they are outside what PLADIS supports."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"lam must be a finite number (paper default 2.0, useful range 1-3); got {lam!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (1.0 < alpha <= 2.0):
+        raise ValueError(f"alpha must be a number in (1, 2] (1.5 = entmax15, 2 = sparsemax); got {alpha!r}")
+
+
+def _check(q, k, v, lam, alpha, attn_mask, scale) -> float:
+    """Validate the arguments of ``attention``; return the resolved scale."""
+    check_params(lam, alpha)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dim() not in (3, 4):
+            raise ValueError(f"{name} must have rank 4 (B, H, L, D) or 3 (B, L, D); got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64); got {t.dtype}")
+    if not (q.dim() == k.dim() == v.dim()):
+        raise ValueError(f"q, k, v must have the same rank; got {q.dim()}, {k.dim()}, {v.dim()}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"head dims differ: q has D={q.shape[-1]}, k has D={k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v must have the same key length; got {k.shape[-2]} and {v.shape[-2]}")
+    if k.shape[-2] == 0:
+        raise ValueError("k has no keys (key length 0)")
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"batch/head dims of q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not broadcast"
+        ) from None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor) or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+            raise ValueError("attn_mask must be a bool tensor (True = attend) or an additive float tensor")
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (*batch, q.shape[-2], k.shape[-2]))
+        except RuntimeError:
+            raise ValueError(
+                f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to {(*batch, q.shape[-2], k.shape[-2])}"
+            ) from None
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number or None (= D**-0.5); got {scale!r}")
+    return float(scale)
+
+
+def _check_text_range(text_range, lq: int, lk: int) -> tuple[int, int]:
+    if lq != lk:
+        raise ValueError(f"joint attention needs one token sequence: q has {lq} tokens, k has {lk}")
+    try:
+        start, end = (int(x) for x in text_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"text_range must be a pair (start, end) of token indices; got {text_range!r}") from None
+    if not 0 <= start < end <= lk:
+        raise ValueError(f"text_range must satisfy 0 <= start < end <= {lk}; got ({start}, {end})")
+    return start, end

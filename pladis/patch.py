@@ -1,0 +1,294 @@
+"""Patch diffusers models with PLADIS: processors, per-family layer detection, ``apply`` and ``remove``.
+
+The processors mirror diffusers' stock ones (``AttnProcessor2_0``/``SanaAttnProcessor2_0`` for
+cross-attention, ``JointAttnProcessor2_0``/``FluxAttnProcessor`` for joint attention) up to the attention
+call, which goes to ``pladis.ops``; they hold no numerics of their own. ``apply`` swaps processors through
+each attention module's public ``set_processor`` and remembers the originals; ``remove`` puts them back.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import nn
+
+from pladis import ops
+
+LayerSelection = Union[str, Callable[[str], bool]]
+
+_ORIGINALS = "_pladis_original_processors"
+
+
+# --------------------------------------------------------------------------------------------------
+# Processors
+# --------------------------------------------------------------------------------------------------
+
+
+def _qk_norm(norm: nn.Module | None, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Apply a q/k norm to x: (B, L, heads*D), per head (SD/PixArt/SD3/FLUX) or across heads (SANA).
+
+    Which one is read off the norm's own size, as the stock processors hard-code it per family.
+    """
+    if norm is None:
+        return x
+    size = getattr(norm, "normalized_shape", None) or getattr(norm, "dim", None)
+    if size is None and getattr(norm, "weight", None) is not None:
+        size = norm.weight.shape
+    size = size[-1] if isinstance(size, (tuple, list, torch.Size)) else size
+    if size == x.shape[-1]:
+        return norm(x)
+    return norm(x.unflatten(-1, (heads, -1))).flatten(-2)
+
+
+class CrossAttnProcessor:
+    """PLADIS processor for a diffusers ``Attention`` used as cross-attention (U-Net, PixArt, SANA)."""
+
+    def __init__(self, lam: float, alpha: float):
+        self.lam, self.alpha = lam, alpha
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:  # (B, C, H, W) feature map -> (B, H*W, C) tokens
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, key_len = context.shape[0], context.shape[1]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+
+        query = _qk_norm(attn.norm_q, attn.to_q(hidden_states), attn.heads)
+        key = _qk_norm(attn.norm_k, attn.to_k(context), attn.heads)
+        value = attn.to_v(context)
+        # (B, L, H*D) -> (B, H, L, D)
+        query, key, value = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (query, key, value))
+        out = ops.attention(query, key, value, lam=self.lam, alpha=self.alpha, attn_mask=attention_mask)
+        out = out.transpose(1, 2).flatten(2).to(query.dtype)
+
+        out = attn.to_out[1](attn.to_out[0](out))  # linear, dropout
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class JointAttnProcessor:
+    """PLADIS processor for MMDiT joint attention (SD3 ``Attention``, FLUX ``FluxAttention``).
+
+    ``text_first``: FLUX orders the joint sequence [text, image], SD3 [image, text].
+    """
+
+    def __init__(self, lam: float, alpha: float, text_first: bool):
+        self.lam, self.alpha, self.text_first = lam, alpha, text_first
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states is None:
+            raise ValueError("PLADIS joint-attention processor needs encoder_hidden_states (the text tokens)")
+        if getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv"):
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            eq = attn.add_q_proj(encoder_hidden_states)
+            ek = attn.add_k_proj(encoder_hidden_states)
+            ev = attn.add_v_proj(encoder_hidden_states)
+        # (B, L, H*D) -> (B, L, H, D); the q/k norms act on the last axis
+        q, k, v, eq, ek, ev = (t.unflatten(-1, (attn.heads, -1)) for t in (q, k, v, eq, ek, ev))
+        q, k = _maybe(attn.norm_q, q), _maybe(attn.norm_k, k)
+        eq, ek = _maybe(attn.norm_added_q, eq), _maybe(attn.norm_added_k, ek)
+
+        n_img, n_txt = q.shape[1], eq.shape[1]
+        first, second = ((eq, ek, ev), (q, k, v)) if self.text_first else ((q, k, v), (eq, ek, ev))
+        q, k, v = (torch.cat(pair, dim=1) for pair in zip(first, second, strict=True))
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+
+        text_range = (0, n_txt) if self.text_first else (n_img, n_img + n_txt)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, L, H, D) -> (B, H, L, D)
+        out = ops.joint_attention(
+            q, k, v, text_range=text_range, lam=self.lam, alpha=self.alpha, attn_mask=attention_mask
+        )
+        out = out.transpose(1, 2).flatten(2).to(q.dtype)
+
+        txt, img = (out[:, :n_txt], out[:, n_txt:]) if self.text_first else (out[:, n_img:], out[:, :n_img])
+        img = attn.to_out[1](attn.to_out[0](img.contiguous()))
+        if not getattr(attn, "context_pre_only", False) and getattr(attn, "to_add_out", None) is not None:
+            txt = attn.to_add_out(txt.contiguous())
+        return img, txt
+
+
+def _maybe(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if norm is None else norm(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Families: which modules are patched, and with which processor
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """How PLADIS applies to one diffusers model class."""
+
+    name: str
+    class_name: str  # diffusers class, looked up by name so missing ones (older diffusers) are skipped
+    joint: bool  # MMDiT joint attention (else dedicated cross-attention)
+    text_first: bool = False
+    default_excludes: str | None = None  # regex on qualified names left out by layers="default"
+
+
+FAMILIES = (
+    Family("unet", "UNet2DConditionModel", joint=False, default_excludes=r"^mid_block\."),
+    Family("pixart", "PixArtTransformer2DModel", joint=False),
+    Family("sana", "SanaTransformer2DModel", joint=False),
+    Family("sd3", "SD3Transformer2DModel", joint=True, text_first=False),
+    Family("flux", "FluxTransformer2DModel", joint=True, text_first=True),
+)
+
+
+def supported_models() -> list[str]:
+    """Names of the diffusers model classes PLADIS patches."""
+    return [f.class_name for f in FAMILIES]
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of a diffusers denoiser, or a ValueError naming its class and the supported ones."""
+    import diffusers
+
+    for fam in FAMILIES:
+        cls = getattr(diffusers, fam.class_name, None)
+        if cls is not None and isinstance(model, cls):
+            return fam
+    raise ValueError(
+        f"PLADIS does not support {type(model).__name__}; supported denoisers: {', '.join(supported_models())}"
+    )
+
+
+def _is_candidate(module: nn.Module, fam: Family) -> bool:
+    """Cross-attention (or, for MMDiT, joint attention with text projections); never self-attention."""
+    if not hasattr(module, "set_processor") or not hasattr(module, "to_q"):
+        return False
+    if fam.joint:
+        return getattr(module, "add_k_proj", None) is not None and not getattr(module, "pre_only", False)
+    return bool(getattr(module, "is_cross_attention", False))
+
+
+def select_layers(model: nn.Module, layers: LayerSelection = "default") -> list[str]:
+    """Qualified names of the attention modules ``apply`` patches for this ``layers`` choice.
+
+    layers: "default" (the official code's choice: for U-Nets down and up blocks, mid block left out;
+    all cross/joint attention elsewhere), "all", or a predicate on qualified module names (applied to the
+    cross/joint-attention modules only, so self-attention is never selected).
+    """
+    fam = family_of(model)
+    names = [n for n, m in model.named_modules() if _is_candidate(m, fam)]
+    if callable(layers):
+        return [n for n in names if layers(n)]
+    if layers == "all":
+        return names
+    if layers == "default":
+        return [n for n in names if not (fam.default_excludes and re.search(fam.default_excludes, n))]
+    raise ValueError(f'layers must be "default", "all" or a callable on module names; got {layers!r}')
+
+
+# --------------------------------------------------------------------------------------------------
+# apply / remove
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PatchReport:
+    """What ``apply`` did. ``layers``: qualified names of the patched attention modules."""
+
+    model: str
+    family: str
+    lam: float
+    alpha: float
+    layers: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        head = f"PLADIS on {self.model} ({self.family}): lam={self.lam}, alpha={self.alpha}, {len(self.layers)} layers"
+        width = max([len("layer"), *map(len, self.layers)])
+        rows = [f"| {'#':>3} | {'layer':<{width}} |", f"| {'-' * 3} | {'-' * width} |"]
+        rows += [f"| {i:>3} | {name:<{width}} |" for i, name in enumerate(self.layers)]
+        return "\n".join([head, *rows])
+
+
+def denoiser_of(target) -> nn.Module:
+    """The model to patch: ``target`` itself, or a pipeline's ``unet`` / ``transformer``."""
+    if isinstance(target, nn.Module):
+        return target
+    for attr in ("unet", "transformer"):
+        model = getattr(target, attr, None)
+        if isinstance(model, nn.Module):
+            return model
+    raise ValueError(
+        f"cannot find a denoiser in {type(target).__name__}: pass a diffusers model or a pipeline with a "
+        f"`unet` or `transformer` (supported: {', '.join(supported_models())})"
+    )
+
+
+def apply(
+    target, *, lam: float = ops.DEFAULT_LAM, alpha: float = ops.DEFAULT_ALPHA, layers: LayerSelection = "default"
+) -> PatchReport:
+    """Patch a diffusers model or pipeline with PLADIS; returns the report of patched layers.
+
+    target: a supported diffusers denoiser or a ``DiffusionPipeline`` holding one. lam = 0 patches nothing
+    (the model keeps its stock attention path). Applying again first removes the earlier patch.
+    Processors that carry weights (IP-Adapter and the like) are refused rather than silently dropped.
+    """
+    ops.check_params(lam, alpha)
+    model = denoiser_of(target)
+    fam = family_of(model)
+    names = select_layers(model, layers)
+    remove(model)
+    report = PatchReport(type(model).__name__, fam.name, float(lam), float(alpha))
+    if lam == 0:
+        return report
+    modules = dict(model.named_modules())
+    for name in names:
+        proc = modules[name].get_processor()
+        if isinstance(proc, nn.Module):
+            raise ValueError(
+                f"{name} uses {type(proc).__name__}, which carries weights (e.g. IP-Adapter); PLADIS replaces "
+                "stock attention processors only (patch a model without adapters)"
+            )
+    originals = {}
+    for name in names:
+        module = modules[name]
+        originals[name] = module.get_processor()
+        if fam.joint:
+            module.set_processor(JointAttnProcessor(float(lam), float(alpha), fam.text_first))
+        else:
+            module.set_processor(CrossAttnProcessor(float(lam), float(alpha)))
+    setattr(model, _ORIGINALS, originals)
+    report.layers = names
+    return report
+
+
+def remove(target) -> int:
+    """Restore the processors ``apply`` replaced (the same objects, so outputs are bitwise as before).
+
+    Returns the number of layers restored (0 when the model was not patched).
+    """
+    model = denoiser_of(target)
+    originals = model.__dict__.pop(_ORIGINALS, {})
+    modules = dict(model.named_modules())
+    for name, proc in originals.items():
+        modules[name].set_processor(proc)
+    return len(originals)

@@ -1,0 +1,101 @@
+"""Tiny denoisers of every supported family, each with a CFG-shaped (batch 2) example forward call."""
+
+import functools
+
+import torch
+
+from pladis import models
+
+FAMILY_CASES = ["tiny-sd15", "tiny-sdxl", "tiny-pixart", "tiny-sana", "tiny-sana-qknorm", "tiny-sd3", "tiny-flux"]
+
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _padding_mask(batch: int, length: int, real: list[int]) -> torch.Tensor:
+    """(batch, length) 1/0 mask as diffusers pipelines pass T5 padding (batch i has real[i] tokens)."""
+    return (torch.arange(length)[None, :] < torch.tensor(real)[:, None]).long()
+
+
+def _sana(qk_norm):
+    from diffusers import SanaTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return SanaTransformer2DModel(
+            patch_size=1,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=4,
+            num_attention_heads=2,
+            num_cross_attention_heads=2,
+            cross_attention_head_dim=4,
+            cross_attention_dim=8,
+            caption_channels=8,
+            sample_size=8,
+            qk_norm=qk_norm,
+        ).eval()
+
+
+@functools.cache
+def denoiser_case(name: str):
+    """(model, kwargs): a tiny denoiser (eval mode, float32) and a batch-2 (CFG-shaped) forward call."""
+    b = 2
+    if name.startswith("tiny-sana"):
+        model = _sana("rms_norm_across_heads" if name.endswith("qknorm") else None)
+        return model, dict(
+            hidden_states=_rand(b, 4, 8, 8, seed=1),
+            encoder_hidden_states=_rand(b, 20, 8, seed=2),
+            encoder_attention_mask=_padding_mask(b, 20, [6, 20]),
+            timestep=torch.tensor([10, 10]),
+        )
+    pipe = models.load(name)
+    if name in ("tiny-sd15", "tiny-sdxl"):
+        unet = pipe.unet
+        kwargs = dict(
+            sample=_rand(b, 4, 16, 16, seed=1),
+            timestep=torch.tensor(10),
+            encoder_hidden_states=_rand(b, 77, unet.config.cross_attention_dim, seed=2),
+        )
+        if name == "tiny-sdxl":
+            kwargs["added_cond_kwargs"] = dict(
+                text_embeds=_rand(b, 32, seed=3), time_ids=_rand(b, 6, seed=4).abs() * 64
+            )
+        return unet, kwargs
+    tr = pipe.transformer
+    if name == "tiny-pixart":
+        return tr, dict(
+            hidden_states=_rand(b, 4, 8, 8, seed=1),
+            encoder_hidden_states=_rand(b, 24, 32, seed=2),
+            encoder_attention_mask=_padding_mask(b, 24, [5, 24]),
+            timestep=torch.tensor([10, 10]),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )
+    if name == "tiny-sd3":
+        return tr, dict(
+            hidden_states=_rand(b, 4, 8, 8, seed=1),
+            encoder_hidden_states=_rand(b, 30, 32, seed=2),
+            pooled_projections=_rand(b, 64, seed=3),
+            timestep=torch.tensor([500.0, 500.0]),
+        )
+    if name == "tiny-flux":
+        h = w = 6.0
+        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+        return tr, dict(
+            hidden_states=_rand(b, 36, 4, seed=1),
+            encoder_hidden_states=_rand(b, 12, 32, seed=2),
+            pooled_projections=_rand(b, 32, seed=3),
+            timestep=torch.tensor([0.5, 0.5]),
+            img_ids=img_ids.reshape(-1, 3).float(),
+            txt_ids=torch.zeros(12, 3),
+            guidance=torch.tensor([3.5, 3.5]),
+        )
+    raise KeyError(name)
+
+
+def forward(model, kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**kwargs, return_dict=False)[0]
+    return out
