@@ -25,8 +25,6 @@ from torch import Tensor
 DEFAULT_LAM = 2.0  # the paper's and the official code's `pladis_scale`
 DEFAULT_ALPHA = 1.5  # entmax15
 
-CROSS = (-1, -1)
-"""The ``(text_start, text_end)`` value that means plain cross-attention (the whole map)."""
 
 # Every intermediate of one query chunk has at most this many elements (64 MiB in float32), so
 # joint attention over thousands of tokens does not materialise a full (B, H, L, L) float32 map.
@@ -130,11 +128,17 @@ def _softmax(s: Tensor) -> Tensor:
     return e / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
-def _mixed_map(s: Tensor, lam: float, alpha: float, text_start: int, text_end: int, row0: int) -> Tensor:
+def text_span(length: int, text_len: int, text_first: bool) -> tuple[int, int]:
+    """[start, end) of the text tokens in a joint sequence of ``length`` tokens (FLUX: first, SD3: last)."""
+    return (0, text_len) if text_first else (length - text_len, length)
+
+
+def _mixed_map(s: Tensor, lam: float, alpha: float, text_len: int, text_first: bool, row0: int) -> Tensor:
     """The PLADIS attention map for logits s: (..., rows, Lk), whose first row is query index row0."""
     dense = _softmax(s)
-    if (text_start, text_end) == CROSS:
+    if text_len == 0:
         return dense + lam * (entmax(s, alpha) - dense)
+    text_start, text_end = text_span(s.shape[-1], text_len, text_first)
     # Joint attention: only image-query rows x text-key columns change, and keep their dense mass.
     dense_t = dense[..., text_start:text_end]
     mass = dense_t.sum(-1, keepdim=True)
@@ -154,13 +158,15 @@ def reference_attention(
     lam: float,
     alpha: float,
     scale: float,
-    text_start: int = CROSS[0],
-    text_end: int = CROSS[1],
+    text_len: int = 0,
+    text_first: bool = False,
 ) -> Tensor:
     """PLADIS attention in plain PyTorch (no validation; see ``attention`` for the contract).
 
     q: (..., Lq, D), k: (..., Lk, D), v: (..., Lk, Dv), leading dims broadcastable; attn_mask broadcastable
-    to (..., Lq, Lk), bool (True = attend) or additive. Returns (..., Lq, Dv) in q's dtype. Queries are
+    to (..., Lq, Lk), bool (True = attend) or additive. text_len = 0: cross-attention; text_len > 0: joint
+    attention whose text tokens are the first (text_first) or last text_len tokens. Returns (..., Lq, Dv) in
+    q's dtype. Queries are
     processed in chunks whose intermediates hold at most ``_CHUNK_ELEMENTS`` elements.
     """
     if lam == 0.0:
@@ -175,7 +181,7 @@ def reference_attention(
         mask = attn_mask
         if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
             mask = mask[..., r0:r1, :]
-        p = _mixed_map(_masked_logits(q[..., r0:r1, :], k, mask, scale), lam, alpha, text_start, text_end, r0)
+        p = _mixed_map(_masked_logits(q[..., r0:r1, :], k, mask, scale), lam, alpha, text_len, text_first, r0)
         outs.append(torch.matmul(p.to(v.dtype), v) if low_precision else torch.matmul(p, v.to(p.dtype)))
     return torch.cat(outs, dim=-2).to(q.dtype)
 
@@ -194,15 +200,19 @@ def attention_op(
     lam: float,
     alpha: float,
     scale: float,
-    text_start: int,
-    text_end: int,
+    text_len: int,
+    text_first: bool,
 ) -> Tensor:
-    """``pladis::attention``: validated arguments only (call ``attention``/``joint_attention``)."""
-    return reference_attention(q, k, v, attn_mask, lam, alpha, scale, text_start, text_end)
+    """``pladis::attention``: validated arguments only (call ``attention``/``joint_attention``).
+
+    text_len = 0 is cross-attention; text_len > 0 is joint attention with that many text tokens, first or
+    last. The text range is stored as a length, not as indices, so one exported graph serves every image size.
+    """
+    return reference_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, attn_mask, lam, alpha, scale, text_start, text_end):
+def _attention_fake(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     return q.new_empty((*batch, q.shape[-2], v.shape[-1]))
 
@@ -234,7 +244,7 @@ def attention(
     scale = _check(q, k, v, lam, alpha, attn_mask, scale)
     if lam == 0.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    return attention_op(q, k, v, attn_mask, float(lam), float(alpha), scale, *CROSS)
+    return attention_op(q, k, v, attn_mask, float(lam), float(alpha), scale, 0, False)
 
 
 def joint_attention(
@@ -242,7 +252,8 @@ def joint_attention(
     k: Tensor,
     v: Tensor,
     *,
-    text_range: tuple[int, int],
+    text_len: int,
+    text_first: bool,
     lam: float = DEFAULT_LAM,
     alpha: float = DEFAULT_ALPHA,
     attn_mask: Optional[Tensor] = None,
@@ -250,16 +261,16 @@ def joint_attention(
 ) -> Tensor:
     """PLADIS for joint (MMDiT) attention over one token sequence holding text and image tokens.
 
-    q, k: (B, H, L, D), v: (B, H, L, Dv); tokens ``text_range = (start, end)`` are text (FLUX puts them
-    first, SD3 last). Only image-query rows x text-key columns change: with ``m`` the dense mass of those
+    q, k: (B, H, L, D), v: (B, H, L, Dv); the first (``text_first``, FLUX) or last (SD3) ``text_len``
+    tokens are text. Only image-query rows x text-key columns change: with ``m`` the dense mass of those
     columns, ``A[text cols] = softmax + lam (m entmax(S_text) - softmax)``; other entries stay softmax and
     text-query rows are plain attention. Other arguments as in ``attention``.
     """
     scale = _check(q, k, v, lam, alpha, attn_mask, scale)
-    start, end = _check_text_range(text_range, q.shape[-2], k.shape[-2])
+    _check_text(text_len, text_first, q.shape[-2], k.shape[-2])
     if lam == 0.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    return attention_op(q, k, v, attn_mask, float(lam), float(alpha), scale, start, end)
+    return attention_op(q, k, v, attn_mask, float(lam), float(alpha), scale, int(text_len), bool(text_first))
 
 
 def check_params(lam: float, alpha: float) -> None:
@@ -312,13 +323,10 @@ def _check(q, k, v, lam, alpha, attn_mask, scale) -> float:
     return float(scale)
 
 
-def _check_text_range(text_range, lq: int, lk: int) -> tuple[int, int]:
+def _check_text(text_len, text_first, lq: int, lk: int) -> None:
     if lq != lk:
         raise ValueError(f"joint attention needs one token sequence: q has {lq} tokens, k has {lk}")
-    try:
-        start, end = (int(x) for x in text_range)
-    except (TypeError, ValueError):
-        raise ValueError(f"text_range must be a pair (start, end) of token indices; got {text_range!r}") from None
-    if not 0 <= start < end <= lk:
-        raise ValueError(f"text_range must satisfy 0 <= start < end <= {lk}; got ({start}, {end})")
-    return start, end
+    if isinstance(text_len, bool) or not isinstance(text_len, int) or not 0 < text_len <= lk:
+        raise ValueError(f"text_len must be an int in [1, {lk}] (the number of text tokens); got {text_len!r}")
+    if not isinstance(text_first, bool):
+        raise ValueError(f"text_first must be a bool (True: FLUX order [text, image]); got {text_first!r}")

@@ -118,10 +118,16 @@ class JointAttnProcessor:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
 
-        text_range = (0, n_txt) if self.text_first else (n_img, n_img + n_txt)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, L, H, D) -> (B, H, L, D)
         out = ops.joint_attention(
-            q, k, v, text_range=text_range, lam=self.lam, alpha=self.alpha, attn_mask=attention_mask
+            q,
+            k,
+            v,
+            text_len=n_txt,
+            text_first=self.text_first,
+            lam=self.lam,
+            alpha=self.alpha,
+            attn_mask=attention_mask,
         )
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
 

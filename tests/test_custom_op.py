@@ -7,7 +7,7 @@ import pladis
 from pladis import ops
 
 
-def _args(lq=16, lk=77, dtype=torch.float32, mask=False, text=ops.CROSS):
+def _args(lq=16, lk=77, dtype=torch.float32, mask=False, text=(0, False)):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, lq, 32, generator=g).to(dtype)
     k = torch.randn(2, 3, lk, 32, generator=g).to(dtype)
@@ -22,8 +22,8 @@ def _args(lq=16, lk=77, dtype=torch.float32, mask=False, text=ops.CROSS):
         _args(),
         _args(mask=True),
         _args(dtype=torch.float16),
-        _args(lq=20, lk=20, text=(0, 7)),
-        _args(lq=20, lk=20, text=(13, 20)),
+        _args(lq=20, lk=20, text=(7, True)),
+        _args(lq=20, lk=20, text=(7, False)),
     ],
     ids=["cross", "masked", "fp16", "joint-text-first", "joint-text-last"],
 )

@@ -116,7 +116,7 @@ def test_lam_zero_is_exactly_sdpa():
         pladis.attention(q, k, v, lam=0.0, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, mask)
     )
     assert torch.equal(
-        ops.attention_op(q, k, v, mask, 0.0, 1.5, 32**-0.5, -1, -1), F.scaled_dot_product_attention(q, k, v, mask)
+        ops.attention_op(q, k, v, mask, 0.0, 1.5, 32**-0.5, 0, False), F.scaled_dot_product_attention(q, k, v, mask)
     )
 
 
@@ -199,19 +199,19 @@ def joint_oracle(q, k, v, lam, alpha, text):
     return out @ v
 
 
-@pytest.mark.parametrize("text", [(0, 7), (13, 20)], ids=["flux-text-first", "sd3-text-last"])
+@pytest.mark.parametrize("text_first, text", [(True, (0, 7)), (False, (13, 20))], ids=["flux", "sd3"])
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
-def test_joint_attention_matches_formula(text, alpha):
+def test_joint_attention_matches_formula(text_first, text, alpha):
     q, k, v = qkv(lq=20, lk=20, dtype=torch.float64, scale=2.0)
-    out = pladis.joint_attention(q, k, v, text_range=text, alpha=alpha)
+    out = pladis.joint_attention(q, k, v, text_len=7, text_first=text_first, alpha=alpha)
     assert_close(out, joint_oracle(q, k, v, 2.0, alpha, text), **TOL_FP64)
 
 
 def test_joint_attention_leaves_text_rows_and_row_sums():
     q, k, _ = qkv(lq=20, lk=20)
     eye = torch.eye(20).expand(2, 3, 20, 20)
-    a2 = pladis.joint_attention(q, k, eye, text_range=(0, 7), lam=2.0)
-    a3 = pladis.joint_attention(q, k, eye, text_range=(0, 7), lam=3.0)
+    a2 = pladis.joint_attention(q, k, eye, text_len=7, text_first=True, lam=2.0)
+    a3 = pladis.joint_attention(q, k, eye, text_len=7, text_first=True, lam=3.0)
     # Text-query rows take the dense path whatever lam is: bitwise the same.
     assert torch.equal(a2[..., :7, :], a3[..., :7, :])
     assert_close(a2[..., :7, :], F.scaled_dot_product_attention(q, k, eye)[..., :7, :], **TOL_FP32)
@@ -303,10 +303,12 @@ def test_negative_lam_is_allowed():
     assert_close(pladis.attention(q, k, v, lam=-0.5), oracle(q, k, v, -0.5, 1.5), **TOL_FP64)
 
 
-def test_joint_bad_text_range():
+def test_joint_bad_text_arguments():
     q, k, v = qkv(lq=20, lk=20)
-    for bad in [(5, 5), (-1, 3), (0, 21), "ab"]:
-        with pytest.raises(ValueError, match="text_range"):
-            pladis.joint_attention(q, k, v, text_range=bad)
+    for bad in [0, -1, 21, 2.5, True]:
+        with pytest.raises(ValueError, match="text_len"):
+            pladis.joint_attention(q, k, v, text_len=bad, text_first=True)
+    with pytest.raises(ValueError, match="text_first"):
+        pladis.joint_attention(q, k, v, text_len=3, text_first=1)
     with pytest.raises(ValueError, match="one token sequence"):
-        pladis.joint_attention(q, k[..., :10, :], v[..., :10, :], text_range=(0, 5))
+        pladis.joint_attention(q, k[..., :10, :], v[..., :10, :], text_len=5, text_first=True)
