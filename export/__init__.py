@@ -1,5 +1,10 @@
 """pladis.export: PLADIS-patched pipelines to ONNX, one ``PladisAttention`` node per patched layer.
 
-Planned (issue 3): export contracts per model family, the ``PladisAttention`` symbolic with its ONNX
-function body, ``manifest.json``, validation. Nothing is exported by this package yet.
+``export(ExportConfig(...))`` writes ``<component>.onnx`` files (text encoders, denoiser, VAE decoder) and
+``manifest.json``; ``onnx_op`` holds the node's symbolic and function body; ``contracts`` the per-family
+names, dynamic axes, shape ranges and sample inputs; ``validate`` the checks against eager PyTorch.
 """
+
+from pladis.export.exporter import PRECISIONS, ExportConfig, check_config, export
+
+__all__ = ["PRECISIONS", "ExportConfig", "check_config", "export"]

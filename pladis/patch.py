@@ -109,7 +109,9 @@ class JointAttnProcessor:
         q, k = _maybe(attn.norm_q, q), _maybe(attn.norm_k, k)
         eq, ek = _maybe(attn.norm_added_q, eq), _maybe(attn.norm_added_k, ek)
 
-        n_img, n_txt = q.shape[1], eq.shape[1]
+        # The text length is a constant of the graph (int() also under tracing); the image length stays
+        # symbolic: the split below only uses n_txt, so exports serve every image size.
+        n_txt = int(eq.shape[1])
         first, second = ((eq, ek, ev), (q, k, v)) if self.text_first else ((q, k, v), (eq, ek, ev))
         q, k, v = (torch.cat(pair, dim=1) for pair in zip(first, second, strict=True))
         if image_rotary_emb is not None:
@@ -131,7 +133,7 @@ class JointAttnProcessor:
         )
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
 
-        txt, img = (out[:, :n_txt], out[:, n_txt:]) if self.text_first else (out[:, n_img:], out[:, :n_img])
+        txt, img = (out[:, :n_txt], out[:, n_txt:]) if self.text_first else (out[:, -n_txt:], out[:, :-n_txt])
         img = attn.to_out[1](attn.to_out[0](img.contiguous()))
         if not getattr(attn, "context_pre_only", False) and getattr(attn, "to_add_out", None) is not None:
             txt = attn.to_add_out(txt.contiguous())

@@ -1,0 +1,296 @@
+"""One export contract per model family: components, input/output names, dynamic axes, shape ranges, samples.
+
+Names follow diffusers' argument names (as Optimum and NVIDIA's diffusion demo do). Every shape is written
+with named dims; ``dims()`` gives each dim its (min, opt, max) from one source (the export settings), and
+sample inputs, dynamic axes and the manifest's shape ranges are all derived from that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+FLOAT = "float"  # the export precision's float type
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One graph input or output. shape: ints are static, strings name a dim; dtype: FLOAT or a torch dtype."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = FLOAT
+    sample: str = "normal"  # how sample values are drawn: normal | ids | timestep | mask | positions | guidance
+
+
+@dataclass
+class Component:
+    """One exported file: ``forward(module, **inputs)`` returns the outputs in ``outputs`` order."""
+
+    name: str
+    module: nn.Module
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    forward: Callable[..., tuple]
+    denoiser: bool = False
+    extras: dict = field(default_factory=dict)  # per-input sampling parameters (vocab size, timestep scale)
+
+
+class Traced(nn.Module):
+    """Positional-argument wrapper the exporter traces; returns a tuple of tensors."""
+
+    def __init__(self, component: Component):
+        super().__init__()
+        self.component, self.module = component, component.module
+
+    def forward(self, *args):
+        names = [i.name for i in self.component.inputs]
+        return tuple(self.component.forward(self.module, **dict(zip(names, args, strict=True))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Dims
+# --------------------------------------------------------------------------------------------------
+
+
+def dims(pipe, family: str, *, height: int, width: int, batch: int, static: bool) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of every named dim. Images range over [size/2, 2*size] per side (at least two
+    latent units), prompts over
+    [1, max(4, batch)]; the denoiser batch (CFG doubles it) over [1, 2*max prompts]."""
+    vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    unit = vae * (2 if family in ("flux", "pixart") else 1)  # FLUX packs 2x2 latents, PixArt uses 2x2 patches
+    if family == "unet":
+        unit = vae * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    for name, size in (("height", height), ("width", width)):
+        if size % unit:
+            raise ValueError(f"{name} must be a multiple of {unit} for this model; got {size}")
+    prompts = max(4, batch)
+    d = {
+        "batch": (1, batch, prompts),
+        "cfg_batch": (1, 2 * batch, 2 * prompts),
+        # at least two units a side: PixArt's output squeeze must never see a single token
+        "latent_height": (max(2 * unit, height // 2) // vae, height // vae, 2 * height // vae),
+        "latent_width": (max(2 * unit, width // 2) // vae, width // vae, 2 * width // vae),
+    }
+    d["height"] = tuple(x * vae for x in d["latent_height"])
+    d["width"] = tuple(x * vae for x in d["latent_width"])
+    if family == "flux":
+        tokens = lambda h, w: (h // 2) * (w // 2)  # noqa: E731
+        d["image_tokens"] = tuple(tokens(h, w) for h, w in zip(d["latent_height"], d["latent_width"], strict=True))
+    for name, length in text_lengths(pipe, family).items():
+        d[name] = (length, length, length) if family in ("sd3", "flux") else (1, length, max(length, 3 * length))
+        if name == "clip_text":
+            d[name] = (length, length, length)  # CLIP has absolute position embeddings: always padded to 77
+    if static:
+        d = {name: (opt, opt, opt) for name, (_, opt, _) in d.items()}
+    return d
+
+
+def text_lengths(pipe, family: str) -> dict[str, int]:
+    """Token lengths: CLIP always 77; T5 the pipeline's default ``max_sequence_length``; joint models
+    concatenate (SD3: CLIP 77 + T5). Joint models keep text static: the PladisAttention node's
+    ``text_len`` attribute is that length."""
+    clip = 77
+    t5 = {"pixart": 120, "sd3": 256, "flux": 512}.get(family)
+    out = {"clip_text": clip}
+    if t5:
+        out["t5_text"] = t5
+    out["text"] = {"unet": clip, "pixart": t5, "sd3": clip + (t5 or 0), "flux": t5}[family]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Components per family
+# --------------------------------------------------------------------------------------------------
+
+
+def _clip(name: str, module) -> Component:
+    projected = hasattr(module, "text_projection")
+    hidden = module.config.hidden_size
+
+    def fwd(m, input_ids):
+        out = m(input_ids=input_ids, output_hidden_states=True)
+        pooled = out.text_embeds if projected else out.pooler_output
+        return out.last_hidden_state, out.hidden_states[-2], pooled
+
+    pooled = (Tensor("text_embeds", ("batch", module.config.projection_dim)) if projected
+              else Tensor("pooler_output", ("batch", hidden)))  # fmt: skip
+    outputs = [Tensor("last_hidden_state", ("batch", "clip_text", hidden)),
+               Tensor("penultimate_hidden_state", ("batch", "clip_text", hidden)), pooled]  # fmt: skip
+    ids = Tensor("input_ids", ("batch", "clip_text"), "int64", "ids")
+    return Component(name, module, [ids], outputs, fwd, extras={"vocab": module.config.vocab_size})
+
+
+def _t5(name: str, module) -> Component:
+    def fwd(m, input_ids, attention_mask):
+        return (m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,)
+
+    inputs = [Tensor("input_ids", ("batch", "t5_text"), "int64", "ids"),
+              Tensor("attention_mask", ("batch", "t5_text"), "int64", "mask")]  # fmt: skip
+    outputs = [Tensor("last_hidden_state", ("batch", "t5_text", module.config.d_model))]
+    return Component(name, module, inputs, outputs, fwd, extras={"vocab": module.config.vocab_size})
+
+
+def _vae_decoder(vae) -> Component:
+    def fwd(m, latent_sample):
+        return (m.decode(latent_sample, return_dict=False)[0],)
+
+    c = vae.config.latent_channels
+    return Component("vae_decoder", vae, [Tensor("latent_sample", ("batch", c, "latent_height", "latent_width"))],
+                     [Tensor("sample", ("batch", vae.config.out_channels, "height", "width"))], fwd)  # fmt: skip
+
+
+def _unet(unet) -> Component:
+    cfg = unet.config
+    inputs = [
+        Tensor("sample", ("cfg_batch", cfg.in_channels, "latent_height", "latent_width")),
+        Tensor("timestep", ("cfg_batch",), "float32", "timestep"),
+        Tensor("encoder_hidden_states", ("cfg_batch", "text", cfg.cross_attention_dim)),
+    ]
+    sdxl = cfg.addition_embed_type == "text_time"
+    if sdxl:
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        inputs += [
+            Tensor("text_embeds", ("cfg_batch", pooled)),
+            Tensor("time_ids", ("cfg_batch", 6), sample="positions"),
+        ]
+
+    def fwd(m, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if sdxl else None
+        return (m(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0],)
+
+    out = Tensor("out_sample", ("cfg_batch", cfg.out_channels, "latent_height", "latent_width"))
+    return Component("unet", unet, inputs, [out], fwd, denoiser=True, extras={"timestep_scale": 1000.0})
+
+
+def _pixart(tr) -> Component:
+    cfg = tr.config
+    inputs = [
+        Tensor("hidden_states", ("cfg_batch", cfg.in_channels, "latent_height", "latent_width")),
+        Tensor("encoder_hidden_states", ("cfg_batch", "text", cfg.caption_channels)),
+        Tensor("encoder_attention_mask", ("cfg_batch", "text"), "int64", "mask"),
+        Tensor("timestep", ("cfg_batch",), "float32", "timestep"),
+    ]
+    extra = cfg.sample_size == 128  # PixArt-alpha 1024 conditions on resolution and aspect ratio
+    if extra:
+        inputs += [Tensor("resolution", ("cfg_batch", 2), sample="positions"),
+                   Tensor("aspect_ratio", ("cfg_batch", 1), sample="positions")]  # fmt: skip
+
+    def fwd(
+        m, hidden_states, encoder_hidden_states, encoder_attention_mask, timestep, resolution=None, aspect_ratio=None
+    ):
+        added = {"resolution": resolution, "aspect_ratio": aspect_ratio}
+        return (m(hidden_states, encoder_hidden_states, timestep=timestep, added_cond_kwargs=added,
+                  encoder_attention_mask=encoder_attention_mask, return_dict=False)[0],)  # fmt: skip
+
+    out = Tensor("out_hidden_states", ("cfg_batch", cfg.out_channels, "latent_height", "latent_width"))
+    return Component("transformer", tr, inputs, [out], fwd, denoiser=True, extras={"timestep_scale": 1000.0})
+
+
+def _sd3(tr) -> Component:
+    cfg = tr.config
+    inputs = [
+        Tensor("hidden_states", ("cfg_batch", cfg.in_channels, "latent_height", "latent_width")),
+        Tensor("encoder_hidden_states", ("cfg_batch", "text", cfg.joint_attention_dim)),
+        Tensor("pooled_projections", ("cfg_batch", cfg.pooled_projection_dim)),
+        Tensor("timestep", ("cfg_batch",), "float32", "timestep"),
+    ]
+
+    def fwd(m, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return (m(hidden_states, encoder_hidden_states, pooled_projections, timestep, return_dict=False)[0],)
+
+    out = Tensor("out_hidden_states", ("cfg_batch", cfg.out_channels, "latent_height", "latent_width"))
+    return Component("transformer", tr, inputs, [out], fwd, denoiser=True, extras={"timestep_scale": 1000.0})
+
+
+def _flux(tr) -> Component:
+    cfg = tr.config
+    inputs = [
+        Tensor("hidden_states", ("cfg_batch", "image_tokens", cfg.in_channels)),
+        Tensor("encoder_hidden_states", ("cfg_batch", "text", cfg.joint_attention_dim)),
+        Tensor("pooled_projections", ("cfg_batch", cfg.pooled_projection_dim)),
+        Tensor("timestep", ("cfg_batch",), "float32", "timestep"),
+        Tensor("img_ids", ("image_tokens", 3), "float32", "positions"),
+        Tensor("txt_ids", ("text", 3), "float32", "positions"),
+    ]
+    if cfg.guidance_embeds:
+        inputs.append(Tensor("guidance", ("cfg_batch",), "float32", "guidance"))
+
+    def fwd(m, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None):
+        return (m(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance,
+                  return_dict=False)[0],)  # fmt: skip
+
+    out = Tensor("out_hidden_states", ("cfg_batch", "image_tokens", cfg.in_channels))
+    return Component("transformer", tr, inputs, [out], fwd, denoiser=True, extras={"timestep_scale": 1.0})
+
+
+def _text_encoders(pipe) -> list[Component]:
+    out = []
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        out.append(_t5(name, module) if "T5" in type(module).__name__ else _clip(name, module))
+    return out
+
+
+DENOISERS = {"unet": lambda p: _unet(p.unet), "pixart": lambda p: _pixart(p.transformer),
+             "sd3": lambda p: _sd3(p.transformer), "flux": lambda p: _flux(p.transformer)}  # fmt: skip
+
+
+def components(pipe, family: str) -> list[Component]:
+    """The components to export for a pipeline of this family: text encoder(s), denoiser, VAE decoder."""
+    if family not in DENOISERS:
+        raise ValueError(f"export supports the families {', '.join(DENOISERS)}; got {family!r}")
+    return [*_text_encoders(pipe), DENOISERS[family](pipe), _vae_decoder(pipe.vae)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes and sample inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def shape_of(inp: Tensor, d: dict[str, tuple[int, int, int]], which: int = 1) -> tuple[int, ...]:
+    """The concrete shape of ``inp`` at dim setting ``which`` (0 = min, 1 = opt, 2 = max)."""
+    return tuple(x if isinstance(x, int) else d[x][which] for x in inp.shape)
+
+
+def torch_dtype(inp: Tensor, float_dtype: torch.dtype) -> torch.dtype:
+    return float_dtype if inp.dtype == FLOAT else getattr(torch, inp.dtype)
+
+
+def sample_inputs(
+    comp: Component, d: dict, float_dtype: torch.dtype, seed: int = 0, which: int = 1
+) -> list[torch.Tensor]:
+    """Deterministic sample inputs for ``comp`` with realistic value ranges."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for inp in comp.inputs:
+        shape, dtype = shape_of(inp, d, which), torch_dtype(inp, float_dtype)
+        if inp.sample == "ids":
+            t = torch.randint(0, comp.extras["vocab"], shape, generator=g)
+        elif inp.sample == "mask":  # key padding: the last quarter of the tokens is padding in row 0
+            t = torch.ones(shape, dtype=torch.int64)
+            t[0, shape[-1] - shape[-1] // 4 :] = 0
+        elif inp.sample == "timestep":
+            t = torch.rand(shape, generator=g) * comp.extras.get("timestep_scale", 1000.0)
+        elif inp.sample == "positions":
+            t = torch.randint(0, 64, shape, generator=g)
+        elif inp.sample == "guidance":
+            t = torch.full(shape, 3.5)
+        else:
+            t = torch.randn(shape, generator=g)
+        out.append(t.to(dtype))
+    return out
+
+
+def dynamic_axes(comp: Component, d: dict) -> dict[str, dict[int, str]]:
+    """Axes whose dim has a range (min < max), by input and output name."""
+    return {
+        t.name: axes
+        for t in [*comp.inputs, *comp.outputs]
+        if (axes := {i: x for i, x in enumerate(t.shape) if isinstance(x, str) and d[x][0] != d[x][2]})
+    }

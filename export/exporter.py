@@ -1,0 +1,185 @@
+"""``export``: a PLADIS-patched pipeline to a folder of ONNX files plus ``manifest.json``.
+
+Steps: load the pipeline (built-in or ``from_pretrained``) in the export precision → ``pladis.apply`` →
+trace each component with the TorchScript exporter, which maps ``pladis::attention`` to one
+``PladisAttention`` node → attach (or strip) the node's function body → validate (checker, shape
+inference, ONNX Runtime vs eager PyTorch) → write the manifest. Everything is written into a temporary
+sibling folder that is renamed to ``out`` only at the end, so a failed export leaves nothing that looks
+complete.
+
+Why the TorchScript exporter (``dynamo=False``): it traces diffusers models with dynamic batch, image
+size and text length without shape guards, keeps the custom op as one node through
+``register_custom_op_symbolic``, and targets opsets <= 20 that TensorRT 10's parser reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from pladis.export import contracts, onnx_op, validate
+from pladis.export.manifest import build_manifest, config_hash
+from tqdm import tqdm
+
+from pladis import models, ops, patch
+from pladis.files import write_text
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_EXTERNAL_DATA_BYTES = 2**31 - 2**20  # protobuf's 2 GB limit, with room for the graph itself
+
+
+@dataclass
+class ExportConfig:
+    """Settings of ``pladis export``; the CLI flags are generated from these fields and defaults."""
+
+    model: str = "tiny-sdxl"
+    out: str = "build/tiny-sdxl"
+    precision: str = "fp32"
+    lam: float = ops.DEFAULT_LAM
+    alpha: float = ops.DEFAULT_ALPHA
+    layers: str = "default"
+    height: int = 0  # 0: the model's default size (built-ins: their test size; others: sample_size * vae factor)
+    width: int = 0
+    batch: int = 1
+    static: bool = False
+    opset: int = onnx_op.DEFAULT_OPSET
+    function_body: bool = True
+    validate: bool = True
+    force: bool = False
+    seed: int = 0
+
+
+def check_config(cfg: ExportConfig) -> None:
+    """Raise ValueError for settings that cannot work, before any model is loaded."""
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {cfg.precision!r}")
+    ops.check_params(cfg.lam, cfg.alpha)
+    if cfg.lam != 0 and cfg.alpha not in onnx_op.NEWTON_STEPS:
+        raise ValueError(f"export supports alpha 1.5 and 2 (exact ONNX function body); got alpha={cfg.alpha}")
+    if cfg.layers not in ("default", "all"):
+        raise ValueError(f'layers must be "default" or "all"; got {cfg.layers!r}')
+    if not onnx_op.MIN_OPSET <= cfg.opset <= onnx_op.MAX_OPSET:
+        raise ValueError(
+            f"opset must be in [{onnx_op.MIN_OPSET}, {onnx_op.MAX_OPSET}] (TensorRT 10's ONNX parser reads <= 20); "
+            f"got {cfg.opset}"
+        )
+    for name in ("height", "width", "batch"):
+        if getattr(cfg, name) < 0 or (name == "batch" and cfg.batch < 1):
+            raise ValueError(f"{name} must be positive; got {getattr(cfg, name)}")
+    hub_id = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", cfg.model) is not None
+    if cfg.model not in models.BUILTINS and not hub_id and not Path(cfg.model).is_dir():
+        raise ValueError(
+            f"unknown model {cfg.model!r}: use a built-in ({', '.join(models.BUILTINS)}), a diffusers folder, "
+            "or a hub id of the form org/name"
+        )
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.force:
+        raise ValueError(f"output folder {out} is not empty; pass --force (force=True) to replace it")
+
+
+def export(cfg: ExportConfig) -> dict:
+    """Export ``cfg.model`` to ``cfg.out``; returns the manifest (also written to ``cfg.out/manifest.json``)."""
+    check_config(cfg)
+    start = time.perf_counter()
+    dtype = PRECISIONS[cfg.precision]
+    pipe = models.load(cfg.model, seed=cfg.seed, dtype=dtype)
+    model = patch.denoiser_of(pipe)
+    family = patch.family_of(model).name
+    height, width = _size(cfg, pipe)
+    report = patch.apply(pipe, lam=cfg.lam, alpha=cfg.alpha, layers=cfg.layers)
+    if not report.layers:
+        print(f"lam = {cfg.lam}: exporting the stock model (no PLADIS layers, no PladisAttention nodes)")
+    d = contracts.dims(pipe, family, height=height, width=width, batch=cfg.batch, static=cfg.static)
+    comps = contracts.components(pipe, family)
+    onnx_op.register_symbolics(cfg.opset)
+
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        files, checks = {}, {}
+        for comp in tqdm(comps, desc=f"export {cfg.model}", unit="component"):
+            files[comp.name] = _export_component(comp, d, dtype, tmp, cfg)
+            if cfg.validate:
+                checks[comp.name] = validate.component(tmp / files[comp.name]["file"], comp, d, dtype, cfg.seed)
+        _save_pipeline_files(pipe, tmp)
+        manifest = build_manifest(
+            cfg=asdict(cfg), pipe=pipe, family=family, report=report, dims=d, comps=comps, files=files,
+            folder=tmp, validation=checks, config_hashes={c.name: config_hash(c.module) for c in comps},
+            height=height, width=width, seconds=time.perf_counter() - start,
+        )  # fmt: skip
+        write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        patch.remove(pipe)
+    return manifest
+
+
+def _size(cfg: ExportConfig, pipe) -> tuple[int, int]:
+    if cfg.model in models.BUILTINS:
+        spec = models.BUILTINS[cfg.model]
+        default_h, default_w = spec.height, spec.width
+    else:
+        denoiser = patch.denoiser_of(pipe)
+        vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        default_h = default_w = denoiser.config.sample_size * vae
+    return cfg.height or default_h, cfg.width or default_w
+
+
+def _export_component(comp, d, dtype, folder: Path, cfg: ExportConfig) -> dict:
+    """Trace one component to ``folder/<name>.onnx`` (external data past 2 GB); returns file facts."""
+    t0 = time.perf_counter()
+    samples = contracts.sample_inputs(comp, d, dtype, cfg.seed)
+    raw = folder / "raw" / comp.name
+    raw.mkdir(parents=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*aten::index operator of advanced indexing.*")  # CLIP pooling
+        torch.onnx.export(
+            contracts.Traced(comp).eval(), tuple(samples), str(raw / "model.onnx"),
+            input_names=[i.name for i in comp.inputs], output_names=[o.name for o in comp.outputs],
+            dynamic_axes=contracts.dynamic_axes(comp, d), opset_version=cfg.opset, dynamo=False,
+            do_constant_folding=True,
+        )  # fmt: skip
+    model = onnx.load(str(raw / "model.onnx"))
+    onnx_op.drop_dynamic_squeeze(model)
+    onnx_op.attach_function(model, cfg.opset, with_body=cfg.function_body)
+    name = f"{comp.name}.onnx"
+    external = model.ByteSize() > _EXTERNAL_DATA_BYTES
+    onnx.save_model(model, str(folder / name), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=f"{name}.data", size_threshold=1024)  # fmt: skip
+    shutil.rmtree(folder / "raw")
+    n_nodes = len(onnx_op.pladis_nodes(model))
+    del model
+    return {"file": name, "external_data": [f"{name}.data"] if external else [], "pladis_nodes": n_nodes,
+            "export_seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+
+
+def _save_pipeline_files(pipe, folder: Path) -> None:
+    """Tokenizers and the scheduler config: what the runtime needs besides the ONNX files (offline)."""
+    for name, component in pipe.components.items():
+        if name.startswith("tokenizer") and component is not None:
+            component.save_pretrained(folder / name)
+    pipe.scheduler.save_pretrained(folder / "scheduler")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an old folder (``force``) is removed only after that."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()

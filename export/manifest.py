@@ -1,0 +1,100 @@
+"""``manifest.json`` of an export folder: what each file is, how it was made, and how it was checked."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from pathlib import Path
+
+from pladis.export import contracts, onnx_op
+
+FORMAT = "pladis-onnx/1"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_hash(module) -> str:
+    """sha256 of a component's architecture config (diffusers or transformers), independent of weights."""
+    cfg = module.config
+    data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def versions() -> dict[str, str | None]:
+    out = {}
+    for dist in ("pladis", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _tensor(t: contracts.Tensor, dims: dict, precision: str) -> dict:
+    return {
+        "name": t.name,
+        "dtype": precision if t.dtype == contracts.FLOAT else t.dtype,
+        "shape": list(t.shape),
+        "min": list(contracts.shape_of(t, dims, 0)),
+        "opt": list(contracts.shape_of(t, dims, 1)),
+        "max": list(contracts.shape_of(t, dims, 2)),
+    }
+
+
+def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, validation, config_hashes, height,
+                   width, seconds) -> dict:  # fmt: skip
+    """The manifest dict; file hashes are computed from the files in ``folder``."""
+    components = {}
+    for comp in comps:
+        f = files[comp.name]
+        components[comp.name] = {
+            "file": f["file"],
+            "sha256": sha256(folder / f["file"]),
+            "bytes": (folder / f["file"]).stat().st_size,
+            "external_data": [{"file": x, "sha256": sha256(folder / x)} for x in f["external_data"]],
+            "role": "denoiser" if comp.denoiser else ("vae_decoder" if comp.name == "vae_decoder" else "text_encoder"),
+            "class": type(comp.module).__name__,
+            "config_sha256": config_hashes[comp.name],
+            "inputs": [_tensor(t, dims, cfg["precision"]) for t in comp.inputs],
+            "outputs": [_tensor(t, dims, cfg["precision"]) for t in comp.outputs],
+            "pladis_nodes": f["pladis_nodes"],
+            "export_seconds": f["export_seconds"],
+            "validation": validation.get(comp.name, "not run (--no-validate)"),
+        }
+    vae = pipe.vae.config
+    return {
+        "format": FORMAT,
+        "model": {"source": cfg["model"], "seed": cfg["seed"], "pipeline_class": type(pipe).__name__, "family": family},
+        "precision": cfg["precision"],
+        "opset": cfg["opset"],
+        "static": cfg["static"],
+        "pladis": {
+            "patched": bool(report.layers),
+            "lam": report.lam,
+            "alpha": report.alpha,
+            "layer_selection": cfg["layers"],
+            "layers": report.layers,
+            "op": {"domain": onnx_op.DOMAIN, "type": onnx_op.OP_TYPE, "plugin_version": onnx_op.PLUGIN_VERSION},
+            "function_body": cfg["function_body"],
+            "newton_steps": onnx_op.NEWTON_STEPS.get(report.alpha),
+        },
+        "dims": {k: list(v) for k, v in dims.items()},
+        "image": {"height": height, "width": width},
+        "vae": {
+            "scaling_factor": vae.scaling_factor,
+            "shift_factor": getattr(vae, "shift_factor", None),
+            "scale_factor": 2 ** (len(vae.block_out_channels) - 1),
+            "latent_channels": vae.latent_channels,
+        },
+        "components": components,
+        "versions": versions(),
+        "export_seconds": round(seconds, 3),
+    }

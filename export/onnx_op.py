@@ -1,0 +1,275 @@
+"""The ``pladis::attention`` custom op in ONNX: one ``PladisAttention`` node and its function body.
+
+Node (domain ``pladis``, op type ``PladisAttention``):
+    inputs   q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv): one float type (fp32, fp16 or bf16);
+             mask: additive, broadcastable to (B, H, Lq, Lk), any float type; ``-inf`` or a large negative
+             removes a key; a (1, 1, 1, 1) zero when the model passes no mask (so the node always has 4 inputs)
+    output   (B, H, Lq, Dv) in q's type
+    attrs    lam, alpha, scale (float); text_len (int: 0 = cross-attention, > 0 = joint attention with
+             that many text tokens), text_first (int 0/1: FLUX order [text, image] vs SD3 [image, text]);
+             plugin_version = "1", plugin_namespace = "pladis" (what TensorRT's ONNX parser uses to find
+             the plugin of the same name).
+
+The model-local function of the same domain and name gives the node a body of standard ops, so ONNX
+Runtime runs the file without any plugin. The body computes logits and the threshold in float32 and casts
+the mixed map to v's type only for the final MatMul (../shared/PLADIS.md §1). Its threshold is sort-free:
+Newton's method on ``f(tau) = sum [z - tau]_+^(1/(alpha-1)) - 1`` from ``tau = max z - 1`` (monotone, never
+overshoots), then the closed form on the support it found. ``NEWTON_STEPS`` is the number of steps that
+identified the support exactly (error at float32 rounding) for key lengths up to 1000 and score scales
+0.3-30 in our measurements; TopK/CumSum are not used, so TensorRT's TopK limit does not apply.
+The body is specialised per export to one alpha (1.5 or 2) and one mode (cross-attention, or joint
+attention with text first or last), which every node of a model shares; lam, scale and text_len are read
+from each node's attributes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+DOMAIN = "pladis"
+OP_TYPE = "PladisAttention"
+PLUGIN_VERSION = "1"
+NEWTON_STEPS = {1.5: 8, 2.0: 10}
+DEFAULT_OPSET = 17  # TensorRT 10's ONNX parser reads opsets 9-20; 17 is what NVIDIA's diffusion demo uses
+MIN_OPSET, MAX_OPSET = 17, 20
+_MASKED = -1e30  # masked logits become this large finite negative (no inf - inf = NaN anywhere)
+
+
+# --------------------------------------------------------------------------------------------------
+# TorchScript exporter: pladis::attention -> one PladisAttention node
+# --------------------------------------------------------------------------------------------------
+
+
+def _symbolic(g, q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
+    from torch.onnx import symbolic_helper as sh
+
+    lam, alpha, scale = (sh._get_const(x, "f", name) for x, name in ((lam, "lam"), (alpha, "alpha"), (scale, "scale")))
+    text_len, text_first = sh._get_const(text_len, "i", "text_len"), sh._get_const(text_first, "b", "text_first")
+    if sh._is_none(attn_mask):
+        mask = g.op("Constant", value_t=torch.zeros(1, 1, 1, 1))
+    elif attn_mask.type().scalarType() == "Bool":
+        zero, masked = g.op("Constant", value_t=torch.tensor(0.0)), g.op("Constant", value_t=torch.tensor(_MASKED))
+        mask = g.op("Where", attn_mask, zero, masked)
+    else:
+        mask = attn_mask
+    out = g.op(
+        f"{DOMAIN}::{OP_TYPE}", q, k, v, mask,
+        lam_f=lam, alpha_f=alpha, scale_f=scale, text_len_i=text_len, text_first_i=int(text_first),
+        plugin_version_s=PLUGIN_VERSION, plugin_namespace_s=DOMAIN,
+    )  # fmt: skip
+    out.setType(q.type())  # Dv == D in every supported model; shape inference refines it through the body
+    return out
+
+
+def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
+    """``aten::rms_norm`` (FLUX's q/k norms), which the TorchScript exporter lacks below opset 23."""
+    from torch.onnx import symbolic_helper as sh
+
+    n = len(sh._get_const(normalized_shape, "is", "normalized_shape"))
+    axes = list(range(-n, 0))
+    eps = torch.finfo(torch.float32).eps if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
+    xf = g.op("Cast", x, to_i=1)  # float32 statistics, as torch computes them for half inputs
+    sq = g.op("Mul", xf, xf)
+    if g.opset >= 18:  # ReduceMean's axes became an input in opset 18
+        mean_sq = g.op("ReduceMean", sq, g.op("Constant", value_t=torch.tensor(axes)), keepdims_i=1)
+    else:
+        mean_sq = g.op("ReduceMean", sq, axes_i=axes, keepdims_i=1)
+    y = g.op("Div", xf, g.op("Sqrt", g.op("Add", mean_sq, g.op("Constant", value_t=torch.tensor(eps)))))
+    y = g.op("CastLike", y, x)
+    return y if sh._is_none(weight) else g.op("Mul", y, weight)
+
+
+def register_symbolics(opset: int) -> None:
+    """Teach the TorchScript exporter (``torch.onnx.export(dynamo=False)``) to emit ``PladisAttention``,
+    and ``aten::rms_norm``, which it cannot export at opsets below 23."""
+    torch.onnx.register_custom_op_symbolic("pladis::attention", _symbolic, opset)
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, opset)
+
+
+# --------------------------------------------------------------------------------------------------
+# The function body
+# --------------------------------------------------------------------------------------------------
+
+
+class _Body:
+    """A small builder of function-body nodes with fresh value names."""
+
+    def __init__(self, opset: int):
+        self.opset, self.nodes, self._n = opset, [], 0
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        self._n += 1
+        out = f"_{op_type.lower()}{self._n}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, value, dtype=np.float32) -> str:
+        return self.op("Constant", value=onnx.numpy_helper.from_array(np.asarray(value, dtype=dtype)))
+
+    def attr_const(self, attr: str, kind: str) -> str:
+        """A Constant whose value is the calling node's attribute ``attr`` (kind: "float" or "int")."""
+        self._n += 1
+        out = f"_{attr}{self._n}"
+        field, type_ = (
+            ("value_float", onnx.AttributeProto.FLOAT) if kind == "float" else ("value_int", onnx.AttributeProto.INT)
+        )
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(onnx.AttributeProto(name=field, ref_attr_name=attr, type=type_))
+        self.nodes.append(node)
+        return out
+
+    def reduce(self, op_type: str, x: str) -> str:
+        """Reduce over the last axis, keeping it (axes became an input in opset 18, for ReduceSum in 13)."""
+        if op_type == "ReduceSum" or self.opset >= 18:
+            return self.op(op_type, x, self.const([-1], np.int64), keepdims=1)
+        return self.op(op_type, x, axes=[-1], keepdims=1)
+
+
+def _softmax(b: _Body, s: str) -> tuple[str, str]:
+    """(softmax over the last axis, that axis' max) of finite logits s."""
+    smax = b.reduce("ReduceMax", s)
+    e = b.op("Exp", b.op("Sub", s, smax))
+    return b.op("Div", e, b.reduce("ReduceSum", e)), smax
+
+
+def _entmax(b: _Body, s: str, alpha: float) -> str:
+    """alpha-entmax (1.5 or 2) over the last axis of finite float32 logits s: Newton, then the closed form."""
+    z = b.op("Sub", s, b.reduce("ReduceMax", s))  # max z = 0, so tau starts at -1
+    if alpha == 1.5:
+        z = b.op("Mul", z, b.const(0.5))
+    one = b.const(1.0)
+    tau = b.const(-1.0)
+    for _ in range(NEWTON_STEPS[alpha]):
+        r = b.op("Relu", b.op("Sub", z, tau))
+        excess = b.op("Sub", b.reduce("ReduceSumSquare" if alpha == 1.5 else "ReduceSum", r), one)
+        if alpha == 1.5:  # f = sum r^2 - 1, f' = -2 sum r
+            slope = b.op("Mul", b.reduce("ReduceSum", r), b.const(2.0))
+        else:  # f = sum r - 1, f' = -|support|
+            slope = b.reduce("ReduceSum", b.op("Sign", r))
+        tau = b.op("Add", tau, b.op("Div", excess, slope))
+    # closed form on the support K = {z > tau}: alpha = 2: (S1 - 1) / k; alpha = 1.5: smaller root of
+    # k t^2 - 2 S1 t + S2 - 1 = 0. z is multiplied by the 0/1 support mask before squaring (z may be -5e29).
+    m = b.op("Cast", b.op("Greater", z, tau), to=TensorProto.FLOAT)
+    zm = b.op("Mul", z, m)
+    k, s1 = b.reduce("ReduceSum", m), b.reduce("ReduceSum", zm)
+    if alpha == 2.0:
+        tau = b.op("Div", b.op("Sub", s1, one), k)
+        return b.op("Relu", b.op("Sub", z, tau))
+    s2 = b.reduce("ReduceSumSquare", zm)
+    disc = b.op("Relu", b.op("Sub", b.op("Mul", s1, s1), b.op("Mul", k, b.op("Sub", s2, one))))
+    tau = b.op("Div", b.op("Sub", s1, b.op("Sqrt", disc)), k)
+    r = b.op("Relu", b.op("Sub", z, tau))
+    return b.op("Mul", r, r)
+
+
+def function_proto(alpha: float, joint: str | None = None, opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
+    """The ``pladis.PladisAttention`` function for one alpha (1.5 or 2) and one mode.
+
+    joint: None for cross-attention, "text-first" (FLUX) or "text-last" (SD3) for joint attention.
+    """
+    if alpha not in NEWTON_STEPS:
+        raise ValueError(f"the ONNX function body is exact for alpha 1.5 and 2 only; got alpha={alpha}")
+    b = _Body(opset)
+    lam = b.attr_const("lam", "float")
+    f32 = TensorProto.FLOAT
+    k_t = b.op("Transpose", b.op("Cast", "k", to=f32), perm=[0, 1, 3, 2])  # (B, H, D, Lk)
+    s = b.op("Mul", b.op("MatMul", b.op("Cast", "q", to=f32), k_t), b.attr_const("scale", "float"))
+    s = b.op("Max", b.op("Add", s, b.op("Cast", "mask", to=f32)), b.const(_MASKED))
+    dense, smax = _softmax(b, s)
+    row_has_keys = b.op("Cast", b.op("Greater", smax, b.const(_MASKED / 10)), to=f32)  # fully masked rows -> 0
+
+    if joint is None:
+        p = b.op("Add", dense, b.op("Mul", lam, b.op("Sub", _entmax(b, s, alpha), dense)))
+    else:
+        p = _joint_map(b, s, dense, lam, alpha, text_first=joint == "text-first")
+    p = b.op("Mul", p, row_has_keys)
+    out = b.op("MatMul", b.op("CastLike", p, "v"), "v")
+    b.nodes.append(helper.make_node("Identity", [out], ["out"]))
+    return helper.make_function(
+        DOMAIN, OP_TYPE, inputs=["q", "k", "v", "mask"], outputs=["out"], nodes=b.nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["lam", "alpha", "scale", "text_len", "text_first", "plugin_version", "plugin_namespace"],
+    )  # fmt: skip
+
+
+def _joint_map(b: _Body, s: str, dense: str, lam: str, alpha: float, text_first: bool) -> str:
+    """Joint attention: image-query rows x text-key columns get PLADIS with their dense mass kept."""
+    t = b.op("Reshape", b.attr_const("text_len", "int"), b.const([1], np.int64))
+    last, big = b.const([-1], np.int64), b.const([2**62], np.int64)
+    zero = b.const([0], np.int64)
+    neg_t = b.op("Neg", t)
+    # text columns, and the others, along the key axis
+    t_from, t_to, o_from, o_to = (zero, t, t, big) if text_first else (neg_t, big, zero, neg_t)
+    s_t = b.op("Slice", s, t_from, t_to, last)
+    d_t = b.op("Slice", dense, t_from, t_to, last)
+    d_other = b.op("Slice", dense, o_from, o_to, last)
+    mass = b.reduce("ReduceSum", d_t)
+    block = b.op("Add", d_t, b.op("Mul", lam, b.op("Sub", b.op("Mul", mass, _entmax(b, s_t, alpha)), d_t)))
+    # text-query rows keep the dense map: row index < t (text first) or >= L - t (text last)
+    length = b.op("Gather", b.op("Shape", s), b.const(-2, np.int64))
+    rows = b.op("Unsqueeze", b.op("Range", b.const(0, np.int64), length, b.const(1, np.int64)), last)
+    t0 = b.op("Squeeze", t, zero)
+    is_text_row = b.op("Less", rows, t0) if text_first else b.op("GreaterOrEqual", rows, b.op("Sub", length, t0))
+    new_t = b.op("Where", is_text_row, d_t, block)
+    return b.op("Concat", new_t, d_other, axis=-1) if text_first else b.op("Concat", d_other, new_t, axis=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attaching and stripping the function
+# --------------------------------------------------------------------------------------------------
+
+
+def drop_dynamic_squeeze(model: onnx.ModelProto) -> int:
+    """Replace the exporter's ``If(dim == 1) then Squeeze(x) else Identity(x)`` by ``x``; returns how many.
+
+    The TorchScript exporter writes ``squeeze(dim)`` on a dynamic dim as that ``If``; the Squeeze branch
+    fails ONNX Runtime's type inference when the traced size is not 1 (PixArt's output projection). The
+    export's shape ranges never make such a dim 1 (``contracts.dims`` keeps >= 2 tokens), so the
+    Identity branch is the one that runs.
+    """
+    replaced = 0
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "If":
+            continue
+        branches = {a.name: a.g for a in node.attribute}
+        then_ops = [n.op_type for n in branches["then_branch"].node]
+        else_nodes = list(branches["else_branch"].node)
+        if then_ops[-1:] != ["Squeeze"] or [n.op_type for n in else_nodes] != ["Identity"]:
+            continue
+        squeezed = branches["then_branch"].node[-1].input[0]
+        if else_nodes[0].input[0] != squeezed:
+            continue
+        model.graph.node[i].CopyFrom(helper.make_node("Identity", [squeezed], list(node.output), name=node.name))
+        replaced += 1
+    return replaced
+
+
+def pladis_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Every PladisAttention node of the main graph."""
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+
+
+def attach_function(model: onnx.ModelProto, opset: int, with_body: bool = True) -> onnx.ModelProto:
+    """Declare the ``pladis`` domain; add the function body (``with_body``) or remove any (plugin builds)."""
+    nodes = pladis_nodes(model)
+    kept = [f for f in model.functions if (f.domain, f.name) != (DOMAIN, OP_TYPE)]
+    del model.functions[:]
+    model.functions.extend(kept)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    if nodes and with_body:
+        kinds = {_node_kind(n) for n in nodes}
+        if len(kinds) != 1:
+            raise ValueError(f"all PladisAttention nodes of one model must share alpha and mode; found {kinds}")
+        alpha, joint = kinds.pop()
+        model.functions.append(function_proto(alpha, joint, opset))
+    return model
+
+
+def _node_kind(node: onnx.NodeProto) -> tuple[float, str | None]:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    joint = None if attrs["text_len"] == 0 else ("text-first" if attrs["text_first"] else "text-last")
+    return float(attrs["alpha"]), joint
