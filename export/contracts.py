@@ -241,6 +241,18 @@ DENOISERS = {"unet": lambda p: _unet(p.unet), "pixart": lambda p: _pixart(p.tran
              "sd3": lambda p: _sd3(p.transformer), "flux": lambda p: _flux(p.transformer)}  # fmt: skip
 
 
+def component_dtype(comp: Component, precision: torch.dtype) -> torch.dtype:
+    """The float type a component is exported in: the export precision, except text encoders (always
+    float32: transformers' CLIP/T5 do not trace to a type-consistent fp16/bf16 graph with the TorchScript
+    exporter, and they are a small share of the work) and VAEs that ask for float32 (``force_upcast``,
+    SDXL's VAE overflows in fp16)."""
+    if comp.name.startswith("text_encoder"):
+        return torch.float32
+    if comp.name == "vae_decoder" and getattr(comp.module.config, "force_upcast", False):
+        return torch.float32
+    return precision
+
+
 def components(pipe, family: str) -> list[Component]:
     """The components to export for a pipeline of this family: text encoder(s), denoiser, VAE decoder."""
     if family not in DENOISERS:

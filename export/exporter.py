@@ -105,12 +105,29 @@ def export(cfg: ExportConfig) -> dict:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         files, checks = {}, {}
         for comp in tqdm(comps, desc=f"export {cfg.model}", unit="component"):
-            files[comp.name] = _export_component(comp, d, dtype, tmp, cfg)
-            if cfg.validate:
-                checks[comp.name] = validate.component(tmp / files[comp.name]["file"], comp, d, dtype, cfg.seed)
+            cdt = contracts.component_dtype(comp, dtype)
+            _cast(comp.module, cdt)
+            files[comp.name] = _export_component(comp, d, cdt, tmp, cfg)
+            path = tmp / files[comp.name]["file"]
+            if cdt == torch.bfloat16 and (why := _bf16_unsupported(path)):
+                # ONNX opsets <= 20 have no bfloat16 Conv (and a few others): such a component is exported in
+                # float32, and TensorRT can still run it in bf16 (`pladis build --precision bf16`).
+                print(f"  {comp.name}: bf16 graph is not valid ONNX ({why}); exporting it in float32")
+                path.unlink()
+                cdt = torch.float32
+                _cast(comp.module, cdt)
+                files[comp.name] = _export_component(comp, d, cdt, tmp, cfg)
+                files[comp.name]["note"] = f"requested bf16, exported float32: {why}"
+            if cfg.validate:  # before any function body is stripped: ONNX Runtime runs the body
+                checks[comp.name] = validate.component(path, comp, d, cdt, cfg.seed)
+            if not cfg.function_body:
+                _strip_function(path)
         _save_pipeline_files(pipe, tmp)
         manifest = build_manifest(
             cfg=asdict(cfg), pipe=pipe, family=family, report=report, dims=d, comps=comps, files=files,
@@ -154,16 +171,47 @@ def _export_component(comp, d, dtype, folder: Path, cfg: ExportConfig) -> dict:
         )  # fmt: skip
     model = onnx.load(str(raw / "model.onnx"))
     onnx_op.drop_dynamic_squeeze(model)
-    onnx_op.attach_function(model, cfg.opset, with_body=cfg.function_body)
+    onnx_op.attach_function(model, cfg.opset)
     name = f"{comp.name}.onnx"
-    external = model.ByteSize() > _EXTERNAL_DATA_BYTES
-    onnx.save_model(model, str(folder / name), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=f"{name}.data", size_threshold=1024)  # fmt: skip
+    external = _save(model, folder / name)
     shutil.rmtree(folder / "raw")
     n_nodes = len(onnx_op.pladis_nodes(model))
     del model
     return {"file": name, "external_data": [f"{name}.data"] if external else [], "pladis_nodes": n_nodes,
+            "dtype": str(dtype).removeprefix("torch."),
             "export_seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    if next(module.parameters()).dtype != dtype:  # diffusers warns on every .to(dtype), even a no-op
+        module.to(dtype)
+
+
+def _bf16_unsupported(path: Path) -> str | None:
+    """Why a bf16 graph fails ONNX's type check (an op without bfloat16 at this opset), or None."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.shape_inference.InferenceError as err:
+        if "bfloat16" in str(err):
+            return str(err).split("\n")[0][:200]
+        raise
+    return None
+
+
+def _save(model: onnx.ModelProto, path: Path) -> bool:
+    """Save ``model``; weights go to one ``<file>.data`` beside it past protobuf's 2 GB. Returns that choice."""
+    external = model.ByteSize() > _EXTERNAL_DATA_BYTES
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=1024)  # fmt: skip
+    return external
+
+
+def _strip_function(path: Path) -> None:
+    """Rewrite ``path`` without PladisAttention function bodies: the plugin-only graph for TensorRT."""
+    model = onnx.load(str(path), load_external_data=False)  # weights stay where they are
+    if onnx_op.pladis_nodes(model):
+        onnx_op.attach_function(model, with_body=False)
+        onnx.save_model(model, str(path))
 
 
 def _save_pipeline_files(pipe, folder: Path) -> None:

@@ -38,10 +38,10 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def _tensor(t: contracts.Tensor, dims: dict, precision: str) -> dict:
+def _tensor(t: contracts.Tensor, dims: dict, float_dtype: str) -> dict:
     return {
         "name": t.name,
-        "dtype": precision if t.dtype == contracts.FLOAT else t.dtype,
+        "dtype": float_dtype if t.dtype == contracts.FLOAT else t.dtype,
         "shape": list(t.shape),
         "min": list(contracts.shape_of(t, dims, 0)),
         "opt": list(contracts.shape_of(t, dims, 1)),
@@ -62,9 +62,11 @@ def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, val
             "external_data": [{"file": x, "sha256": sha256(folder / x)} for x in f["external_data"]],
             "role": "denoiser" if comp.denoiser else ("vae_decoder" if comp.name == "vae_decoder" else "text_encoder"),
             "class": type(comp.module).__name__,
+            "dtype": f["dtype"],
+            "note": f.get("note"),
             "config_sha256": config_hashes[comp.name],
-            "inputs": [_tensor(t, dims, cfg["precision"]) for t in comp.inputs],
-            "outputs": [_tensor(t, dims, cfg["precision"]) for t in comp.outputs],
+            "inputs": [_tensor(t, dims, f["dtype"]) for t in comp.inputs],
+            "outputs": [_tensor(t, dims, f["dtype"]) for t in comp.outputs],
             "pladis_nodes": f["pladis_nodes"],
             "export_seconds": f["export_seconds"],
             "validation": validation.get(comp.name, "not run (--no-validate)"),

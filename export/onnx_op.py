@@ -60,7 +60,9 @@ def _symbolic(g, q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
         lam_f=lam, alpha_f=alpha, scale_f=scale, text_len_i=text_len, text_first_i=int(text_first),
         plugin_version_s=PLUGIN_VERSION, plugin_namespace_s=DOMAIN,
     )  # fmt: skip
-    out.setType(q.type())  # Dv == D in every supported model; shape inference refines it through the body
+    # Keep the dtype but no traced sizes: static sizes here would let the exporter constant-fold every shape
+    # computed downstream, freezing the dynamic axes (batch, image size) at their traced values.
+    out.setType(q.type().with_sizes([None] * 4))
     return out
 
 
@@ -82,11 +84,35 @@ def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
     return y if sh._is_none(weight) else g.op("Mul", y, weight)
 
 
+def _unflatten_symbolic(g, x, dim, sizes):
+    """``aten::unflatten`` as one Reshape whose target keeps x's rank known.
+
+    The exporter's own version normalises ``dim`` with graph ops (Mod), which hides the output rank from
+    its shape inference; it then falls back to the traced sizes and freezes batch and sequence length
+    (FLUX's stock processors unflatten q/k/v), so a model exported at one size fails at any other.
+    """
+    from torch.onnx import symbolic_helper as sh
+
+    rank = x.type().dim()
+    dim = sh._get_const(dim, "i", "dim") % rank
+    sizes = sh._get_const(sizes, "is", "sizes")
+    shape = g.op("Shape", x)
+    parts = [g.op("Constant", value_t=torch.tensor(list(sizes), dtype=torch.int64))]
+    if dim > 0:
+        parts.insert(0, g.op("Slice", shape, g.op("Constant", value_t=torch.tensor([0])),
+                             g.op("Constant", value_t=torch.tensor([dim]))))  # fmt: skip
+    if dim < rank - 1:
+        parts.append(g.op("Slice", shape, g.op("Constant", value_t=torch.tensor([dim + 1])),
+                          g.op("Constant", value_t=torch.tensor([rank]))))  # fmt: skip
+    return g.op("Reshape", x, g.op("Concat", *parts, axis_i=0))
+
+
 def register_symbolics(opset: int) -> None:
-    """Teach the TorchScript exporter (``torch.onnx.export(dynamo=False)``) to emit ``PladisAttention``,
-    and ``aten::rms_norm``, which it cannot export at opsets below 23."""
+    """Teach the TorchScript exporter (``torch.onnx.export(dynamo=False)``) to emit ``PladisAttention``;
+    to export ``aten::rms_norm``, which it cannot below opset 23; and to keep ``aten::unflatten`` dynamic."""
     torch.onnx.register_custom_op_symbolic("pladis::attention", _symbolic, opset)
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, opset)
+    torch.onnx.register_custom_op_symbolic("aten::unflatten", _unflatten_symbolic, opset)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,7 +278,7 @@ def pladis_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
 
 
-def attach_function(model: onnx.ModelProto, opset: int, with_body: bool = True) -> onnx.ModelProto:
+def attach_function(model: onnx.ModelProto, opset: int = DEFAULT_OPSET, with_body: bool = True) -> onnx.ModelProto:
     """Declare the ``pladis`` domain; add the function body (``with_body``) or remove any (plugin builds)."""
     nodes = pladis_nodes(model)
     kept = [f for f in model.functions if (f.domain, f.name) != (DOMAIN, OP_TYPE)]

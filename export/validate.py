@@ -62,6 +62,10 @@ def compare(outputs: dict[str, np.ndarray], expected: dict[str, np.ndarray], tol
 def component(path: Path, comp: contracts.Component, d: dict, dtype: torch.dtype, seed: int) -> dict:
     """Validate one exported file against ``comp`` run eagerly on the same sample inputs."""
     checker = check_graph(path)
+    if dtype == torch.bfloat16:
+        msg = "skipped: neither ONNX Runtime's CPU provider nor numpy has bfloat16; compare engines on a GPU"
+        print(f"  {comp.name}: value check {msg}")
+        return {"checker": checker, "values": msg}
     inputs = contracts.sample_inputs(comp, d, dtype, seed + 1)  # not the tracing inputs
     with torch.no_grad():
         eager = contracts.Traced(comp)(*inputs)
@@ -89,7 +93,4 @@ def component(path: Path, comp: contracts.Component, d: dict, dtype: torch.dtype
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
-    # numpy has no bfloat16: such tensors go to ORT as float32 would be wrong, so keep them in torch's bits
-    if t.dtype == torch.bfloat16:
-        raise ValidationError("bf16 tensors cannot be fed to ONNX Runtime from numpy")
     return t.detach().cpu().numpy()

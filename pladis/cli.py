@@ -9,16 +9,21 @@ import sys
 from pladis import ops
 
 
-def _add_config(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One ``--flag`` per dataclass field, typed and defaulted by the field, so defaults live in one place."""
+def _add_config(parser: argparse.ArgumentParser, config_cls, help: dict[str, str] | None = None) -> None:
+    """One ``--flag`` per dataclass field, typed and defaulted by the field, so defaults live in one place.
+
+    Booleans become switches: ``--name`` for a field that defaults to False, ``--no-name`` for True.
+    """
+    help = help or {}
     for f in dataclasses.fields(config_cls):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f.name,
-            type=type(f.default),
-            default=f.default,
-            help=f"(default: {f.default})",
-        )
+        flag, text = f.name.replace("_", "-"), help.get(f.name, "")
+        if isinstance(f.default, bool):
+            action = "store_false" if f.default else "store_true"
+            flag = f"no-{flag}" if f.default else flag
+            parser.add_argument(f"--{flag}", dest=f.name, action=action, default=f.default, help=text)
+        else:
+            text = f"{text} (default: {f.default})".strip()
+            parser.add_argument(f"--{flag}", dest=f.name, type=type(f.default), default=f.default, help=text)
 
 
 def _config(config_cls, args: argparse.Namespace):
@@ -53,6 +58,35 @@ def cmd_layers(args: argparse.Namespace) -> None:
     print(layers(_config(LayersConfig, args)))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from pladis import export
+
+    manifest = export.export(_config(export.ExportConfig, args))
+    rows = [
+        f"| {name} | {c['file']} | {c['dtype']} | {c['bytes'] / 1e6:.1f} | {c['pladis_nodes']} |"
+        for name, c in manifest["components"].items()
+    ]
+    head = f"exported {manifest['model']['source']} to {args.out} in {manifest['export_seconds']:.1f} s"
+    table = ["| component | file | dtype | MB | PladisAttention nodes |", "| --- | --- | --- | --- | --- |"]
+    print("\n".join([head, *table, *rows]))
+
+
+EXPORT_HELP = {
+    "model": "built-in name, diffusers folder or hub id",
+    "out": "output folder (written atomically)",
+    "precision": "fp32 | fp16 | bf16",
+    "layers": "default | all",
+    "height": "image height in pixels (0: the model's default)",
+    "width": "image width in pixels (0: the model's default)",
+    "batch": "prompts per call at the optimal shape (the denoiser sees twice as many with CFG)",
+    "static": "fix every dim at its optimal size instead of exporting dynamic axes",
+    "opset": "ONNX opset (17-20)",
+    "function_body": "omit the PladisAttention function bodies (plugin-only graph for TensorRT)",
+    "validate": "skip the checker and the ONNX Runtime vs eager comparison",
+    "force": "replace a non-empty output folder",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pladis import demo
 
@@ -64,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="list the attention layers PLADIS patches in a model")
     _add_config(p, LayersConfig)
     p.set_defaults(func=cmd_layers)
+    from pladis import export
+
+    p = sub.add_parser("export", help="export a PLADIS-patched pipeline to ONNX (+ manifest.json)")
+    _add_config(p, export.ExportConfig, EXPORT_HELP)
+    p.set_defaults(func=cmd_export)
     return parser
 
 
