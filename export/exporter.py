@@ -171,7 +171,7 @@ def _export_component(comp, d, dtype, folder: Path, cfg: ExportConfig) -> dict:
         )  # fmt: skip
     model = onnx.load(str(raw / "model.onnx"))
     onnx_op.drop_dynamic_squeeze(model)
-    onnx_op.attach_function(model, cfg.opset)
+    onnx_op.attach_function(model, cfg.opset, max_keys=d["text"][2])
     name = f"{comp.name}.onnx"
     external = _save(model, folder / name)
     shutil.rmtree(folder / "raw")

@@ -86,7 +86,7 @@ def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, val
             "layers": report.layers,
             "op": {"domain": onnx_op.DOMAIN, "type": onnx_op.OP_TYPE, "plugin_version": onnx_op.PLUGIN_VERSION},
             "function_body": cfg["function_body"],
-            "newton_steps": onnx_op.NEWTON_STEPS.get(report.alpha),
+            "newton_steps": onnx_op.newton_steps(report.alpha, dims["text"][2]) if report.layers else None,
         },
         "dims": {k: list(v) for k, v in dims.items()},
         "image": {"height": height, "width": width},

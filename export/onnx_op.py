@@ -32,7 +32,21 @@ from onnx import TensorProto, helper
 DOMAIN = "pladis"
 OP_TYPE = "PladisAttention"
 PLUGIN_VERSION = "1"
-NEWTON_STEPS = {1.5: 8, 2.0: 10}
+# Newton steps by alpha, for key lengths up to 300 / up to 1000 (beyond: one more). Chosen from
+# measurements against the float64 oracle at score scales 0.1-30 (alpha 1.5: Newton on ||r|| / 2 - 1
+# reaches float32 resolution in 3 steps up to 300 keys, 4 up to 1000; alpha 2: Michelot's iteration
+# needs 8 resp. 10 at the smallest scales).
+NEWTON_STEPS = {1.5: (3, 4), 2.0: (8, 10)}
+
+
+def newton_steps(alpha: float, max_keys: int | None = None) -> int:
+    """Newton steps of the function body for keys up to ``max_keys`` (None: unknown, up to 1000)."""
+    short, long = NEWTON_STEPS[alpha]
+    if max_keys is not None and max_keys <= 300:
+        return short
+    return long if max_keys is None or max_keys <= 1000 else long + 1
+
+
 DEFAULT_OPSET = 17  # TensorRT 10's ONNX parser reads opsets 9-20; 17 is what NVIDIA's diffusion demo uses
 MIN_OPSET, MAX_OPSET = 17, 20
 _MASKED = -1e30  # masked logits become this large finite negative (no inf - inf = NaN anywhere)
@@ -154,64 +168,79 @@ class _Body:
         return self.op(op_type, x, axes=[-1], keepdims=1)
 
 
-def _softmax(b: _Body, s: str) -> tuple[str, str]:
-    """(softmax over the last axis, that axis' max) of finite logits s."""
-    smax = b.reduce("ReduceMax", s)
-    e = b.op("Exp", b.op("Sub", s, smax))
-    return b.op("Div", e, b.reduce("ReduceSum", e)), smax
+def _entmax(b: _Body, s: str, alpha: float, steps: int) -> tuple[str, float]:
+    """alpha-entmax over the last axis of finite float32 logits s, as ``(u, c)`` with entmax = c * u.
 
-
-def _entmax(b: _Body, s: str, alpha: float) -> str:
-    """alpha-entmax (1.5 or 2) over the last axis of finite float32 logits s: Newton, then the closed form."""
-    z = b.op("Sub", s, b.reduce("ReduceMax", s))  # max z = 0, so tau starts at -1
-    if alpha == 1.5:
-        z = b.op("Mul", z, b.const(0.5))
-    one = b.const(1.0)
-    tau = b.const(-1.0)
-    for _ in range(NEWTON_STEPS[alpha]):
-        r = b.op("Relu", b.op("Sub", z, tau))
-        excess = b.op("Sub", b.reduce("ReduceSumSquare" if alpha == 1.5 else "ReduceSum", r), one)
-        if alpha == 1.5:  # f = sum r^2 - 1, f' = -2 sum r
-            slope = b.op("Mul", b.reduce("ReduceSum", r), b.const(2.0))
-        else:  # f = sum r - 1, f' = -|support|
-            slope = b.reduce("ReduceSum", b.op("Sign", r))
-        tau = b.op("Add", tau, b.op("Div", excess, slope))
-    # closed form on the support K = {z > tau}: alpha = 2: (S1 - 1) / k; alpha = 1.5: smaller root of
-    # k t^2 - 2 S1 t + S2 - 1 = 0. z is multiplied by the 0/1 support mask before squaring (z may be -5e29).
-    m = b.op("Cast", b.op("Greater", z, tau), to=TensorProto.FLOAT)
-    zm = b.op("Mul", z, m)
-    k, s1 = b.reduce("ReduceSum", m), b.reduce("ReduceSum", zm)
+    In units of ``z = s - max s``, tau starts at -1; the thresholds below are kept in the units of s (t
+    starts at max s - 2 for alpha 1.5, max s - 1 for alpha 2), which saves the pass that would form z.
+    alpha = 1.5: ``u = [s - t]_+^2``,
+    c = 1/4, with t = 2 tau, by Newton on ``g(t) = ||[z - t]_+|| / 2 - 1`` (convex, decreasing, nearly
+    linear: 4 steps reach float32 resolution where Newton on sum r^2 - 1 needs 8), then the closed form
+    on the support, written relative to t so its sums come from the same pass. alpha = 2:
+    ``u = [z - tau]_+``, c = 1, by Newton on ``sum r - 1``, whose last step is the closed form.
+    """
+    z, smax = s, b.reduce("ReduceMax", s)
     if alpha == 2.0:
-        tau = b.op("Div", b.op("Sub", s1, one), k)
-        return b.op("Relu", b.op("Sub", z, tau))
-    s2 = b.reduce("ReduceSumSquare", zm)
-    disc = b.op("Relu", b.op("Sub", b.op("Mul", s1, s1), b.op("Mul", k, b.op("Sub", s2, one))))
-    tau = b.op("Div", b.op("Sub", s1, b.op("Sqrt", disc)), k)
-    r = b.op("Relu", b.op("Sub", z, tau))
-    return b.op("Mul", r, r)
+        one = b.const(1.0)
+        tau = b.op("Sub", smax, one)
+        for _ in range(steps):  # tau += (sum r - 1) / |support|; exact once the support is found
+            r = b.op("Relu", b.op("Sub", z, tau))
+            count = b.reduce("ReduceSum", b.op("Cast", b.op("Greater", z, tau), to=TensorProto.FLOAT))
+            tau = b.op("Add", tau, b.op("Div", b.op("Sub", b.reduce("ReduceSum", r), one), b.op("Max", count, one)))
+        return b.op("Relu", b.op("Sub", z, tau)), 1.0
+    # The Max guards only matter in a row whose keys are all masked (every r = 0): they keep it finite,
+    # and the caller zeroes it.
+    two, tiny = b.const(2.0), b.const(1e-30)
+    t = b.op("Sub", smax, two)
+    for _ in range(steps):  # t += (||r|| - 2) ||r|| / sum r
+        r = b.op("Relu", b.op("Sub", z, t))
+        norm = b.op("Sqrt", b.reduce("ReduceSumSquare", r))
+        t = b.op(
+            "Add",
+            t,
+            b.op("Div", b.op("Mul", b.op("Sub", norm, two), norm), b.op("Max", b.reduce("ReduceSum", r), tiny)),
+        )
+    # closed form on K = {z > t}: sum_K (r - u)^2 = 4  ->  k u^2 - 2 s1 u + s2 - 4 = 0, smaller root
+    r = b.op("Relu", b.op("Sub", z, t))
+    k = b.reduce("ReduceSum", b.op("Cast", b.op("Greater", z, t), to=TensorProto.FLOAT))  # (Sign is slow in ORT)
+    s1, s2 = b.reduce("ReduceSum", r), b.reduce("ReduceSumSquare", r)
+    disc = b.op("Relu", b.op("Sub", b.op("Mul", s1, s1), b.op("Mul", k, b.op("Sub", s2, b.const(4.0)))))
+    t = b.op("Add", t, b.op("Div", b.op("Sub", s1, b.op("Sqrt", disc)), b.op("Max", k, b.const(1.0))))
+    r = b.op("Relu", b.op("Sub", z, t))
+    return b.op("Mul", r, r), 0.25
 
 
-def function_proto(alpha: float, joint: str | None = None, opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
+def function_proto(
+    alpha: float, joint: str | None = None, opset: int = DEFAULT_OPSET, masked: bool = True, max_keys: int | None = None
+) -> onnx.FunctionProto:
     """The ``pladis.PladisAttention`` function for one alpha (1.5 or 2) and one mode.
 
     joint: None for cross-attention, "text-first" (FLUX) or "text-last" (SD3) for joint attention.
+    masked: False when no node of the model has a real mask (its mask input is the zero constant), which
+    drops the mask arithmetic from the body. max_keys: the longest key (text) axis the model is exported
+    for, which sets the number of Newton steps (``newton_steps``).
     """
     if alpha not in NEWTON_STEPS:
         raise ValueError(f"the ONNX function body is exact for alpha 1.5 and 2 only; got alpha={alpha}")
     b = _Body(opset)
-    lam = b.attr_const("lam", "float")
     f32 = TensorProto.FLOAT
+    q = b.op("Mul", b.op("Cast", "q", to=f32), b.attr_const("scale", "float"))  # scale q: smaller than S
     k_t = b.op("Transpose", b.op("Cast", "k", to=f32), perm=[0, 1, 3, 2])  # (B, H, D, Lk)
-    s = b.op("Mul", b.op("MatMul", b.op("Cast", "q", to=f32), k_t), b.attr_const("scale", "float"))
-    s = b.op("Max", b.op("Add", s, b.op("Cast", "mask", to=f32)), b.const(_MASKED))
-    dense, smax = _softmax(b, s)
-    row_has_keys = b.op("Cast", b.op("Greater", smax, b.const(_MASKED / 10)), to=f32)  # fully masked rows -> 0
-
-    if joint is None:
-        p = b.op("Add", dense, b.op("Mul", lam, b.op("Sub", _entmax(b, s, alpha), dense)))
+    s = b.op("MatMul", q, k_t)
+    if masked:
+        s = b.op("Max", b.op("Add", s, b.op("Cast", "mask", to=f32)), b.const(_MASKED))
+    dense = b.op("Softmax", s, axis=-1)
+    lam = b.attr_const("lam", "float")
+    one_minus_lam = b.op("Sub", b.const(1.0), lam)
+    if joint is None:  # P = (1 - lam) dense + lam c u
+        u, c = _entmax(b, s, alpha, newton_steps(alpha, max_keys))
+        p = b.op("Add", b.op("Mul", dense, one_minus_lam), b.op("Mul", u, b.op("Mul", lam, b.const(c))))
     else:
-        p = _joint_map(b, s, dense, lam, alpha, text_first=joint == "text-first")
-    p = b.op("Mul", p, row_has_keys)
+        steps = newton_steps(alpha, max_keys)
+        p = _joint_map(b, s, dense, lam, one_minus_lam, alpha, steps, text_first=joint == "text-first")
+    if masked:  # a row whose keys are all masked gives zeros, as the PyTorch operator does
+        row_has_keys = b.op("Greater", b.reduce("ReduceMax", s), b.const(_MASKED / 10))
+        p = b.op("Mul", p, b.op("Cast", row_has_keys, to=f32))
     out = b.op("MatMul", b.op("CastLike", p, "v"), "v")
     b.nodes.append(helper.make_node("Identity", [out], ["out"]))
     return helper.make_function(
@@ -221,7 +250,9 @@ def function_proto(alpha: float, joint: str | None = None, opset: int = DEFAULT_
     )  # fmt: skip
 
 
-def _joint_map(b: _Body, s: str, dense: str, lam: str, alpha: float, text_first: bool) -> str:
+def _joint_map(
+    b: _Body, s: str, dense: str, lam: str, one_minus_lam: str, alpha: float, steps: int, text_first: bool
+) -> str:
     """Joint attention: image-query rows x text-key columns get PLADIS with their dense mass kept."""
     t = b.op("Reshape", b.attr_const("text_len", "int"), b.const([1], np.int64))
     last, big = b.const([-1], np.int64), b.const([2**62], np.int64)
@@ -233,7 +264,10 @@ def _joint_map(b: _Body, s: str, dense: str, lam: str, alpha: float, text_first:
     d_t = b.op("Slice", dense, t_from, t_to, last)
     d_other = b.op("Slice", dense, o_from, o_to, last)
     mass = b.reduce("ReduceSum", d_t)
-    block = b.op("Add", d_t, b.op("Mul", lam, b.op("Sub", b.op("Mul", mass, _entmax(b, s_t, alpha)), d_t)))
+    u, c = _entmax(b, s_t, alpha, steps)  # block = (1 - lam) d_t + lam m c u
+    block = b.op(
+        "Add", b.op("Mul", d_t, one_minus_lam), b.op("Mul", u, b.op("Mul", mass, b.op("Mul", lam, b.const(c))))
+    )
     # text-query rows keep the dense map: row index < t (text first) or >= L - t (text last)
     length = b.op("Gather", b.op("Shape", s), b.const(-2, np.int64))
     rows = b.op("Unsqueeze", b.op("Range", b.const(0, np.int64), length, b.const(1, np.int64)), last)
@@ -278,7 +312,9 @@ def pladis_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
 
 
-def attach_function(model: onnx.ModelProto, opset: int = DEFAULT_OPSET, with_body: bool = True) -> onnx.ModelProto:
+def attach_function(
+    model: onnx.ModelProto, opset: int = DEFAULT_OPSET, with_body: bool = True, max_keys: int | None = None
+) -> onnx.ModelProto:
     """Declare the ``pladis`` domain; add the function body (``with_body``) or remove any (plugin builds)."""
     nodes = pladis_nodes(model)
     kept = [f for f in model.functions if (f.domain, f.name) != (DOMAIN, OP_TYPE)]
@@ -291,8 +327,20 @@ def attach_function(model: onnx.ModelProto, opset: int = DEFAULT_OPSET, with_bod
         if len(kinds) != 1:
             raise ValueError(f"all PladisAttention nodes of one model must share alpha and mode; found {kinds}")
         alpha, joint = kinds.pop()
-        model.functions.append(function_proto(alpha, joint, opset))
+        masked = not all(_is_zero_constant(model, n.input[3]) for n in nodes)
+        model.functions.append(function_proto(alpha, joint, opset, masked=masked, max_keys=max_keys))
     return model
+
+
+def _is_zero_constant(model: onnx.ModelProto, name: str) -> bool:
+    """Whether value ``name`` is an all-zero constant (the "no mask" input the symbolic writes)."""
+    for init in model.graph.initializer:
+        if init.name == name:
+            return not onnx.numpy_helper.to_array(init).any()
+    for node in model.graph.node:
+        if name in node.output:
+            return node.op_type == "Constant" and not onnx.numpy_helper.to_array(node.attribute[0].t).any()
+    return False
 
 
 def _node_kind(node: onnx.NodeProto) -> tuple[float, str | None]:

@@ -1,13 +1,15 @@
 """Built-in model configs, offline tokenizers and ``load``.
 
 Built-in names build real diffusers architectures from configs with random weights, deterministic by
-seed, and need no download: ``tiny-*`` (CPU tests, each denoiser forward well under a second) and the
-full-size ``sd15`` / ``sdxl`` architectures (benchmarks; ``sdxl`` needs about 14 GB of RAM in float32).
+seed, and need no download: ``tiny-*`` (CPU tests, each denoiser forward well under a second),
+``small-sd15`` (SD 1.5's layout with a 92 M-parameter U-Net, for CPU benchmarks) and the full-size
+``sd15`` / ``sdxl`` architectures (benchmarks; ``sdxl`` needs about 14 GB of RAM in float32, 7 in fp16).
 Anything else is a hub id or a local folder and goes through ``DiffusionPipeline.from_pretrained``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,11 +96,22 @@ def _vae(channels: tuple[int, ...], latent: int, groups: int, scaling: float, sh
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 def _scheduler(name: str, **kw):
-    """A diffusers scheduler, always on the CPU (``load(device="meta")`` builds only the modules on meta)."""
+    """A diffusers scheduler: on the CPU and in float32 whatever the modules are built in
+    (``load`` may build modules on the meta device or directly in half precision)."""
     import diffusers
 
-    with torch.device("cpu"):
+    with torch.device("cpu"), _default_dtype(torch.float32):
         return getattr(diffusers, name)(**kw)
 
 
@@ -111,7 +124,8 @@ def _flow(**kw):
     return _scheduler("FlowMatchEulerDiscreteScheduler", **kw)
 
 
-def _sd15(tiny: bool):
+def _sd15(tiny: bool, channels: tuple[int, ...] = (320, 640, 1280, 1280), sample_size: int = 64):
+    """SD 1.5: the tiny test model, or the real layout with ``channels`` (full size: the defaults)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     if tiny:
@@ -125,11 +139,11 @@ def _sd15(tiny: bool):
     else:
         te, tok = _clip(768, 12, 12, 3072, 768, 49408, "quick_gelu", with_proj=False)
         unet = UNet2DConditionModel(
-            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+            sample_size=sample_size, block_out_channels=channels, layers_per_block=2, cross_attention_dim=768,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8,
         )  # fmt: skip
-        vae = _vae((128, 256, 512, 512), 4, 32, 0.18215, layers_per_block=2, sample_size=512)
+        vae = _vae((128, 256, 512, 512), 4, 32, 0.18215, layers_per_block=2, sample_size=sample_size * 8)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=_euler(), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
@@ -238,6 +252,8 @@ BUILTINS: dict[str, Builtin] = {
     "tiny-pixart": Builtin(_pixart, 16, 16, {"use_resolution_binning": False}),
     "tiny-sd3": Builtin(_sd3, 32, 32),
     "tiny-flux": Builtin(_flux, 32, 32),
+    # SD 1.5's layout with a 92 M-parameter U-Net at 256²: benchmarks that must take seconds on a CPU
+    "small-sd15": Builtin(lambda: _sd15(tiny=False, channels=(128, 256, 384, 384), sample_size=32), 256, 256),
     "sd15": Builtin(lambda: _sd15(tiny=False), 512, 512),
     "sdxl": Builtin(lambda: _sdxl(tiny=False), 1024, 1024),
 }
@@ -246,12 +262,18 @@ BUILTINS: dict[str, Builtin] = {
 def load(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A diffusers pipeline: a built-in name (random weights, deterministic by seed) or a hub id / folder.
 
-    Built-ins are built on the CPU under a forked RNG seeded with ``seed`` (the global RNG is untouched),
-    then moved to ``device`` and ``dtype``; ``device="meta"`` builds the structure only (no weights).
+    Built-ins are built on the CPU in ``dtype`` under a forked RNG seeded with ``seed`` (the global RNG is
+    untouched), then moved to ``device``; ``device="meta"`` builds the structure only (no weights).
     Hub ids and folders go through ``DiffusionPipeline.from_pretrained(name_or_path, dtype=dtype)``.
     """
     if name_or_path in BUILTINS:
-        with torch.random.fork_rng(devices=[]), torch.device("meta" if device == "meta" else "cpu"):
+        # Modules are created directly in ``dtype``: no float32 copy of a full-size model next to the half
+        # one. Random init then draws in that dtype, so weights are deterministic per (seed, dtype).
+        with (
+            torch.random.fork_rng(devices=[]),
+            torch.device("meta" if device == "meta" else "cpu"),
+            _default_dtype(dtype if dtype.is_floating_point else torch.float32),
+        ):
             torch.manual_seed(seed)
             pipe = BUILTINS[name_or_path].build()
         if device == "meta":  # structure only: no weights, no memory (layer listings, counts)
@@ -259,8 +281,7 @@ def load(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 component.eval()  # from_pretrained does this; freshly built modules start in training mode
-        # diffusers warns on any dtype cast, so cast only when the caller asked for another dtype
-        return pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
+        return pipe if device == "cpu" else pipe.to(device)
     import diffusers
     from packaging.version import Version
 

@@ -59,7 +59,7 @@ def test_every_tiny_architecture_exports_and_validates(tmp_path, name):
 # --------------------------------------------------------------------------------------------------
 
 
-def single_node_model(alpha, text_len, text_first, scale, elem=TensorProto.FLOAT):
+def single_node_model(alpha, text_len, text_first, scale, max_keys, elem=TensorProto.FLOAT):
     node = helper.make_node(
         "PladisAttention", ["q", "k", "v", "mask"], ["out"], domain="pladis", lam=2.0, alpha=alpha, scale=scale,
         text_len=text_len, text_first=int(text_first), plugin_version="1", plugin_namespace="pladis",
@@ -68,7 +68,7 @@ def single_node_model(alpha, text_len, text_first, scale, elem=TensorProto.FLOAT
     inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [None] * 4))
     graph = helper.make_graph([node], "one", inputs, [helper.make_tensor_value_info("out", elem, [None] * 4)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx_op.attach_function(model, 17)
+    onnx_op.attach_function(model, 17, max_keys=max_keys)  # the Newton steps an export for these keys gets
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -92,7 +92,7 @@ def test_function_body_matches_operator(alpha, text_len, text_first, lq, lk, dty
         mask[1, 0, 3] = -np.inf  # one query row with no key at all -> zeros
     elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
-    out = session_from(single_node_model(alpha, text_len, text_first, 0.25, elem)).run(
+    out = session_from(single_node_model(alpha, text_len, text_first, 0.25, text_len or lk, elem)).run(
         None, dict(q=q, k=k, v=v, mask=mask)
     )[0]
     t = [torch.tensor(x.astype(np.float64)) for x in (q, k, v, mask)]

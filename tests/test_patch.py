@@ -194,16 +194,17 @@ def test_joint_attention_leaves_text_queries(name):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
 def test_low_precision_models(dtype, tol):
-    # Same model in fp32 and in a half type, both patched: they agree to the half type's resolution
-    # (weights and activations rounded to 8 resp. 11 significant bits through a few layers).
-    model, kwargs = denoiser_case("tiny-sd15")
-    pladis.apply(model)
-    ref = forward(model, kwargs)
+    # A half-precision model and the same weights in float32, both patched: they agree to the half type's
+    # resolution (activations rounded to 8 resp. 11 significant bits through a few layers).
+    _, kwargs = denoiser_case("tiny-sd15")
     half = models.load("tiny-sd15", dtype=dtype).unet
+    assert next(half.parameters()).dtype == dtype
+    full = models.load("tiny-sd15", dtype=dtype).unet.float()
     pladis.apply(half)
+    pladis.apply(full)
     out = forward(half, {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kwargs.items()})
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.float(), forward(full, kwargs), rtol=tol, atol=tol)
 
 
 def test_unsupported_model_names_class_and_supported_ones():

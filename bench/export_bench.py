@@ -1,0 +1,126 @@
+"""``make bench-export``: what export costs and what its function body costs in ONNX Runtime.
+
+Cases (CPU; the machine is recorded with the results):
+- ``denoiser``: the ``small-sd15`` U-Net (SD 1.5 layout, 92 M parameters) at 256², batch 2 (CFG), fp32:
+  eager PyTorch and ONNX Runtime (CPU provider), stock attention and PLADIS, interleaved. The export
+  contract's target: ORT with PLADIS function bodies at most 1.25x ORT stock.
+- ``sdxl-fp16``: ``pladis export --model sdxl --precision fp16`` (no validation) in a child process:
+  wall time and peak RSS, the check that full-size SDXL exports on a 24 GB machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from pladis.bench import harness
+
+
+def denoiser_case(repeats: int) -> dict:
+    import onnxruntime as ort
+    from pladis.export import ExportConfig, contracts, export
+
+    import pladis
+    from pladis import models
+
+    name = "small-sd15"
+    with tempfile.TemporaryDirectory() as tmp:
+        manifests = {}
+        for lam in (0.0, 2.0):
+            t0 = time.perf_counter()
+            manifests[lam] = export(ExportConfig(model=name, out=f"{tmp}/{lam}", lam=lam, validate=False))
+            manifests[lam]["_seconds"] = time.perf_counter() - t0
+        pipe = models.load(name)
+        comp = next(c for c in contracts.components(pipe, "unet") if c.name == "unet")
+        dims = {k: tuple(v) for k, v in manifests[0.0]["dims"].items()}
+        inputs = contracts.sample_inputs(comp, dims, torch.float32)
+        feeds = {i.name: t.numpy() for i, t in zip(comp.inputs, inputs, strict=True)}
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sessions = {lam: ort.InferenceSession(f"{tmp}/{lam}/unet.onnx", opts, providers=["CPUExecutionProvider"])
+                    for lam in manifests}  # fmt: skip
+        patched = models.load(name).unet
+        pladis.apply(patched)
+
+        def eager(model):
+            def run():
+                with torch.no_grad():
+                    comp.forward(model, **{i.name: t for i, t in zip(comp.inputs, inputs, strict=True)})
+
+            return run
+
+        variants = {
+            "torch stock": eager(pipe.unet),
+            "torch PLADIS": eager(patched),
+            "ORT stock": lambda: sessions[0.0].run(None, feeds),
+            "ORT PLADIS": lambda: sessions[2.0].run(None, feeds),
+        }
+        samples = harness.interleaved(variants, warmup=2, repeats=repeats)
+    med = {k: harness.summary(v)["median"] for k, v in samples.items()}
+    return {
+        "model": name,
+        "shape": {"cfg_batch": dims["cfg_batch"][1], "latent": [dims["latent_height"][1], dims["latent_width"][1]]},
+        "threads": torch.get_num_threads(),
+        "samples_s": samples,
+        "summary_s": {k: harness.summary(v) for k, v in samples.items()},
+        "ratios": {
+            "ORT PLADIS / ORT stock": med["ORT PLADIS"] / med["ORT stock"],
+            "torch PLADIS / torch stock": med["torch PLADIS"] / med["torch stock"],
+            "ORT stock / torch stock": med["ORT stock"] / med["torch stock"],
+            "ORT PLADIS / torch PLADIS": med["ORT PLADIS"] / med["torch PLADIS"],
+        },
+        "export_s": {str(lam): round(m["_seconds"], 2) for lam, m in manifests.items()},
+        "target": "ORT PLADIS / ORT stock <= 1.25",
+    }
+
+
+def sdxl_fp16_case() -> dict:
+    """Export full-size SDXL in fp16 in a child process; its peak RSS is the child's ru_maxrss."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pladis.cli", "export", "--model", "sdxl", "--precision", "fp16",
+               "--no-validate", "--out", f"{tmp}/sdxl"]  # fmt: skip
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        files = {p.name: p.stat().st_size for p in Path(tmp, "sdxl").glob("*.onnx*")} if proc.returncode == 0 else {}
+    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
+    return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "seconds": round(seconds, 1),
+            "peak_rss_gib": round(peak_gib, 2), "files_bytes": files,
+            "stderr_tail": proc.stderr[-2000:] if proc.returncode else ""}  # fmt: skip
+
+
+CASES = {"denoiser": denoiser_case, "sdxl-fp16": sdxl_fp16_case}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    args = parser.parse_args(argv)
+    cases = args.cases.split(",")
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(sorted(unknown))}; choose from {', '.join(CASES)}")
+    results = {}
+    for case in cases:  # cases run one after the other, never side by side: each gets the whole machine
+        results[case] = CASES[case](args.repeats) if case == "denoiser" else CASES[case]()
+        if case == "denoiser":
+            rows = [[k, f"{v['median']:.3f}", f"{v['min']:.3f}", f"{v['max']:.3f}"]
+                    for k, v in results[case]["summary_s"].items()]  # fmt: skip
+            print(harness.markdown_table(["variant", "median s", "min s", "max s"], rows))
+            print({k: round(v, 3) for k, v in results[case]["ratios"].items()})
+        else:
+            print({k: v for k, v in results[case].items() if k != "stderr_tail"})
+    path = harness.save("export", {"command": "make bench-export", "results": results}, merge=True)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

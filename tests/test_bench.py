@@ -1,0 +1,37 @@
+"""The benchmark harness (statistics, interleaving, merge, report): fake clocks are fine here."""
+
+import json
+
+from pladis.bench import harness, report
+
+
+def test_interleaved_runs_variants_in_turn_after_warmup():
+    calls, ticks = [], iter(range(100))
+    variants = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    samples = harness.interleaved(variants, warmup=1, repeats=3, clock=lambda: float(next(ticks)))
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds, interleaved
+    assert samples == {"a": [1.0, 1.0, 1.0], "b": [1.0, 1.0, 1.0]}
+
+
+def test_summary_and_table():
+    assert harness.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    table = harness.markdown_table(["a", "b"], [[1, "x"]])
+    assert table.splitlines() == ["| a | b |", "| --- | --- |", "| 1 | x |"]
+
+
+def test_save_merges_cases_and_report_renders(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    den = {"model": "small-sd15", "shape": {"cfg_batch": 2, "latent": [32, 32]}, "threads": 2,
+           "summary_s": {k: {"median": m, "min": m, "max": m, "n": 3} for k, m in
+                         [("torch stock", 0.3), ("torch PLADIS", 0.4), ("ORT stock", 0.2), ("ORT PLADIS", 0.24)]},
+           "ratios": {"ORT PLADIS / ORT stock": 1.2}, "target": "ORT PLADIS / ORT stock <= 1.25"}  # fmt: skip
+    harness.save("export", {"results": {"denoiser": den}}, merge=True)
+    sdxl = {"command": "x", "returncode": 0, "seconds": 100.0, "peak_rss_gib": 9.5, "files_bytes": {"unet.onnx": 5e9}}
+    harness.save("export", {"results": {"sdxl-fp16": sdxl}}, merge=True)
+    saved = json.loads((tmp_path / "export.json").read_text())
+    assert set(saved["results"]) == {"denoiser", "sdxl-fp16"}  # the second run kept the first case
+    assert saved["results"]["denoiser"]["machine"]["cores"] > 0 and saved["results"]["denoiser"]["date"]
+    text = report.render()
+    assert "| ORT PLADIS / ORT stock | 1.200 |" in text and "peak RSS 9.5 GiB" in text
+    assert "Reference figures (not measured here)" in text and "0.049 ms" in text
