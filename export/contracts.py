@@ -61,9 +61,7 @@ def dims(pipe, family: str, *, height: int, width: int, batch: int, static: bool
     latent units), prompts over
     [1, max(4, batch)]; the denoiser batch (CFG doubles it) over [1, 2*max prompts]."""
     vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    unit = vae * (2 if family in ("flux", "pixart") else 1)  # FLUX packs 2x2 latents, PixArt uses 2x2 patches
-    if family == "unet":
-        unit = vae * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    unit = size_multiple(pipe, family)
     for name, size in (("height", height), ("width", width)):
         if size % unit:
             raise ValueError(f"{name} must be a multiple of {unit} for this model; got {size}")
@@ -87,6 +85,15 @@ def dims(pipe, family: str, *, height: int, width: int, batch: int, static: bool
     if static:
         d = {name: (opt, opt, opt) for name, (_, opt, _) in d.items()}
     return d
+
+
+def size_multiple(pipe, family: str) -> int:
+    """Image sides must be multiples of this many pixels: the VAE factor times the denoiser's own factor
+    (U-Net down-sampling levels; FLUX's 2x2 latent packing; PixArt's 2x2 patches)."""
+    vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if family == "unet":
+        return vae * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    return vae * (2 if family in ("flux", "pixart") else 1)
 
 
 def text_lengths(pipe, family: str) -> dict[str, int]:

@@ -34,7 +34,6 @@ from pladis import models, ops, patch
 from pladis.files import write_text
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_EXTERNAL_DATA_BYTES = 2**31 - 2**20  # protobuf's 2 GB limit, with room for the graph itself
 
 
 @dataclass
@@ -132,7 +131,8 @@ def export(cfg: ExportConfig) -> dict:
         manifest = build_manifest(
             cfg=asdict(cfg), pipe=pipe, family=family, report=report, dims=d, comps=comps, files=files,
             folder=tmp, validation=checks, config_hashes={c.name: config_hash(c.module) for c in comps},
-            height=height, width=width, seconds=time.perf_counter() - start,
+            height=height, width=width, multiple=contracts.size_multiple(pipe, family),
+            seconds=time.perf_counter() - start,
         )  # fmt: skip
         write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         _replace(tmp, out)
@@ -169,11 +169,12 @@ def _export_component(comp, d, dtype, folder: Path, cfg: ExportConfig) -> dict:
             dynamic_axes=contracts.dynamic_axes(comp, d), opset_version=cfg.opset, dynamo=False,
             do_constant_folding=True,
         )  # fmt: skip
-    model = onnx.load(str(raw / "model.onnx"))
+    model = onnx.load(str(raw / "model.onnx"), load_external_data=False)  # weights stay on disk
     onnx_op.drop_dynamic_squeeze(model)
     onnx_op.attach_function(model, cfg.opset, max_keys=d["text"][2])
     name = f"{comp.name}.onnx"
-    external = _save(model, folder / name)
+    external = _gather_external_data(model, raw, folder / f"{name}.data")
+    onnx.save_model(model, str(folder / name))
     shutil.rmtree(folder / "raw")
     n_nodes = len(onnx_op.pladis_nodes(model))
     del model
@@ -198,12 +199,30 @@ def _bf16_unsupported(path: Path) -> str | None:
     return None
 
 
-def _save(model: onnx.ModelProto, path: Path) -> bool:
-    """Save ``model``; weights go to one ``<file>.data`` beside it past protobuf's 2 GB. Returns that choice."""
-    external = model.ByteSize() > _EXTERNAL_DATA_BYTES
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=1024)  # fmt: skip
-    return external
+def _gather_external_data(model: onnx.ModelProto, src: Path, data: Path) -> bool:
+    """Copy the external tensors the exporter wrote (one file per tensor, past 2 GB) into one ``data``
+    file, a tensor at a time, and point the model at it; returns whether there were any.
+
+    The model is never held with its weights in memory (a 2.6 B-parameter U-Net would not fit twice).
+    """
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    tensors = [t for t in model.graph.initializer if uses_external_data(t)]
+    if not tensors:
+        return False
+    with open(data, "wb") as out:
+        for tensor in tensors:
+            info = ExternalDataInfo(tensor)
+            with open(src / info.location, "rb") as f:
+                f.seek(info.offset or 0)
+                payload = f.read(info.length) if info.length else f.read()
+            offset = out.tell()
+            out.write(payload)
+            del tensor.external_data[:]
+            for key, value in (("location", data.name), ("offset", offset), ("length", len(payload))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+    return True
 
 
 def _strip_function(path: Path) -> None:

@@ -50,7 +50,7 @@ def _tensor(t: contracts.Tensor, dims: dict, float_dtype: str) -> dict:
 
 
 def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, validation, config_hashes, height,
-                   width, seconds) -> dict:  # fmt: skip
+                   width, multiple, seconds) -> dict:  # fmt: skip
     """The manifest dict; file hashes are computed from the files in ``folder``."""
     components = {}
     for comp in comps:
@@ -89,7 +89,7 @@ def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, val
             "newton_steps": onnx_op.newton_steps(report.alpha, dims["text"][2]) if report.layers else None,
         },
         "dims": {k: list(v) for k, v in dims.items()},
-        "image": {"height": height, "width": width},
+        "image": {"height": height, "width": width, "multiple": multiple},
         "vae": {
             "scaling_factor": vae.scaling_factor,
             "shift_factor": getattr(vae, "shift_factor", None),

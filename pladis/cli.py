@@ -23,17 +23,39 @@ def _add_config(parser: argparse.ArgumentParser, config_cls, help: dict[str, str
             parser.add_argument(f"--{flag}", dest=f.name, action=action, default=f.default, help=text)
         else:
             text = f"{text} (default: {f.default})".strip()
-            parser.add_argument(f"--{flag}", dest=f.name, type=type(f.default), default=f.default, help=text)
+            kind = type(f.default) if f.default is not None else _TYPES[str(f.type).split("|")[0].strip()]
+            parser.add_argument(f"--{flag}", dest=f.name, type=kind, default=f.default, help=text)
+
+
+_TYPES = {"int": int, "float": float, "str": str}  # for fields whose default is None (``int | None``)
 
 
 def _config(config_cls, args: argparse.Namespace):
     return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def cmd_demo(args: argparse.Namespace) -> int:
     from pladis import demo
 
-    print(demo.run(_config(demo.DemoConfig, args)))
+    text, ok = demo.run(_config(demo.DemoConfig, args))
+    print(text)
+    return 0 if ok else 1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pladis.runtime import commands
+
+    result, paths = commands.generate(_config(commands.GenerateConfig, args))
+    print(f"wrote {', '.join(map(str, paths))} | {result.summary()}")
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from pladis.runtime import commands
+
+    report = commands.parity(_config(commands.ParityConfig, args))
+    print(report.table())
+    return 0 if report.ok else 1
 
 
 @dataclasses.dataclass
@@ -54,11 +76,12 @@ def layers(cfg: LayersConfig):
     return patch.apply(pipe, lam=cfg.lam, alpha=cfg.alpha, layers=cfg.layers)
 
 
-def cmd_layers(args: argparse.Namespace) -> None:
+def cmd_layers(args: argparse.Namespace) -> int:
     print(layers(_config(LayersConfig, args)))
+    return 0
 
 
-def cmd_export(args: argparse.Namespace) -> None:
+def cmd_export(args: argparse.Namespace) -> int:
     from pladis import export
 
     manifest = export.export(_config(export.ExportConfig, args))
@@ -69,6 +92,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     head = f"exported {manifest['model']['source']} to {args.out} in {manifest['export_seconds']:.1f} s"
     table = ["| component | file | dtype | MB | PladisAttention nodes |", "| --- | --- | --- | --- | --- |"]
     print("\n".join([head, *table, *rows]))
+    return 0
 
 
 EXPORT_HELP = {
@@ -87,12 +111,25 @@ EXPORT_HELP = {
 }
 
 
+RUNTIME_HELP = {
+    "engine": "engine folder (written by `pladis export`)",
+    "backend": "torch | ort | trt, for every component",
+    "component_backends": "per-component backends, e.g. vae_decoder=torch,text_encoder=torch",
+    "scheduler": "euler | euler_a | dpmpp_2m | ddim | lcm (flow models: flow_euler); default: the engine's",
+    "guidance": "CFG scale (FLUX: the embedded guidance); <= 1 turns CFG off",
+    "device": "cpu, or cuda (onnxruntime-gpu)",
+    "verify": "skip the sha256 check of the engine files",
+    "json": "write the parity report as JSON to this file",
+    "plot": "write a PNG plot of the error per step to this file",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pladis import demo
 
     parser = argparse.ArgumentParser(prog="pladis", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="sample a built-in model with stock attention and with PLADIS, side by side")
+    p = sub.add_parser("demo", help="the whole path on a built-in model: export -> engine -> generate -> parity")
     _add_config(p, demo.DemoConfig)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("layers", help="list the attention layers PLADIS patches in a model")
@@ -103,17 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a PLADIS-patched pipeline to ONNX (+ manifest.json)")
     _add_config(p, export.ExportConfig, EXPORT_HELP)
     p.set_defaults(func=cmd_export)
+    from pladis.runtime import commands
+
+    p = sub.add_parser("generate", help="generate images with an engine folder")
+    _add_config(p, commands.GenerateConfig, RUNTIME_HELP)
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("parity", help="compare an engine with eager PyTorch, step by step (exit 1 on failure)")
+    _add_config(p, commands.ParityConfig, RUNTIME_HELP)
+    p.set_defaults(func=cmd_parity)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args)
     except ValueError as err:
         print(f"pladis {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

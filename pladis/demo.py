@@ -1,19 +1,18 @@
-"""The demo: one built-in model, sampled with stock attention and with PLADIS from the same seed.
+"""The demo (``make demo``): the whole path on a built-in model, offline, on a CPU.
 
-Writes ``OUT/comparison.png`` (stock | PLADIS | their difference), ``OUT/report.md`` (patched layers, image difference,
-and the check that ``remove`` restores the stock output bit for bit) and returns the report text.
+export (PLADIS, and the same model with lam = 0) → ONNX Runtime engine → generate one image with each from
+the same seed → parity of the PLADIS engine against eager PyTorch. Writes into ``OUT``:
+``comparison.png`` (stock | PLADIS | their difference), ``parity.json``, ``parity.png``, ``report.md``.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from pladis import models, ops, patch
+from pladis import models, ops
 from pladis.files import atomic_path, write_text
 
 
@@ -21,72 +20,61 @@ from pladis.files import atomic_path, write_text
 class DemoConfig:
     """Settings of ``pladis demo``; the CLI flags are generated from these fields and defaults."""
 
-    model: str = "tiny-sd15"
+    model: str = "tiny-sdxl"
     prompt: str = "a photo of a red cube on a wooden table"
     steps: int = 4
     lam: float = ops.DEFAULT_LAM
     alpha: float = ops.DEFAULT_ALPHA
     layers: str = "default"
     seed: int = 0
+    backend: str = "ort"
     out: str = "out/demo"
 
 
-def run(cfg: DemoConfig) -> str:
-    """Run the demo described by ``cfg``; returns the markdown report (also written to ``cfg.out``)."""
+def run(cfg: DemoConfig) -> tuple[str, bool]:
+    """Run the demo; returns (markdown report, whether parity passed). The report is also written."""
+    from pladis.export import ExportConfig, export
+    from pladis.runtime import Runtime, parity
+
     if cfg.model not in models.BUILTINS:
         raise ValueError(f"demo model must be a built-in ({', '.join(models.BUILTINS)}); got {cfg.model!r}")
     if cfg.steps < 1:
         raise ValueError(f"steps must be at least 1; got {cfg.steps}")
     ops.check_params(cfg.lam, cfg.alpha)
-    spec = models.BUILTINS[cfg.model]
-    pipe = models.load(cfg.model, seed=cfg.seed)
-    call = dict(
-        prompt=cfg.prompt,
-        num_inference_steps=cfg.steps,
-        height=spec.height,
-        width=spec.width,
-        output_type="np",
-        **spec.call_kwargs,
-    )
-
-    def sample() -> tuple[np.ndarray, float]:
-        start = time.perf_counter()
-        images = pipe(**call, generator=torch.Generator().manual_seed(cfg.seed)).images
-        return images[0], time.perf_counter() - start
-
-    stock, t_stock = sample()
-    report = patch.apply(pipe, lam=cfg.lam, alpha=cfg.alpha, layers=cfg.layers)
-    pladis_img, t_pladis = sample()
-    patch.remove(pipe)
-    restored, _ = sample()
-
     out = Path(cfg.out)
-    diff = np.abs(stock.astype(np.float64) - pladis_img.astype(np.float64))
-    heat = diff.mean(-1, keepdims=True).repeat(3, -1) / max(diff.max(), 1e-12)
-    _save_side_by_side(out / "comparison.png", [stock, pladis_img, heat])
-    text = "\n".join(
-        [
-            f"# PLADIS demo: {cfg.model}, {cfg.steps} steps, seed {cfg.seed}",
-            "",
-            f"Prompt: {cfg.prompt!r}. Random weights: the images show the mechanics, not quality.",
-            "",
-            "```",
-            str(report),
-            "```",
-            "",
-            "| run | time (s) |",
-            "| --- | --- |",
-            f"| stock attention | {t_stock:.3f} |",
-            f"| PLADIS | {t_pladis:.3f} |",
-            "",
-            f"Image change from PLADIS (pixels in [0, 1]): mean {diff.mean():.4f}, max {diff.max():.4f}.",
-            f"After `pladis.remove`: stock output restored bit for bit: {bool(np.array_equal(stock, restored))}.",
-            "",
-            "![stock | PLADIS | difference, scaled to its max](comparison.png)",
-        ]
-    )
+    engines = {}
+    for label, lam in (("stock", 0.0), ("pladis", cfg.lam)):
+        engines[label] = out / f"engine-{label}"
+        export(ExportConfig(model=cfg.model, out=str(engines[label]), lam=lam, alpha=cfg.alpha, layers=cfg.layers,
+                            seed=cfg.seed, force=True))  # fmt: skip
+    results = {label: Runtime(path, cfg.backend).generate(cfg.prompt, steps=cfg.steps, seed=cfg.seed)
+               for label, path in engines.items()}  # fmt: skip
+    stock, pladis_img = (np.asarray(results[k].images[0], np.float64) / 255 for k in ("stock", "pladis"))
+    diff = np.abs(stock - pladis_img)
+    _save_side_by_side(out / "comparison.png", [stock, pladis_img, diff.mean(-1, keepdims=True).repeat(3, -1)
+                                                / max(diff.max(), 1e-12)])  # fmt: skip
+    report = parity.run(engines["pladis"], cfg.backend, prompt=cfg.prompt, steps=cfg.steps, seed=cfg.seed)
+    parity.save(report, out / "parity.json", out / "parity.png")
+    text = "\n".join([
+        f"# PLADIS demo: {cfg.model}, {cfg.steps} steps, seed {cfg.seed}, {cfg.backend} engine",
+        "",
+        f"Prompt: {cfg.prompt!r}. Random weights: the images show the mechanics, not quality.",
+        "",
+        f"Engines: `{engines['pladis']}` (lam={cfg.lam}, alpha={cfg.alpha}) and `{engines['stock']}` (lam=0).",
+        "",
+        "| engine | generate timing |", "| --- | --- |",
+        *[f"| {label} | {r.summary()} |" for label, r in results.items()],
+        "",
+        f"Image change from PLADIS (pixels in [0, 1]): mean {diff.mean():.4f}, max {diff.max():.4f}.",
+        "",
+        "![stock | PLADIS | difference, scaled to its max](comparison.png)",
+        "",
+        report.table(),
+        "",
+        "![error per step](parity.png)",
+    ])  # fmt: skip
     write_text(out / "report.md", text + "\n")
-    return text
+    return text, report.ok
 
 
 def _save_side_by_side(path: Path, images: list[np.ndarray], zoom: int = 8) -> None:

@@ -250,7 +250,7 @@ BUILTINS: dict[str, Builtin] = {
     "tiny-sd15": Builtin(lambda: _sd15(tiny=True), 32, 32),
     "tiny-sdxl": Builtin(lambda: _sdxl(tiny=True), 32, 32),
     "tiny-pixart": Builtin(_pixart, 16, 16, {"use_resolution_binning": False}),
-    "tiny-sd3": Builtin(_sd3, 32, 32),
+    "tiny-sd3": Builtin(_sd3, 16, 16),
     "tiny-flux": Builtin(_flux, 32, 32),
     # SD 1.5's layout with a 92 M-parameter U-Net at 256²: benchmarks that must take seconds on a CPU
     "small-sd15": Builtin(lambda: _sd15(tiny=False, channels=(128, 256, 384, 384), sample_size=32), 256, 256),

@@ -3,14 +3,16 @@
 from pladis import cli
 
 
-def test_demo_writes_report_and_image(tmp_path, capsys):
+def test_demo_runs_the_whole_path(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--steps", "2", "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
-    assert "3 layers" in report and "restored bit for bit: True" in report
+    assert "Parity: ort engine vs eager PyTorch" in report and "PASS" in report
+    assert (out / "engine-pladis" / "manifest.json").exists() and (out / "engine-stock" / "manifest.json").exists()
     from PIL import Image
 
     assert Image.open(out / "comparison.png").size[0] > 3 * 32 * 8  # three zoomed panels side by side
+    assert Image.open(out / "parity.png").size[0] > 400
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
     assert "PLADIS demo" in capsys.readouterr().out
 
@@ -25,4 +27,15 @@ def test_bad_values_exit_2_with_a_message(tmp_path, capsys):
     assert "lam must be a finite number" in capsys.readouterr().err
     assert cli.main(["demo", "--model", "nope", "--out", str(tmp_path)]) == 2
     assert "demo model must be a built-in" in capsys.readouterr().err
-    assert not (tmp_path / "report.md").exists()
+    assert not list(tmp_path.iterdir())  # refused before any work
+
+
+def test_export_command(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert cli.main(["export", "--model", "tiny-sd15", "--out", str(out), "--no-validate", "--static"]) == 0
+    printed = capsys.readouterr().out
+    assert "| unet | unet.onnx | float32 |" in printed and (out / "manifest.json").exists()
+    assert cli.main(["export", "--model", "tiny-sd15", "--out", str(out)]) == 2  # not empty, no --force
+    assert "not empty; pass --force" in capsys.readouterr().err
+    assert cli.main(["export", "--model", "tiny-sd15", "--out", str(tmp_path / "x"), "--precision", "fp8"]) == 2
+    assert "precision must be one of" in capsys.readouterr().err

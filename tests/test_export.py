@@ -213,3 +213,33 @@ def test_lam_zero_exports_the_stock_model_and_says_so(tmp_path, capsys):
     assert "exporting the stock model" in capsys.readouterr().out
     assert manifest["pladis"]["patched"] is False and manifest["components"]["unet"]["pladis_nodes"] == 0
     assert not onnx.load(str(out / "unet.onnx")).functions
+
+
+def test_external_data_is_gathered_into_one_file(tmp_path):
+    # Past 2 GB the exporter writes one file per tensor; export gathers them into <name>.onnx.data
+    # without loading the weights. Here: a small model saved the same way.
+    from onnx.external_data_helper import load_external_data_for_model
+    from pladis.export.exporter import _gather_external_data
+
+    w1, w2 = np.arange(12, dtype=np.float32).reshape(3, 4), np.full((4, 2), 0.5, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2")],
+    )  # fmt: skip
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    onnx.save_model(helper.make_model(graph), str(raw / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=0)  # fmt: skip
+    assert len(list(raw.iterdir())) == 3
+    model = onnx.load(str(raw / "model.onnx"), load_external_data=False)
+    assert _gather_external_data(model, raw, tmp_path / "m.onnx.data")
+    onnx.save_model(model, str(tmp_path / "m.onnx"))
+    loaded = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    load_external_data_for_model(loaded, str(tmp_path))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in loaded.graph.initializer}
+    np.testing.assert_array_equal(weights["w1"], w1)  # atol=0: bytes are copied, not converted
+    np.testing.assert_array_equal(weights["w2"], w2)
+    x = np.ones((1, 3), np.float32)
+    np.testing.assert_allclose(session(tmp_path / "m.onnx").run(None, {"x": x})[0], x @ w1 @ w2, rtol=1e-6)

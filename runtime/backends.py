@@ -1,0 +1,142 @@
+"""Backends: one small interface, ``run(inputs) -> outputs`` over named CPU/GPU torch tensors.
+
+- ``torch``: eager PyTorch, the reference. It rebuilds the pipeline the manifest describes (same source,
+  seed and dtype), patches it with the same PLADIS settings and runs each component through the export
+  contract's own forward, so both sides of a parity check call the same function.
+- ``ort``: ONNX Runtime on the exported file. CPU provider by default; with ``onnxruntime-gpu`` the CUDA
+  (or TensorRT) execution provider with I/O binding, so tensors stay on the device.
+- ``trt``: TensorRT engines from ``pladis build --backend trt`` (engine issue); until they exist this
+  backend says so.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Protocol
+
+import numpy as np
+import torch
+from pladis.runtime.engine import Engine, EngineError
+
+BACKENDS = ("torch", "ort", "trt")
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+class Backend(Protocol):
+    """Runs one exported component: named input tensors in, named output tensors out."""
+
+    name: str
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+def load(engine: Engine, component: str, backend: str, device: str = "cpu") -> Backend:
+    """The backend ``backend`` for ``component`` of ``engine``."""
+    if backend == "torch":
+        return TorchBackend(engine, component, device)
+    if backend == "ort":
+        return OrtBackend(engine, component, device)
+    if backend == "trt":
+        raise EngineError(
+            "the trt backend needs TensorRT engines built by `pladis build --backend trt` (engine issue, not "
+            "available yet) and TensorRT installed; use --backend ort (ONNX Runtime) or --backend torch"
+        )
+    raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# torch
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _eager_components(folder: str, device: str) -> dict:
+    """The patched eager pipeline an engine folder was exported from, as export contract components."""
+    from pladis.export import PRECISIONS, contracts
+    from pladis.runtime.engine import open_engine
+
+    import pladis
+    from pladis import models, patch
+
+    m = open_engine(folder, verify=False).manifest
+    pipe = models.load(m["model"]["source"], seed=m["model"]["seed"], dtype=PRECISIONS[m["precision"]])
+    if m["pladis"]["patched"]:
+        pladis.apply(pipe, lam=m["pladis"]["lam"], alpha=m["pladis"]["alpha"], layers=m["pladis"]["layer_selection"])
+    comps = {c.name: c for c in contracts.components(pipe, patch.family_of(patch.denoiser_of(pipe)).name)}
+    for name, comp in comps.items():  # each component in the dtype it was exported in
+        comp.module.to(device=device, dtype=getattr(torch, m["components"][name]["dtype"]))
+    return comps
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, engine: Engine, component: str, device: str = "cpu"):
+        self.component = _eager_components(str(engine.folder.resolve()), device)[component]
+        self.dtypes = {i["name"]: i["dtype"] for i in engine.component(component)["inputs"]}
+        self.device = device
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        args = {n: t.to(self.device, getattr(torch, self.dtypes[n])) for n, t in inputs.items()}
+        with torch.no_grad():
+            outs = self.component.forward(self.component.module, **args)
+        return {o.name: t for o, t in zip(self.component.outputs, outs, strict=True)}
+
+
+# --------------------------------------------------------------------------------------------------
+# ONNX Runtime
+# --------------------------------------------------------------------------------------------------
+
+
+def ort_providers(device: str) -> list[str]:
+    """Execution providers for ``device``: CPU, or CUDA (TensorRT first when that provider is present)."""
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise EngineError(
+            f"device {device!r} needs onnxruntime-gpu (providers here: {', '.join(available)}); install the `gpu` "
+            "extra instead of `cpu` (never both), or run on device cpu"
+        )
+    wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in wanted if p in available]
+
+
+class OrtBackend:
+    name = "ort"
+
+    def __init__(self, engine: Engine, component: str, device: str = "cpu"):
+        import onnxruntime as ort
+
+        spec = engine.component(component)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(engine.folder / spec["file"]), opts, providers=ort_providers(device))
+        self.inputs = {i["name"]: i["dtype"] for i in spec["inputs"]}
+        self.outputs = [o["name"] for o in spec["outputs"]]
+        self.device = device
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.device != "cpu":
+            return self._run_bound(inputs)
+        feeds = {n: t.detach().cpu().numpy().astype(_NP[self.inputs[n]], copy=False) for n, t in inputs.items()}
+        outs = self.session.run(self.outputs, feeds)
+        return {n: torch.from_numpy(np.ascontiguousarray(o)) for n, o in zip(self.outputs, outs, strict=True)}
+
+    def _run_bound(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """I/O binding on the GPU: inputs are bound in place, outputs stay on the device (ORT allocates)."""
+        binding = self.session.io_binding()
+        kept = []  # keep the contiguous, converted inputs alive until the run is over
+        for name, t in inputs.items():
+            t = t.to(self.device, getattr(torch, self.inputs[name])).contiguous()
+            kept.append(t)
+            binding.bind_input(name, "cuda", t.device.index or 0, _NP[self.inputs[name]], tuple(t.shape), t.data_ptr())
+        for name in self.outputs:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return {n: torch.from_dlpack(o.to_dlpack()) if hasattr(o, "to_dlpack") else torch.from_numpy(o.numpy())
+                for n, o in zip(self.outputs, outs, strict=True)}  # fmt: skip

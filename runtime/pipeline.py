@@ -1,0 +1,202 @@
+"""The runtime pipeline: tokenize → text encoder(s) → diffusers scheduler loop → VAE decode → images.
+
+``Runtime`` binds an engine folder to one backend per component; ``generate`` samples images. The loop is
+split into ``prepare`` / ``predict`` / ``step`` / ``decode`` so the parity harness can drive two
+runtimes in lockstep through the very same code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pladis.runtime import backends, families
+from pladis.runtime.engine import Engine, EngineError, open_engine
+from tqdm import tqdm
+
+SCHEDULERS = {  # name -> diffusers class; flow-matching families take only flow schedulers
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "lcm": "LCMScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
+}
+FLOW_FAMILIES = ("sd3", "flux")
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = {"unet": 7.5, "pixart": 4.5, "sd3": 7.0, "flux": 3.5}
+
+
+def scheduler_names(family: str) -> list[str]:
+    flow = family in FLOW_FAMILIES
+    return [n for n, cls in SCHEDULERS.items() if cls.startswith("FlowMatch") == flow]
+
+
+@dataclass
+class Settings:
+    """One ``generate`` call's sampling settings, checked against the engine before any work."""
+
+    prompts: list[str]
+    negatives: list[str] | None  # None: no classifier-free guidance
+    steps: int
+    guidance: float
+    guidance_rescale: float
+    scheduler: str
+    seed: int
+    height: int
+    width: int
+
+
+@dataclass
+class Result:
+    images: list  # PIL images
+    latents: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        t = self.timings
+        return (f"encode {t['encode'] * 1000:.0f} ms | {t['steps']} steps {t['per_step'] * 1000:.0f} ms/step | "
+                f"decode {t['decode'] * 1000:.0f} ms | total {t['total']:.2f} s")  # fmt: skip
+
+
+class Runtime:
+    """An engine folder with a backend per component (``backend`` for all, ``overrides`` per name)."""
+
+    def __init__(self, engine: str | Path | Engine, backend: str = "ort", overrides: dict[str, str] | None = None,
+                 device: str = "cpu", verify: bool = True):  # fmt: skip
+        self.engine = engine if isinstance(engine, Engine) else open_engine(engine, verify=verify)
+        overrides = overrides or {}
+        unknown = set(overrides) - set(self.engine.manifest["components"])
+        if unknown:
+            raise EngineError(f"no component {', '.join(sorted(unknown))} in this engine; it has "
+                              f"{', '.join(self.engine.manifest['components'])}")  # fmt: skip
+        self.backend_names = {n: overrides.get(n, backend) for n in self.engine.manifest["components"]}
+        self.device = device
+        self._backends: dict[str, backends.Backend] = {}
+        self._tokenizers: dict = {}
+        self.input_names = {i["name"] for i in self.engine.component(self.engine.denoiser)["inputs"]}
+
+    # -- components ----------------------------------------------------------------------------
+
+    def run(self, component: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if component not in self._backends:
+            self._backends[component] = backends.load(self.engine, component, self.backend_names[component],
+                                                      self.device)  # fmt: skip
+        return {k: v.float() for k, v in self._backends[component].run(inputs).items()}
+
+    def tokenizer(self, encoder: str):
+        name = encoder.replace("text_encoder", "tokenizer")
+        if name not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            self._tokenizers[name] = AutoTokenizer.from_pretrained(self.engine.folder / name)
+        return self._tokenizers[name]
+
+    def scheduler(self, name: str | None = None):
+        """A fresh diffusers scheduler from the engine's saved config (``name`` None: that same class)."""
+        import diffusers
+
+        config = json.loads((self.engine.folder / "scheduler" / "scheduler_config.json").read_text())
+        cls = getattr(diffusers, SCHEDULERS[name] if name else config["_class_name"])
+        return cls.from_config(config)
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    def settings(self, prompt, negative_prompt=None, steps=None, guidance=None, guidance_rescale=0.0,
+                 scheduler=None, seed=0, batch=1, height=None, width=None) -> Settings:  # fmt: skip
+        """Check every argument against the engine (range, multiples, batch) and fill defaults."""
+        family = self.engine.family
+        prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+        if not prompts or batch < 1:
+            raise ValueError("prompt is empty: pass a prompt string or a non-empty list of prompts (batch >= 1)")
+        max_batch = self.engine.dim("batch")[2]
+        if len(prompts) > max_batch:
+            raise ValueError(f"batch of {len(prompts)} prompts is over this engine's maximum of {max_batch}; "
+                             "split the prompts or re-export with a larger --batch")  # fmt: skip
+        image = self.engine.manifest["image"]
+        height, width = height or image["height"], width or image["width"]
+        for name, size in (("height", height), ("width", width)):
+            lo, _, hi = self.engine.dim(name)
+            if not lo <= size <= hi:
+                raise ValueError(f"{name} {size} is outside the exported range [{lo}, {hi}]; pick a size inside "
+                                 "it or re-export with another --height/--width")  # fmt: skip
+            if size % image["multiple"]:
+                raise ValueError(f"{name} {size} is not a multiple of {image['multiple']}, which this model needs")
+        names = scheduler_names(family)
+        if scheduler is not None and scheduler not in names:
+            raise ValueError(f"unknown scheduler {scheduler!r} for a {family} model; choose one of {', '.join(names)}")
+        steps = DEFAULT_STEPS if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1; got {steps}")
+        guidance = DEFAULT_GUIDANCE[family] if guidance is None else float(guidance)
+        cfg = families.uses_cfg(family) and guidance > 1.0
+        if not cfg and negative_prompt:
+            raise ValueError("negative_prompt needs classifier-free guidance (guidance > 1, not FLUX)")
+        if cfg and self.engine.dim("cfg_batch")[2] < 2 * len(prompts):
+            raise ValueError(f"CFG doubles the batch to {2 * len(prompts)}, over the engine's maximum "
+                             f"{self.engine.dim('cfg_batch')[2]}; use fewer prompts")  # fmt: skip
+        negatives = None
+        if cfg:
+            negatives = [negative_prompt or ""] * len(prompts) if isinstance(negative_prompt, str | None) \
+                else list(negative_prompt)  # fmt: skip
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one or as many")
+        return Settings(prompts, negatives, steps, guidance, guidance_rescale, scheduler, seed, height, width)
+
+    # -- the loop, in pieces ------------------------------------------------------------------------
+
+    def prepare(self, s: Settings) -> tuple[dict, object, torch.Tensor]:
+        """(constant denoiser inputs, scheduler with timesteps set, initial latents (packed for FLUX))."""
+        cond = families.encode(self, s.prompts, s.negatives, s.height, s.width, s.guidance)
+        sched = self.scheduler(s.scheduler)
+        families.set_timesteps(self, sched, s.steps, s.height, s.width)
+        g = torch.Generator().manual_seed(s.seed)
+        noise = torch.randn(families.latent_shape(self, len(s.prompts), s.height, s.width), generator=g)
+        return cond, sched, families.pack(self, noise) * getattr(sched, "init_noise_sigma", 1.0)  # flow: none
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: dict, sched, s: Settings) -> torch.Tensor:
+        """The guided noise prediction for ``latents`` at timestep ``t``."""
+        cfg = s.negatives is not None
+        x = torch.cat([latents] * 2) if cfg else latents
+        if hasattr(sched, "scale_model_input"):  # flow-matching schedulers have no input scaling
+            x = sched.scale_model_input(x, t)
+        out = self.run(self.engine.denoiser, families.step_inputs(self, x, t, cond))
+        noise = families.noise_prediction(self, next(iter(out.values())))
+        if not cfg:
+            return noise
+        uncond, text = noise.chunk(2)
+        guided = uncond + s.guidance * (text - uncond)
+        if s.guidance_rescale > 0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            guided = rescale_noise_cfg(guided, text, guidance_rescale=s.guidance_rescale)
+        return guided
+
+    def decode(self, latents: torch.Tensor, s: Settings) -> list:
+        from PIL import Image
+
+        x = families.vae_input(self, latents, s.height, s.width)
+        images = self.run("vae_decoder", {"latent_sample": x})["sample"]
+        arr = ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        return [Image.fromarray(a) for a in arr]
+
+    def generate(self, prompt, progress: bool = True, **kwargs) -> Result:
+        """Sample images; kwargs as ``settings`` (negative_prompt, steps, guidance, guidance_rescale,
+        scheduler, seed, batch, height, width)."""
+        s = self.settings(prompt, **kwargs)
+        t0 = time.perf_counter()
+        cond, sched, latents = self.prepare(s)
+        t1 = time.perf_counter()
+        g = torch.Generator().manual_seed(s.seed + 1)  # the scheduler's own noise (ancestral samplers)
+        for t in tqdm(sched.timesteps, desc="denoise", unit="step", disable=not progress):
+            latents = sched.step(self.predict(latents, t, cond, sched, s), t, latents, generator=g).prev_sample
+        t2 = time.perf_counter()
+        images = self.decode(latents, s)
+        t3 = time.perf_counter()
+        n = len(sched.timesteps)
+        return Result(images, latents, {"encode": t1 - t0, "steps": n, "per_step": (t2 - t1) / n,
+                                        "decode": t3 - t2, "total": t3 - t0})  # fmt: skip

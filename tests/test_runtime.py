@@ -1,0 +1,146 @@
+"""The runtime: engines in the scheduler loop, parity against eager PyTorch, and bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from pladis.export import ExportConfig, export
+from pladis.runtime import EngineError, Runtime, parity
+
+from pladis import cli, models
+
+TINY = [n for n in models.BUILTINS if n.startswith("tiny-")]
+
+
+@pytest.fixture(scope="session")
+def engines(tmp_path_factory):
+    """One fp32 export per tiny architecture (validation is the export tests' job)."""
+    root = tmp_path_factory.mktemp("engines")
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = root / name
+            export(ExportConfig(model=name, out=str(cache[name]), validate=False))
+        return cache[name]
+
+    return get
+
+
+# (model, scheduler, guidance): every architecture, with CFG and without, five schedulers in all
+PARITY_CASES = [
+    ("tiny-sd15", "euler", None),
+    ("tiny-sd15", "ddim", 1.0),
+    ("tiny-sdxl", "dpmpp_2m", None),
+    ("tiny-sdxl", "euler_a", 1.0),
+    ("tiny-pixart", "dpmpp_2m", None),
+    ("tiny-pixart", "lcm", 1.0),
+    ("tiny-sd3", "flow_euler", None),
+    ("tiny-sd3", "flow_euler", 1.0),
+    ("tiny-flux", "flow_euler", None),
+]
+
+
+@pytest.mark.parametrize("name, scheduler, guidance", PARITY_CASES)
+def test_ort_engine_matches_eager_through_the_loop(engines, name, scheduler, guidance):
+    report = parity.run(engines(name), "ort", steps=3, scheduler=scheduler, guidance=guidance)
+    assert report.ok, report.table()  # fp32: rel-L2 <= 1e-4 per teacher-forced step (parity.TOLERANCE)
+    assert len(report.teacher_forced) == len(report.free_running) == 3
+    for row in report.free_running:  # free-running trajectories stay together too on these short runs
+        assert row["latent"]["rel_l2"] < 1e-3, report.table()
+    assert report.image_psnr_db > 40
+
+
+def test_determinism_and_seeds(engines):
+    rt = Runtime(engines("tiny-sd15"), "ort")
+    a, b = (np.asarray(rt.generate("a cat", steps=2, seed=3, progress=False).images[0]) for _ in range(2))
+    c = np.asarray(rt.generate("a cat", steps=2, seed=4, progress=False).images[0])
+    assert np.array_equal(a, b)  # atol=0: same seed, same backend
+    assert not np.array_equal(a, c)
+
+
+def test_batch_and_component_backends(engines):
+    rt = Runtime(engines("tiny-sdxl"), "ort")
+    batch = rt.generate(["a cat", "a dog"], steps=2, seed=0, progress=False)
+    single = rt.generate("a dog", steps=2, seed=0, progress=False)
+    assert len(batch.images) == 2 and batch.images[0].size == (32, 32)
+    mixed = Runtime(engines("tiny-sdxl"), "ort", {"vae_decoder": "torch", "text_encoder": "torch"})
+    out = mixed.generate("a dog", steps=2, seed=0, progress=False)
+    diff = np.abs(np.asarray(out.images[0], float) - np.asarray(single.images[0], float))
+    assert diff.max() <= 1  # same maths on both backends: at most one uint8 rounding step apart
+    assert batch.latents.shape[0] == 2
+
+
+def test_parity_fails_on_a_corrupted_engine(engines, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(engines("tiny-sd15"), broken)
+    model = onnx.load(str(broken / "unet.onnx"))
+    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[0] += 1.0  # one perturbed weight
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save_model(model, str(broken / "unet.onnx"))
+    with pytest.raises(EngineError, match="does not match the manifest's sha256"):
+        Runtime(broken, "ort")
+    code = cli.main(
+        ["parity", "--engine", str(broken), "--steps", "2", "--no-verify", "--json", str(tmp_path / "p.json")]
+    )
+    assert code == 1
+    printed = capsys.readouterr().out
+    assert "FAIL: step 0" in printed
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["ok"] is False and saved["failures"]
+
+
+def test_generate_command_writes_the_api_image(engines, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    args = ["generate", "--engine", str(engines("tiny-sd15")), "--prompt", "a cat", "--steps", "2", "--seed", "5"]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    assert "ms/step" in capsys.readouterr().out
+    from PIL import Image
+
+    api = Runtime(engines("tiny-sd15"), "ort").generate("a cat", steps=2, seed=5, progress=False).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(api))  # atol=0: same engine, same seed
+
+
+def test_parity_command_and_plot(engines, tmp_path, capsys):
+    plot = tmp_path / "p.png"
+    assert cli.main(["parity", "--engine", str(engines("tiny-sd15")), "--steps", "2", "--plot", str(plot)]) == 0
+    assert "PASS" in capsys.readouterr().out
+    from PIL import Image
+
+    assert Image.open(plot).size[0] > 400
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(scheduler="heun"), "unknown scheduler 'heun'.*euler"),
+    (dict(height=1024), "height 1024 is outside the exported range"),
+    (dict(width=34), "width 34 is not a multiple of 4"),
+    (dict(batch=5), "over this engine's maximum of 4"),
+    (dict(prompt=[]), "prompt is empty"),
+    (dict(guidance=1.0, negative_prompt="blurry"), "negative_prompt needs classifier-free guidance"),
+    (dict(steps=0), "steps must be at least 1"),
+])  # fmt: skip
+def test_bad_settings_are_refused_before_work(engines, kwargs, message):
+    rt = Runtime(engines("tiny-sd15"), "ort")
+    with pytest.raises(ValueError, match=message):
+        rt.generate(**{"prompt": "a cat", **kwargs})
+    assert not rt._backends  # nothing was loaded: the checks come first
+
+
+def test_bad_engine_folders(engines, tmp_path):
+    with pytest.raises(EngineError, match="has no manifest.json"):
+        Runtime(tmp_path, "ort")
+    missing = tmp_path / "missing"
+    shutil.copytree(engines("tiny-sd15"), missing)
+    (missing / "vae_decoder.onnx").unlink()
+    with pytest.raises(EngineError, match="missing vae_decoder.onnx"):
+        Runtime(missing, "ort")
+    with pytest.raises(EngineError, match="unknown backend 'tf'"):
+        Runtime(engines("tiny-sd15"), "tf").generate("a cat", steps=1, progress=False)
+    with pytest.raises(EngineError, match="needs TensorRT engines"):
+        Runtime(engines("tiny-sd15"), "trt").generate("a cat", steps=1, progress=False)
+    with pytest.raises(EngineError, match="no component unet2"):
+        Runtime(engines("tiny-sd15"), "ort", {"unet2": "torch"})
