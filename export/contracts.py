@@ -272,6 +272,17 @@ def components(pipe, family: str) -> list[Component]:
 # --------------------------------------------------------------------------------------------------
 
 
+def trace_dims(d: dict[str, tuple[int, int, int]]) -> dict[str, tuple[int, int, int]]:
+    """Dims to trace at: the smallest image (tracing runs the model once, and a full-size U-Net in fp16 on
+    a CPU is slow), two in every batch (a batch of one invites size-1 special cases into the graph), the
+    optimal text length. The graph stays dynamic over each declared range all the same."""
+    out = {}
+    for name, (lo, opt, hi) in d.items():
+        size = max(min(2, hi), lo) if "batch" in name else opt if "text" in name else lo
+        out[name] = (lo, size, hi)
+    return out
+
+
 def shape_of(inp: Tensor, d: dict[str, tuple[int, int, int]], which: int = 1) -> tuple[int, ...]:
     """The concrete shape of ``inp`` at dim setting ``which`` (0 = min, 1 = opt, 2 = max)."""
     return tuple(x if isinstance(x, int) else d[x][which] for x in inp.shape)

@@ -156,7 +156,7 @@ def _size(cfg: ExportConfig, pipe) -> tuple[int, int]:
 def _export_component(comp, d, dtype, folder: Path, cfg: ExportConfig) -> dict:
     """Trace one component to ``folder/<name>.onnx`` (external data past 2 GB); returns file facts."""
     t0 = time.perf_counter()
-    samples = contracts.sample_inputs(comp, d, dtype, cfg.seed)
+    samples = contracts.sample_inputs(comp, contracts.trace_dims(d), dtype, cfg.seed)
     raw = folder / "raw" / comp.name
     raw.mkdir(parents=True)
     with torch.no_grad(), warnings.catch_warnings():

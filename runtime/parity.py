@@ -21,11 +21,14 @@ from pladis.runtime.pipeline import Runtime
 from pladis.files import atomic_path, write_text
 
 # Teacher-forced per-step tolerance on relative L2 (noise prediction and latent), by engine precision.
-# fp32: the export contract (both sides compute in float32; only operation order differs).
-# fp16: activations rounded to 11 significant bits in a different order on each side; measured on the tiny
-#       models at ~1e-3, so 1e-2 leaves a 10x margin while still catching a wrong graph (errors ~1).
-# bf16: 8 significant bits: 8x fp16's.
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 8e-2}
+# fp32: the export contract (both sides compute in float32; only operation order differs); measured
+#       2e-6 to 4e-6 on the tiny models.
+# fp16: both sides round activations to 11 significant bits, in different orders; measured up to 8.3e-3
+#       (tiny-flux, 3 steps; tiny-sd15 4.7e-3, tiny-pixart 3.1e-3), so 3e-2 leaves a 3.6x margin while a
+#       wrong graph still shows errors of order 1.
+# bf16: 8 significant bits, 8x fp16's; provisional: ONNX Runtime's CPU provider cannot run bf16, so it
+#       is to be measured on a GPU.
+TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 0.25}
 
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
