@@ -272,13 +272,16 @@ def components(pipe, family: str) -> list[Component]:
 # --------------------------------------------------------------------------------------------------
 
 
-def trace_dims(d: dict[str, tuple[int, int, int]]) -> dict[str, tuple[int, int, int]]:
-    """Dims to trace at: the smallest image (tracing runs the model once, and a full-size U-Net in fp16 on
-    a CPU is slow), two in every batch (a batch of one invites size-1 special cases into the graph), the
-    optimal text length. The graph stays dynamic over each declared range all the same."""
+def trace_dims(pipe, family: str, d: dict[str, tuple[int, int, int]]) -> dict[str, tuple[int, int, int]]:
+    """Dims to trace at: the smallest image the model takes (two size units a side; tracing runs the model
+    once, and a full-size U-Net in fp16 on a CPU computes at a few GFLOP/s), two in every batch (a batch of
+    one invites size-1 special cases into the graph), the optimal text length. The graph stays dynamic over
+    each declared range all the same; the tests run it at other sizes."""
+    unit = size_multiple(pipe, family)
+    small = dims(pipe, family, height=2 * unit, width=2 * unit, batch=1, static=True)
     out = {}
     for name, (lo, opt, hi) in d.items():
-        size = max(min(2, hi), lo) if "batch" in name else opt if "text" in name else lo
+        size = max(min(2, hi), lo) if "batch" in name else opt if "text" in name else small[name][1]
         out[name] = (lo, size, hi)
     return out
 

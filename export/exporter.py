@@ -99,6 +99,7 @@ def export(cfg: ExportConfig) -> dict:
         print(f"lam = {cfg.lam}: exporting the stock model (no PLADIS layers, no PladisAttention nodes)")
     d = contracts.dims(pipe, family, height=height, width=width, batch=cfg.batch, static=cfg.static)
     comps = contracts.components(pipe, family)
+    trace = contracts.trace_dims(pipe, family, d)
     onnx_op.register_symbolics(cfg.opset)
 
     out = Path(cfg.out)
@@ -112,7 +113,7 @@ def export(cfg: ExportConfig) -> dict:
         for comp in tqdm(comps, desc=f"export {cfg.model}", unit="component"):
             cdt = contracts.component_dtype(comp, dtype)
             _cast(comp.module, cdt)
-            files[comp.name] = _export_component(comp, d, cdt, tmp, cfg)
+            files[comp.name] = _export_component(comp, d, trace, cdt, tmp, cfg)
             path = tmp / files[comp.name]["file"]
             if cdt == torch.bfloat16 and (why := _bf16_unsupported(path)):
                 # ONNX opsets <= 20 have no bfloat16 Conv (and a few others): such a component is exported in
@@ -121,12 +122,13 @@ def export(cfg: ExportConfig) -> dict:
                 path.unlink()
                 cdt = torch.float32
                 _cast(comp.module, cdt)
-                files[comp.name] = _export_component(comp, d, cdt, tmp, cfg)
+                files[comp.name] = _export_component(comp, d, trace, cdt, tmp, cfg)
                 files[comp.name]["note"] = f"requested bf16, exported float32: {why}"
             if cfg.validate:  # before any function body is stripped: ONNX Runtime runs the body
                 checks[comp.name] = validate.component(path, comp, d, cdt, cfg.seed)
             if not cfg.function_body:
                 _strip_function(path)
+            comp.module.to("meta")  # done with its weights: free them before the next (larger) component
         _save_pipeline_files(pipe, tmp)
         manifest = build_manifest(
             cfg=asdict(cfg), pipe=pipe, family=family, report=report, dims=d, comps=comps, files=files,
@@ -153,10 +155,10 @@ def _size(cfg: ExportConfig, pipe) -> tuple[int, int]:
     return cfg.height or default_h, cfg.width or default_w
 
 
-def _export_component(comp, d, dtype, folder: Path, cfg: ExportConfig) -> dict:
+def _export_component(comp, d, trace, dtype, folder: Path, cfg: ExportConfig) -> dict:
     """Trace one component to ``folder/<name>.onnx`` (external data past 2 GB); returns file facts."""
     t0 = time.perf_counter()
-    samples = contracts.sample_inputs(comp, contracts.trace_dims(d), dtype, cfg.seed)
+    samples = contracts.sample_inputs(comp, trace, dtype, cfg.seed)
     raw = folder / "raw" / comp.name
     raw.mkdir(parents=True)
     with torch.no_grad(), warnings.catch_warnings():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pladis.runtime import families
 from pladis.runtime.pipeline import Runtime
 
 from pladis.files import atomic_path, write_text
@@ -104,39 +105,29 @@ def run(engine: str | Path, backend: str = "ort", *, prompt: str = "a photo of a
     cond_r, sched_r, lat_r = ref.prepare(s)
     cond_e, sched_e, lat_e = eng.prepare(s)
     report = ParityReport(str(engine), backend, precision, type(sched_r).__name__, TOLERANCE[precision])
-
-    # teacher-forced: both predict from the reference latent; each advances with its own scheduler copy
-    tf_r, tf_e = ref.scheduler(scheduler), eng.scheduler(scheduler)
-    for sch in (tf_r, tf_e):
-        _set_timesteps(ref, sch, s)
-    lat = lat_r.clone()
-    g_r, g_e = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
-    for i, t in enumerate(tf_r.timesteps):
-        n_r, n_e = ref.predict(lat, t, cond_r, tf_r, s), eng.predict(lat, t, cond_e, tf_e, s)
-        nxt_r = tf_r.step(n_r, t, lat, generator=g_r).prev_sample
-        nxt_e = tf_e.step(n_e, t, lat, generator=g_e).prev_sample
-        report.teacher_forced.append(
-            {"step": i, "t": float(t), "noise": compare(n_e, n_r), "latent": compare(nxt_e, nxt_r)}
-        )
-        lat = nxt_r
-
-    # free-running: each side on its own trajectory from the same start
-    g_r, g_e = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
-    for i, t in enumerate(sched_r.timesteps):
-        n_r, n_e = ref.predict(lat_r, t, cond_r, sched_r, s), eng.predict(lat_e, t, cond_e, sched_e, s)
-        lat_r = sched_r.step(n_r, t, lat_r, generator=g_r).prev_sample
-        lat_e = sched_e.step(n_e, t, lat_e, generator=g_e).prev_sample
-        report.free_running.append(
-            {"step": i, "t": float(t), "noise": compare(n_e, n_r), "latent": compare(lat_e, lat_r)}
-        )
+    tf_scheds = [rt.scheduler(s.scheduler) for rt in (ref, eng)]  # fresh copies for the teacher-forced walk
+    for sched in tf_scheds:
+        families.set_timesteps(ref, sched, s.steps, s.height, s.width)
+    report.teacher_forced, _, _ = _walk(ref, eng, s, (cond_r, cond_e), tf_scheds, lat_r, lat_e, teacher_forced=True)
+    report.free_running, lat_r, lat_e = _walk(ref, eng, s, (cond_r, cond_e), (sched_r, sched_e), lat_r, lat_e,
+                                              teacher_forced=False)  # fmt: skip
     report.image_psnr_db = psnr(eng.decode(lat_e, s)[0], ref.decode(lat_r, s)[0])
     return report
 
 
-def _set_timesteps(rt: Runtime, sched, s) -> None:
-    from pladis.runtime import families
-
-    families.set_timesteps(rt, sched, s.steps, s.height, s.width)
+def _walk(ref: Runtime, eng: Runtime, s, conds, scheds, lat_r, lat_e, teacher_forced: bool):
+    """Run both sides through the steps; teacher-forced, the engine starts every step from the reference
+    latent. Each side has its own scheduler and an identically seeded generator (ancestral samplers)."""
+    gens = [torch.Generator().manual_seed(s.seed + 1) for _ in range(2)]
+    rows = []
+    for i, t in enumerate(scheds[0].timesteps):
+        src_e = lat_r if teacher_forced else lat_e
+        n_r = ref.predict(lat_r, t, conds[0], scheds[0], s)
+        n_e = eng.predict(src_e, t, conds[1], scheds[1], s)
+        lat_r = scheds[0].step(n_r, t, lat_r, generator=gens[0]).prev_sample
+        lat_e = scheds[1].step(n_e, t, src_e, generator=gens[1]).prev_sample
+        rows.append({"step": i, "t": float(t), "noise": compare(n_e, n_r), "latent": compare(lat_e, lat_r)})
+    return rows, lat_r, lat_e
 
 
 def plot(report: ParityReport, path: str | Path) -> Path:
