@@ -90,7 +90,7 @@ def sdxl_fp16_case() -> dict:
         seconds = time.perf_counter() - t0
         files = {p.name: p.stat().st_size for p in Path(tmp, "sdxl").glob("*.onnx*")} if proc.returncode == 0 else {}
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
-    return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "seconds": round(seconds, 1),
+    return {"command": "python " + " ".join(cmd[1:]), "returncode": proc.returncode, "seconds": round(seconds, 1),
             "peak_rss_gib": round(peak_gib, 2), "files_bytes": files,
             "stderr_tail": proc.stderr[-2000:] if proc.returncode else ""}  # fmt: skip
 
