@@ -26,7 +26,7 @@ test: setup
 
 demo: setup
 	$(BIN)/pladis demo --out out/demo
-	@echo "wrote out/demo/report.md and out/demo/comparison.png"
+	@echo "wrote out/demo/report.md, comparison.png, parity.json, parity.png and the two engine folders"
 
 # Export a pipeline to ONNX: make export MODEL=tiny-sdxl (extra flags: ARGS="--precision fp16 --force")
 export: setup
