@@ -9,8 +9,12 @@ TORCH_PIN := $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
 EXTRAS ?= $(if $(TORCH_PIN),cpu,gpu),dev
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo lint export bench-export bench-report clean
+.PHONY: setup test demo lint export engine gpu-check bench-export bench-report clean
 MODEL ?= tiny-sdxl
+BACKEND ?= ort
+PRECISION ?= fp32
+ONNX_PRECISION = $(if $(filter trt,$(BACKEND)),fp32,$(PRECISION))
+ONNX_DIR = build/$(MODEL)-onnx-$(ONNX_PRECISION)
 
 setup: $(STAMP)
 
@@ -31,6 +35,19 @@ demo: setup
 # Export a pipeline to ONNX: make export MODEL=tiny-sdxl (extra flags: ARGS="--precision fp16 --force")
 export: setup
 	$(BIN)/pladis export --model $(MODEL) --out build/$(MODEL) $(ARGS)
+
+# Export (once: delete the folder to re-export) then build, cached:
+#   make engine MODEL=tiny-sdxl BACKEND=ort|aoti|trt PRECISION=fp32|fp16|bf16
+# trt lowers an fp32 export to PRECISION; ort and aoti run the graph in the exported precision.
+engine: setup
+	test -f $(ONNX_DIR)/manifest.json || $(BIN)/pladis export --model $(MODEL) --out $(ONNX_DIR) \
+		--precision $(ONNX_PRECISION) $(ARGS)
+	$(BIN)/pladis build --onnx $(ONNX_DIR) --backend $(BACKEND) --precision $(PRECISION) \
+		--out build/$(MODEL)-$(BACKEND)-$(PRECISION)
+
+# GPU machine: the tests marked gpu (TensorRT builds, CUDA paths); they skip, saying why, elsewhere
+gpu-check: setup
+	$(BIN)/python -m pytest -q -rs -m gpu
 
 # Export benchmarks (CPU: ~2 min for the denoiser case, ~15 min and ~10 GB RAM for full-size SDXL fp16)
 bench-export: setup

@@ -1,4 +1,9 @@
-"""pladis.engine: engine builds (TensorRT, ONNX Runtime, AOTInductor) and their content-addressed cache.
+"""pladis.engine: engine builds (ONNX Runtime, AOTInductor, TensorRT) and their content-addressed cache.
 
-Planned (issue 5). Nothing is built by this package yet.
+``build(BuildConfig(onnx=..., backend=..., out=...))`` turns an export folder into an engine folder the
+runtime opens; one module per backend (``ort``, ``aoti``, ``trt``) and ``cache``.
 """
+
+from pladis.engine.build import BACKENDS, BuildConfig, build, check, key_parts
+
+__all__ = ["BACKENDS", "BuildConfig", "build", "check", "key_parts"]

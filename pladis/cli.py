@@ -42,6 +42,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from pladis import engine
+
+    meta = engine.build(_config(engine.BuildConfig, args))
+    print(f"{meta['backend']} engine, key {meta['key'][:12]}: "
+          + ", ".join(f"{n}={c['kind']}:{c['file']}" for n, c in meta["components"].items()))  # fmt: skip
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from pladis.runtime import commands
 
@@ -111,9 +120,23 @@ EXPORT_HELP = {
 }
 
 
+BUILD_HELP = {
+    "onnx": "export folder (written by `pladis export`)",
+    "backend": "ort | aoti | trt",
+    "out": "engine folder to write",
+    "precision": "fp32 | fp16 | bf16 (default: the export's; only trt lowers an fp32 export)",
+    "dims": "narrow shape ranges, e.g. cfg_batch=1:2:4,latent_height=16:16:32 (min:opt:max)",
+    "device": "cpu or cuda",
+    "cache_dir": "engine cache (default: $PLADIS_CACHE or ~/.cache/pladis/engines)",
+    "timing_cache": "trt timing cache file (loaded and saved)",
+    "opt_level": "trt builder optimisation level 0-5; ort graph optimisation level 0-3",
+    "refit": "trt: refittable engine",
+    "verify": "skip the sha256 check of the export's files",
+}
+
 RUNTIME_HELP = {
     "engine": "engine folder (written by `pladis export`)",
-    "backend": "torch | ort | trt, for every component",
+    "backend": "torch | ort | aoti | trt for every component (default: as built, or ort for an export folder)",
     "component_backends": "per-component backends, e.g. vae_decoder=torch,text_encoder=torch",
     "scheduler": "euler | euler_a | dpmpp_2m | ddim | lcm (flow models: flow_euler); default: the engine's",
     "guidance": "CFG scale (FLUX: the embedded guidance); <= 1 turns CFG off",
@@ -140,8 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a PLADIS-patched pipeline to ONNX (+ manifest.json)")
     _add_config(p, export.ExportConfig, EXPORT_HELP)
     p.set_defaults(func=cmd_export)
+    from pladis import engine
     from pladis.runtime import commands
 
+    p = sub.add_parser("build", help="build an engine folder (ort | aoti | trt) from an export folder, cached")
+    _add_config(p, engine.BuildConfig, BUILD_HELP)
+    p.set_defaults(func=cmd_build)
     p = sub.add_parser("generate", help="generate images with an engine folder")
     _add_config(p, commands.GenerateConfig, RUNTIME_HELP)
     p.set_defaults(func=cmd_generate)

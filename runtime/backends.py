@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from pladis.runtime.engine import Engine, EngineError
 
-BACKENDS = ("torch", "ort", "trt")
+BACKENDS = ("torch", "ort", "aoti", "trt")
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
@@ -36,11 +36,17 @@ def load(engine: Engine, component: str, backend: str, device: str = "cpu") -> B
         return TorchBackend(engine, component, device)
     if backend == "ort":
         return OrtBackend(engine, component, device)
-    if backend == "trt":
+    artifact = engine.artifact(component)
+    if backend in ("aoti", "trt") and (artifact is None or artifact["kind"] != backend):
         raise EngineError(
-            "the trt backend needs TensorRT engines built by `pladis build --backend trt` (engine issue, not "
-            "available yet) and TensorRT installed; use --backend ort (ONNX Runtime) or --backend torch"
+            f"the {backend} backend needs an engine folder built by `pladis build --backend {backend}` "
+            f"(this folder has {artifact['kind'] if artifact else 'ONNX files only'} for {component}); "
+            "use --backend ort (ONNX Runtime) or --backend torch"
         )
+    if backend == "aoti":
+        return AotiBackend(engine, component, device)
+    if backend == "trt":
+        return TrtBackend(engine, component, device)
     raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -50,7 +56,7 @@ def load(engine: Engine, component: str, backend: str, device: str = "cpu") -> B
 
 
 @functools.lru_cache(maxsize=2)
-def _eager_components(folder: str, device: str) -> dict:
+def eager_components(folder: str, device: str) -> dict:
     """The patched eager pipeline an engine folder was exported from, as export contract components."""
     from pladis.export import PRECISIONS, contracts
     from pladis.runtime.engine import open_engine
@@ -72,7 +78,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, engine: Engine, component: str, device: str = "cpu"):
-        self.component = _eager_components(str(engine.folder.resolve()), device)[component]
+        self.component = eager_components(str(engine.folder.resolve()), device)[component]
         self.dtypes = {i["name"]: i["dtype"] for i in engine.component(component)["inputs"]}
         self.device = device
 
@@ -111,10 +117,12 @@ class OrtBackend:
         import onnxruntime as ort
 
         spec = engine.component(component)
+        artifact = engine.artifact(component)
+        path = engine.folder / (artifact["file"] if artifact and artifact["kind"] == "ort" else spec["file"])
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(engine.folder / spec["file"]), opts, providers=ort_providers(device))
+        self.session = ort.InferenceSession(str(path), opts, providers=ort_providers(device))
         self.inputs = {i["name"]: i["dtype"] for i in spec["inputs"]}
         self.outputs = [o["name"] for o in spec["outputs"]]
         self.device = device
@@ -140,3 +148,68 @@ class OrtBackend:
         outs = binding.get_outputs()
         return {n: torch.from_dlpack(o.to_dlpack()) if hasattr(o, "to_dlpack") else torch.from_numpy(o.numpy())
                 for n, o in zip(self.outputs, outs, strict=True)}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# AOTInductor and TensorRT
+# --------------------------------------------------------------------------------------------------
+
+
+class AotiBackend:
+    """A ``.pt2`` package from ``pladis build --backend aoti``, called with the contract's positional inputs."""
+
+    name = "aoti"
+
+    def __init__(self, engine: Engine, component: str, device: str = "cpu"):
+        spec = engine.component(component)
+        self.model = torch._inductor.aoti_load_package(str(engine.folder / engine.artifact(component)["file"]))
+        self.inputs = [(i["name"], i["dtype"]) for i in spec["inputs"]]
+        self.outputs = [o["name"] for o in spec["outputs"]]
+        self.device = device
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        args = [inputs[n].to(self.device, getattr(torch, d)).contiguous() for n, d in self.inputs]
+        with torch.no_grad():
+            outs = self.model(*args)
+        outs = outs if isinstance(outs, list | tuple) else [outs]
+        return dict(zip(self.outputs, outs, strict=True))
+
+
+class TrtBackend:
+    """A serialized TensorRT engine (``.plan``), run with the TensorRT 10 name-based tensor API on torch
+    CUDA tensors. Not exercised in CI (no TensorRT there)."""
+
+    name = "trt"
+
+    def __init__(self, engine: Engine, component: str, device: str = "cuda"):
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise EngineError("the trt backend needs TensorRT installed (NVIDIA's package index, not PyPI)") from None
+        spec = engine.component(component)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine((engine.folder / engine.artifact(component)["file"]).read_bytes())
+        self.context = self.engine.create_execution_context()
+        self.inputs = {i["name"]: i["dtype"] for i in spec["inputs"]}
+        self.outputs = [o["name"] for o in spec["outputs"]]
+        self.device = "cuda" if device == "cpu" else device
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        stream = torch.cuda.current_stream(self.device)
+        kept = []
+        for name, t in inputs.items():
+            t = t.to(self.device, getattr(torch, self.inputs[name])).contiguous()
+            kept.append(t)
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        outs = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = {"DataType.FLOAT": torch.float32, "DataType.HALF": torch.float16,
+                     "DataType.BF16": torch.bfloat16}[str(self.engine.get_tensor_dtype(name))]  # fmt: skip
+            outs[name] = torch.empty(shape, dtype=dtype, device=self.device)
+            self.context.set_tensor_address(name, outs[name].data_ptr())
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        stream.synchronize()
+        return outs

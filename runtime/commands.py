@@ -24,7 +24,7 @@ class GenerateConfig:
     batch: int = 1
     height: int | None = None
     width: int | None = None
-    backend: str = "ort"
+    backend: str = ""  # "": each component as built (engine folder) or ort (export folder)
     component_backends: str = ""  # e.g. "vae_decoder=torch,text_encoder=torch"
     device: str = "cpu"
     verify: bool = True
@@ -46,7 +46,8 @@ def generate(cfg: GenerateConfig):
     """Generate images with an engine; writes ``cfg.out`` (``-<i>`` before the suffix when batch > 1)."""
     from pladis.runtime.pipeline import Runtime
 
-    rt = Runtime(cfg.engine, cfg.backend, parse_component_backends(cfg.component_backends), cfg.device, cfg.verify)
+    rt = Runtime(cfg.engine, cfg.backend or None, parse_component_backends(cfg.component_backends), cfg.device,
+                 cfg.verify)  # fmt: skip
     result = rt.generate(cfg.prompt, negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance,
                          guidance_rescale=cfg.guidance_rescale, scheduler=cfg.scheduler, seed=cfg.seed,
                          batch=cfg.batch, height=cfg.height, width=cfg.width)  # fmt: skip
@@ -63,7 +64,7 @@ class ParityConfig:
     """Settings of ``pladis parity``."""
 
     engine: str = "build/tiny-sdxl"
-    backend: str = "ort"
+    backend: str = ""  # "": each component as built (engine folder) or ort (export folder)
     prompt: str = "a photo of a red cube on a wooden table"
     steps: int = 4
     scheduler: str | None = None
@@ -81,7 +82,7 @@ def parity(cfg: ParityConfig):
     """Run the parity harness; writes the JSON and plot when asked. Returns the report."""
     from pladis.runtime import parity as harness
 
-    report = harness.run(cfg.engine, cfg.backend, prompt=cfg.prompt, steps=cfg.steps, scheduler=cfg.scheduler,
+    report = harness.run(cfg.engine, cfg.backend or None, prompt=cfg.prompt, steps=cfg.steps, scheduler=cfg.scheduler,
                          guidance=cfg.guidance, seed=cfg.seed, height=cfg.height, width=cfg.width,
                          device=cfg.device, verify=cfg.verify)  # fmt: skip
     harness.save(report, cfg.json or None, cfg.plot or None)

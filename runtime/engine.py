@@ -20,10 +20,16 @@ class EngineError(ValueError):
 
 @dataclass
 class Engine:
-    """A checked engine folder. ``manifest``: the parsed ``manifest.json``."""
+    """A checked engine folder. ``manifest``: the export's ``manifest.json``; ``built``: the parsed
+    ``engine.json`` of a ``pladis build`` folder (None for an export folder, which ONNX Runtime runs as is)."""
 
     folder: Path
     manifest: dict
+    built: dict | None = None
+
+    def artifact(self, name: str) -> dict | None:
+        """The built artifact of a component (file, kind: ort | aoti | trt), or None for an export folder."""
+        return self.built["components"][name] if self.built else None
 
     @property
     def family(self) -> str:
@@ -54,15 +60,20 @@ def open_engine(folder: str | Path, verify: bool = True) -> Engine:
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise EngineError(f"{path} is not a {FORMAT} manifest (format={manifest.get('format')!r}); re-export it")
-    for name, comp in manifest["components"].items():
-        files = [{"file": comp["file"], "sha256": comp["sha256"]}, *comp["external_data"]]
+    built = None
+    if (folder / "engine.json").is_file():  # a `pladis build` folder: its artifacts replace the ONNX files
+        built = json.loads((folder / "engine.json").read_text())
+    for name, comp in (built or manifest)["components"].items():
+        external = [{"file": x} for x in comp.get("external_data", []) if isinstance(x, str)]
+        external += [x for x in comp.get("external_data", []) if isinstance(x, dict)]
+        files = [{"file": comp["file"], "sha256": comp["sha256"]}, *external]
         for f in files:
             p = folder / f["file"]
             if not p.is_file():
                 raise EngineError(f"{folder} is missing {f['file']} ({name}); re-run `pladis export` into a new folder")
-            if verify and sha256(p) != f["sha256"]:
+            if verify and "sha256" in f and sha256(p) != f["sha256"]:
                 raise EngineError(
                     f"{p} does not match the manifest's sha256 (changed after export); re-export, or pass "
                     "verify=False / --no-verify if you changed it on purpose"
                 )
-    return Engine(folder, manifest)
+    return Engine(folder, manifest, built)

@@ -93,18 +93,20 @@ class ParityReport:
         return json.dumps({**self.__dict__, "ok": self.ok, "failures": self.failures}, indent=2) + "\n"
 
 
-def run(engine: str | Path, backend: str = "ort", *, prompt: str = "a photo of a red cube on a table",
+def run(engine: str | Path, backend: str | None = None, *, prompt: str = "a photo of a red cube on a table",
         steps: int = 4, scheduler: str | None = None, guidance: float | None = None, seed: int = 0,
         height: int | None = None, width: int | None = None, device: str = "cpu",
         verify: bool = True) -> ParityReport:  # fmt: skip
-    """Compare ``backend`` on ``engine`` with eager PyTorch through ``steps`` steps, both ways."""
+    """Compare ``backend`` on ``engine`` with eager PyTorch through ``steps`` steps, both ways (backend None:
+    each component as built, or ONNX Runtime for an export folder)."""
     eng = Runtime(engine, backend=backend, device=device, verify=verify)
     ref = Runtime(eng.engine, backend="torch", device=device)
     s = eng.settings(prompt, steps=steps, scheduler=scheduler, guidance=guidance, seed=seed, height=height, width=width)
     precision = eng.engine.manifest["precision"]
     cond_r, sched_r, lat_r = ref.prepare(s)
     cond_e, sched_e, lat_e = eng.prepare(s)
-    report = ParityReport(str(engine), backend, precision, type(sched_r).__name__, TOLERANCE[precision])
+    label = "+".join(sorted(set(eng.backend_names.values())))
+    report = ParityReport(str(engine), label, precision, type(sched_r).__name__, TOLERANCE[precision])
     tf_scheds = [rt.scheduler(s.scheduler) for rt in (ref, eng)]  # fresh copies for the teacher-forced walk
     for sched in tf_scheds:
         families.set_timesteps(ref, sched, s.steps, s.height, s.width)

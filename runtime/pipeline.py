@@ -66,15 +66,21 @@ class Result:
 class Runtime:
     """An engine folder with a backend per component (``backend`` for all, ``overrides`` per name)."""
 
-    def __init__(self, engine: str | Path | Engine, backend: str = "ort", overrides: dict[str, str] | None = None,
-                 device: str = "cpu", verify: bool = True):  # fmt: skip
+    def __init__(self, engine: str | Path | Engine, backend: str | None = None,
+                 overrides: dict[str, str] | None = None, device: str = "cpu", verify: bool = True):  # fmt: skip
+        """backend None: each component as built (``engine.json``), or ``ort`` for an export folder."""
         self.engine = engine if isinstance(engine, Engine) else open_engine(engine, verify=verify)
         overrides = overrides or {}
         unknown = set(overrides) - set(self.engine.manifest["components"])
         if unknown:
             raise EngineError(f"no component {', '.join(sorted(unknown))} in this engine; it has "
                               f"{', '.join(self.engine.manifest['components'])}")  # fmt: skip
-        self.backend_names = {n: overrides.get(n, backend) for n in self.engine.manifest["components"]}
+
+        def default(name):
+            artifact = self.engine.artifact(name)
+            return backend or (artifact["kind"] if artifact else "ort")
+
+        self.backend_names = {n: overrides.get(n, default(n)) for n in self.engine.manifest["components"]}
         self.device = device
         self._backends: dict[str, backends.Backend] = {}
         self._tokenizers: dict = {}

@@ -1,0 +1,42 @@
+"""AOTInductor engines: the PLADIS-patched denoiser through ``torch.export`` (``pladis::attention`` stays one
+node) and ``torch._inductor.aoti_compile_and_package`` into a ``.pt2``; the other components as ONNX
+Runtime engines. On a CPU the op compiles to its PyTorch implementation; on a GPU the CUDA kernel
+registered for the op (kernel issue) is what Inductor calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pladis.engine import ort
+
+
+def device_info(device: str, precision: str) -> dict:
+    info = {"kind": device, "torch": torch.__version__}
+    if device != "cpu":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} needs a CUDA GPU and a CUDA build of torch; use --device cpu")
+        info |= {"name": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability())}
+    return info
+
+
+def build(src, dims, precision, cfg, folder: Path) -> dict:
+    from pladis.export import contracts
+    from pladis.runtime.backends import eager_components
+
+    denoiser = src.denoiser
+    comps = eager_components(str(src.folder.resolve()), cfg.device)
+    comp = comps[denoiser]
+    dtype = getattr(torch, src.component(denoiser)["dtype"])
+    samples = [t.to(cfg.device) for t in contracts.sample_inputs(comp, dims, dtype)]
+    # every axis with a range is dynamic; torch.export works out how they relate (batch shared, etc.)
+    axes = contracts.dynamic_axes(comp, dims)
+    dynamic = {"args": tuple({a: torch.export.Dim.AUTO for a in axes.get(i.name, {})} for i in comp.inputs)}
+    with torch.no_grad():
+        program = torch.export.export(contracts.Traced(comp).eval(), tuple(samples), dynamic_shapes=dynamic)
+        path = torch._inductor.aoti_compile_and_package(program, package_path=str(folder / f"{denoiser}.pt2"))
+    out = {n: ort.build_component(src, n, "cpu" if cfg.device == "cpu" else cfg.device, cfg.opt_level, folder)
+           for n in src.manifest["components"] if n != denoiser}  # fmt: skip
+    out[denoiser] = {"file": Path(path).name, "kind": "aoti", "device": cfg.device, "dtype": str(dtype)}
+    return out

@@ -1,0 +1,168 @@
+"""``pladis build``: an ONNX export folder → an engine folder for one backend, through the cache.
+
+The engine folder holds the backend's artifacts, ``engine.json`` (backend, versions, device, precision,
+profiles, the export manifest's hash, build time, per-artifact sha256) and the export's
+``manifest.json``, tokenizers and scheduler config, so the runtime opens it like an export folder.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pladis.engine import cache
+from pladis.export.manifest import sha256
+
+from pladis.files import write_text
+
+BACKENDS = ("ort", "aoti", "trt")
+FORMAT = "pladis-engine/1"
+_SOURCES = ["pladis/ops.py", "export/onnx_op.py", "plugins_trt", "pladis/kernels"]  # what PLADIS numerics come from
+
+
+@dataclass
+class BuildConfig:
+    """Settings of ``pladis build``; the CLI flags are generated from these fields and defaults."""
+
+    onnx: str = "build/tiny-sdxl"
+    backend: str = "ort"
+    out: str = "build/tiny-sdxl-ort"
+    precision: str = ""  # "": the export's precision; trt may build fp16/bf16 from an fp32 export
+    dims: str = ""  # override shape ranges: "cfg_batch=1:2:4,latent_height=64:128:128"
+    device: str = "cpu"  # cpu, or cuda (trt always builds for the current GPU)
+    cache_dir: str = ""  # "": $PLADIS_CACHE or ~/.cache/pladis/engines
+    timing_cache: str = ""  # trt: load/save this timing cache file
+    opt_level: int = 3  # trt builder optimisation level (0-5); ort: 3 = all graph optimisations
+    refit: bool = False  # trt: build a refittable engine
+    verify: bool = True
+
+
+def parse_dims(text: str) -> dict[str, tuple[int, int, int]]:
+    """'cfg_batch=1:2:4,latent_height=64:128:128' -> {'cfg_batch': (1, 2, 4), ...}."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, _, spec = item.partition("=")
+        try:
+            lo, opt, hi = (int(x) for x in spec.split(":"))
+        except ValueError:
+            raise ValueError(f"dim {item!r} must look like name=min:opt:max (e.g. cfg_batch=1:2:4)") from None
+        out[name.strip()] = (lo, opt, hi)
+    return out
+
+
+def _versions(backend: str) -> dict[str, str | None]:
+    names = {"ort": ["onnxruntime", "onnxruntime-gpu"], "aoti": ["torch"], "trt": ["tensorrt", "polygraphy"]}[backend]
+    out = {"pladis": None}
+    for n in ["pladis", *names]:
+        try:
+            out[n] = importlib.metadata.version(n)
+        except importlib.metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def _source_files() -> list[Path]:
+    root = Path(__file__).resolve().parent.parent
+    files = []
+    for rel in _SOURCES:
+        p = root / rel
+        files += sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.is_file() else []
+    return files
+
+
+def check(cfg: BuildConfig):
+    """Validate settings against the export folder before any build; returns (engine, dims, precision)."""
+    from pladis.runtime.engine import EngineError, open_engine
+
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {cfg.backend!r}")
+    if not (Path(cfg.onnx) / "manifest.json").is_file():
+        raise EngineError(f"{cfg.onnx} has no manifest.json: build from a folder written by `pladis export`")
+    src = open_engine(cfg.onnx, verify=cfg.verify)
+    if src.built:
+        raise EngineError(f"{cfg.onnx} is already an engine folder; build from the ONNX export folder")
+    dims = {k: tuple(v) for k, v in src.manifest["dims"].items()}
+    for name, (lo, opt, hi) in parse_dims(cfg.dims).items():
+        if name not in dims:
+            raise ValueError(f"unknown dim {name!r}; this export has {', '.join(dims)}")
+        old = dims[name]
+        if not (lo <= opt <= hi):
+            raise ValueError(
+                f"dim {name}: the range {lo}:{opt}:{hi} does not contain its opt shape (min <= opt <= max)"
+            )
+        if not (old[0] <= lo and hi <= old[2]):
+            raise ValueError(f"dim {name}: {lo}..{hi} is outside the exported range {old[0]}..{old[2]}; re-export")
+        dims[name] = (lo, opt, hi)
+    precision = cfg.precision or src.manifest["precision"]
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"precision must be fp32, fp16 or bf16; got {precision!r}")
+    if precision != src.manifest["precision"] and cfg.backend != "trt":
+        raise ValueError(
+            f"this folder was exported in {src.manifest['precision']}; the {cfg.backend} backend runs the graph as "
+            f"exported, so re-export with `pladis export --precision {precision}` (the exporter keeps the PLADIS "
+            "threshold math in float32), or build with --backend trt, which can lower an fp32 graph"
+        )
+    return src, dims, precision
+
+
+def key_parts(cfg: BuildConfig, src, dims: dict, precision: str, device: dict) -> dict:
+    """Everything that changes a build's result: backend and versions, device, precision, shape profiles,
+    builder flags, the ONNX files' hashes and the hash of the PLADIS operator/kernel/plugin sources."""
+    return {
+        "format": FORMAT, "backend": cfg.backend, "versions": _versions(cfg.backend), "device": device,
+        "precision": precision, "dims": {k: list(v) for k, v in dims.items()},
+        "flags": {"opt_level": cfg.opt_level, "refit": cfg.refit},
+        "onnx": {n: c["sha256"] for n, c in src.manifest["components"].items()},
+        "sources": cache.source_hash(_source_files()),
+    }  # fmt: skip
+
+
+def build(cfg: BuildConfig) -> dict:
+    """Build (or reuse from the cache) the engine folder ``cfg.out``; returns its engine.json."""
+    from pladis.engine import aoti, ort, trt
+
+    src, dims, precision = check(cfg)
+    backend = {"ort": ort, "aoti": aoti, "trt": trt}[cfg.backend]
+    device = backend.device_info(cfg.device, precision)  # raises when the backend or the GPU cannot do it
+    parts = key_parts(cfg, src, dims, precision, device)
+    k = cache.key(parts)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache.default_dir()
+    out = Path(cfg.out)
+    t0 = time.perf_counter()
+    if (out / cache.ENGINE_FILE).is_file() and json.loads((out / cache.ENGINE_FILE).read_text()).get("key") == k:
+        print(f"engine {out} is up to date (cache key {k[:12]}); nothing to do")
+        return json.loads((out / cache.ENGINE_FILE).read_text())
+    with cache.locked(cache_dir, k):
+        entry = cache.lookup(cache_dir, k)
+        if entry is None:
+            built = Path(tempfile.mkdtemp(prefix=f".{k[:12]}.", suffix=".tmp", dir=cache_dir))
+            try:
+                components = backend.build(src, dims, precision, cfg, built)
+                _copy_pipeline_files(src.folder, built)
+                hashed = {n: {**c, "sha256": sha256(built / c["file"])} for n, c in components.items()}
+                meta = {**parts, "key": k, "build_seconds": round(time.perf_counter() - t0, 3),
+                        "source_manifest_sha256": sha256(src.folder / "manifest.json"),
+                        "components": hashed}  # fmt: skip
+                write_text(built / cache.ENGINE_FILE, json.dumps(meta, indent=2) + "\n")
+                entry = cache.commit(cache_dir, k, built)
+            finally:
+                shutil.rmtree(built, ignore_errors=True)
+            print(f"built {cfg.backend} engine in {time.perf_counter() - t0:.1f} s (cache key {k[:12]})")
+        else:
+            print(f"cache hit: reusing {cfg.backend} engine {k[:12]} from {cache_dir}")
+    cache.materialize(entry, out)
+    print(f"engine folder {out} ready in {time.perf_counter() - t0:.2f} s")
+    return json.loads((out / cache.ENGINE_FILE).read_text())
+
+
+def _copy_pipeline_files(src: Path, dst: Path) -> None:
+    """What the runtime needs besides the artifacts: the export manifest, tokenizers, scheduler config."""
+    shutil.copy2(src / "manifest.json", dst / "manifest.json")
+    for p in src.iterdir():
+        if p.is_dir() and (p.name.startswith("tokenizer") or p.name == "scheduler"):
+            shutil.copytree(p, dst / p.name)

@@ -1,0 +1,92 @@
+"""TensorRT engines, written against the public TensorRT 10 / Polygraphy Python APIs.
+
+Not run in this project's CI (TensorRT's libraries are not on PyPI and CI has no GPU): every entry
+point first checks that ``tensorrt`` imports and a GPU is present, and says what is missing otherwise.
+Per component: the plugin-only graph (function bodies stripped, so the parser maps ``PladisAttention`` to
+the plugin), the PLADIS plugin registered before parsing, one optimisation profile from the manifest's
+shape ranges, strongly typed for fp16/bf16 exports or precision flags for an fp32 export, the builder
+optimisation level, an optional timing cache and refit flag; the engine is serialised to ``<name>.plan``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from pladis.export import contracts, onnx_op
+
+INSTALL = ("TensorRT is not installed: its libraries come from NVIDIA's package index, not PyPI "
+           "(pip install tensorrt polygraphy with NVIDIA's index reachable, or NVIDIA's containers); "
+           "meanwhile --backend ort builds an ONNX Runtime engine")  # fmt: skip
+
+
+def device_info(device: str, precision: str) -> dict:
+    """TensorRT version, GPU name and compute capability; refuses what this GPU cannot build."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise ValueError(INSTALL) from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("TensorRT engines are built on the GPU they run on, and no CUDA GPU is visible here")
+    cc = torch.cuda.get_device_capability()
+    if precision == "bf16" and cc < (8, 0):
+        raise ValueError(f"bf16 needs compute capability 8.0 (Ampere) or newer; this GPU has {cc[0]}.{cc[1]}; "
+                         "build with --precision fp16")  # fmt: skip
+    return {
+        "kind": "cuda",
+        "tensorrt": tensorrt.__version__,
+        "name": torch.cuda.get_device_name(),
+        "capability": list(cc),
+    }
+
+
+def _plugin_only(src_path: Path, out_path: Path) -> bool:
+    """Write the graph without PladisAttention function bodies (the parser could prefer a local function
+    over the plugin); returns whether it has PladisAttention nodes."""
+    model = onnx.load(str(src_path), load_external_data=False)
+    has_nodes = bool(onnx_op.pladis_nodes(model))
+    onnx_op.attach_function(model, with_body=False)
+    onnx.save_model(model, str(out_path))
+    return has_nodes
+
+
+def build(src, dims, precision, cfg, folder: Path) -> dict:
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        Profile,
+        engine_from_network,
+        network_from_onnx_path,
+        save_engine,
+    )
+
+    out = {}
+    for name, spec in src.manifest["components"].items():
+        # the plugin-only graph next to the original, so external weights resolve by their relative path
+        plugin_graph = src.folder / f".{name}.plugin-only.onnx"
+        if _plugin_only(src.folder / spec["file"], plugin_graph):
+            from pladis import plugins_trt
+
+            plugins_trt.register()  # raises with the reason when the plugin is not available
+        try:
+            # a typed graph (fp16/bf16 export, or fp32 kept fp32) builds strongly typed; an fp32 graph built in
+            # fp16/bf16 is weakly typed and lowered by the precision flags
+            typed = spec["dtype"] != "float32" or precision == "fp32"
+            network = network_from_onnx_path(str(plugin_graph), strongly_typed=typed)
+            profile = Profile()
+            for inp in spec["inputs"]:
+                t = contracts.Tensor(inp["name"], tuple(inp["shape"]))
+                lo, opt, hi = (contracts.shape_of(t, dims, i) for i in range(3))
+                profile.add(inp["name"], min=lo, opt=opt, max=hi)
+            config = CreateConfig(
+                fp16=precision == "fp16" and not typed, bf16=precision == "bf16" and not typed, profiles=[profile],
+                builder_optimization_level=cfg.opt_level, refittable=cfg.refit,
+                load_timing_cache=cfg.timing_cache or None,
+            )  # fmt: skip
+            engine = engine_from_network(network, config=config, save_timing_cache=cfg.timing_cache or None)
+            save_engine(engine, str(folder / f"{name}.plan"))
+        finally:
+            plugin_graph.unlink(missing_ok=True)
+        out[name] = {"file": f"{name}.plan", "kind": "trt", "precision": precision, "strongly_typed": typed}
+    return out
