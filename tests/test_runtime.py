@@ -140,7 +140,7 @@ def test_bad_engine_folders(engines, tmp_path):
         Runtime(missing, "ort")
     with pytest.raises(EngineError, match="unknown backend 'tf'"):
         Runtime(engines("tiny-sd15"), "tf").generate("a cat", steps=1, progress=False)
-    with pytest.raises(EngineError, match="needs TensorRT engines"):
+    with pytest.raises(EngineError, match="needs an engine folder built by `pladis build --backend trt`"):
         Runtime(engines("tiny-sd15"), "trt").generate("a cat", steps=1, progress=False)
     with pytest.raises(EngineError, match="no component unet2"):
         Runtime(engines("tiny-sd15"), "ort", {"unet2": "torch"})
