@@ -90,3 +90,18 @@ def build(src, dims, precision, cfg, folder: Path) -> dict:
             plugin_graph.unlink(missing_ok=True)
         out[name] = {"file": f"{name}.plan", "kind": "trt", "precision": precision, "strongly_typed": typed}
     return out
+
+
+def compare_with_ort(src, engine_folder: Path, component: str, feeds: dict, rtol: float = 1e-2, atol: float = 1e-2):
+    """Polygraphy's comparator: one component as a TensorRT engine vs the exported ONNX in ONNX Runtime, on
+    the same inputs (``feeds``: name -> numpy array). Returns Polygraphy's accuracy result (truthy = match)."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    onnx_path = str(src.folder / src.component(component)["file"])
+    plan = engine_folder / f"{component}.plan"
+    runners = [OnnxrtRunner(SessionFromOnnx(onnx_path)), TrtRunner(EngineFromBytes(BytesFromPath(str(plan))))]
+    results = Comparator.run(runners, data_loader=[feeds])
+    return Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(rtol=rtol, atol=atol))
