@@ -9,7 +9,7 @@ TORCH_PIN := $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
 EXTRAS ?= $(if $(TORCH_PIN),cpu,gpu),dev
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo lint export engine gpu-check bench-export bench-report clean
+.PHONY: setup test demo lint export engine gpu-check bench bench-export bench-report clean
 MODEL ?= tiny-sdxl
 BACKEND ?= ort
 PRECISION ?= fp32
@@ -48,6 +48,11 @@ engine: setup
 # GPU machine: the tests marked gpu (TensorRT builds, CUDA paths); they skip, saying why, elsewhere
 gpu-check: setup
 	$(BIN)/python -m pytest -q -rs -m gpu
+
+# The benchmark suite (CPU: about 5 minutes) and the report, docs/PERFORMANCE.md
+bench: setup
+	$(BIN)/python -m pladis.bench.suite
+	$(BIN)/python -m pladis.bench.report
 
 # Export benchmarks (CPU: ~2 min for the denoiser case, ~15 min and ~10 GB RAM for full-size SDXL fp16)
 bench-export: setup

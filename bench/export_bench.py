@@ -11,8 +11,6 @@ Cases (CPU; the machine is recorded with the results):
 from __future__ import annotations
 
 import argparse
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -81,18 +79,14 @@ def denoiser_case(repeats: int) -> dict:
 
 
 def sdxl_fp16_case() -> dict:
-    """Export full-size SDXL in fp16 in a child process; its peak RSS is the child's ru_maxrss."""
+    """Export full-size SDXL in fp16 in a child process: wall time and the child's peak RSS."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pladis.cli", "export", "--model", "sdxl", "--precision", "fp16",
-               "--no-validate", "--out", f"{tmp}/sdxl"]  # fmt: skip
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        seconds = time.perf_counter() - t0
-        files = {p.name: p.stat().st_size for p in Path(tmp, "sdxl").glob("*.onnx*")} if proc.returncode == 0 else {}
-    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
-    return {"command": "python " + " ".join(cmd[1:]), "returncode": proc.returncode, "seconds": round(seconds, 1),
-            "peak_rss_gib": round(peak_gib, 2), "files_bytes": files,
-            "stderr_tail": proc.stderr[-2000:] if proc.returncode else ""}  # fmt: skip
+        out = harness.run_child(
+            ["export", "--model", "sdxl", "--precision", "fp16", "--no-validate", "--out", f"{tmp}/sdxl"]
+        )
+        out["files_bytes"] = {p.name: p.stat().st_size for p in Path(tmp, "sdxl").glob("*.onnx*")}
+    out["command"] = out["command"].replace(tmp, "OUT")
+    return out
 
 
 CASES = {"denoiser": denoiser_case, "sdxl-fp16": sdxl_fp16_case}
@@ -103,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     args = parser.parse_args(argv)
-    cases = args.cases.split(",")
-    unknown = set(cases) - set(CASES)
-    if unknown:
-        parser.error(f"unknown case(s) {', '.join(sorted(unknown))}; choose from {', '.join(CASES)}")
+    cases = harness.chosen_cases(parser, args.cases, CASES)
     results = {}
     for case in cases:  # cases run one after the other, never side by side: each gets the whole machine
         results[case] = CASES[case](args.repeats) if case == "denoiser" else CASES[case]()

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,20 +21,56 @@ from pladis.files import write_text
 RESULTS = Path(__file__).parent / "results"
 
 
+def wall_timer(clock: Callable[[], float] = time.perf_counter) -> Callable[[Callable[[], object]], float]:
+    """Seconds of one call on the host clock (CPU work)."""
+
+    def timer(fn):
+        start = clock()
+        fn()
+        return clock() - start
+
+    return timer
+
+
+def cuda_timer(fn: Callable[[], object]) -> float:
+    """Seconds of one call on the GPU, between two CUDA events (synchronised after the second)."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
 def interleaved(variants: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 5,
-                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:  # fmt: skip
+                timer: Callable[[Callable[[], object]], float] | None = None) -> dict[str, list[float]]:  # fmt: skip
     """Seconds per call of each variant: ``warmup`` untimed rounds, then ``repeats`` timed rounds, each
-    round calling every variant once in turn."""
+    round calling every variant once in turn. timer: ``wall_timer()`` (default) or ``cuda_timer``."""
+    timer = timer or wall_timer()
     for _ in range(warmup):
         for fn in variants.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            start = clock()
-            fn()
-            samples[name].append(clock() - start)
+            samples[name].append(timer(fn))
     return samples
+
+
+def run_child(pladis_args: list[str]) -> dict:
+    """Run ``pladis <args>`` in a child process: its wall time, exit code and its own peak RSS."""
+    import sys
+
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pladis.bench.child", *pladis_args], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "{}"
+    child = json.loads(last) if last.startswith("{") else {}
+    return {"command": "pladis " + " ".join(pladis_args), "seconds": round(seconds, 2),
+            "returncode": proc.returncode, "peak_rss_gib": child.get("peak_rss_gib"),
+            "stderr_tail": proc.stderr[-1500:] if proc.returncode else ""}  # fmt: skip
 
 
 def summary(samples: list[float]) -> dict[str, float]:
@@ -68,6 +105,15 @@ def save(name: str, payload: dict, merge: bool = False) -> Path:
         results = {**json.loads(path.read_text()).get("results", {}), **results}
     payload = {"benchmark": name, **payload, "results": results}
     return write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def chosen_cases(parser, text: str, cases: dict) -> list[str]:
+    """The comma-separated case names of ``--cases``, or a parser error naming the unknown ones."""
+    chosen = text.split(",")
+    unknown = set(chosen) - set(cases)
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(sorted(unknown))}; choose from {', '.join(cases)}")
+    return chosen
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

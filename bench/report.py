@@ -72,6 +72,59 @@ def _export_section(data: dict) -> list[str]:
     return out
 
 
+_STAMP = ("date", "machine", "versions")
+
+
+def _entries(case: dict) -> dict:
+    """A case's measured entries, without the stamp ``harness.save`` adds beside them."""
+    return {k: v for k, v in case.items() if k not in _STAMP}
+
+
+def _timing_table(summary: dict) -> str:
+    rows = [[k, f"{v['median'] * 1e3:.2f}", f"{v['min'] * 1e3:.2f}–{v['max'] * 1e3:.2f}"] for k, v in summary.items()]
+    return markdown_table(["variant", "median ms", "min–max ms"], rows)
+
+
+def _suite_section(data: dict) -> list[str]:
+    res = data["results"]
+    out = ["## Suite (`make bench`)", ""]
+    if "operator" in res:
+        out += ["### Operator", ""]
+        for name, case in _entries(res["operator"]).items():
+            shape = tuple(case["shape"])
+            out += [f"`{name}`, (B, H, Lq, Lk, D) = {shape}, fp32, {data.get('device', 'cpu')}:", "",
+                    _timing_table(case["summary_s"]), ""]  # fmt: skip
+        out += [f"Machine: {_stamp(res['operator'])}.", ""]
+    if "denoiser" in res:
+        out += ["### Denoiser call (batch 2, CFG), fp32", ""]
+        for name, case in _entries(res["denoiser"]).items():
+            ratios = ", ".join(f"{k} = {v:.3f}" for k, v in case["ratios"].items())
+            out += [f"`{name}` U-Net at {case['image']}²:", "",
+                    _timing_table(case["summary_s"]), "", f"Ratios (medians): {ratios}.", ""]  # fmt: skip
+        out += [f"Machine: {_stamp(res['denoiser'])}.", ""]
+    if "e2e" in res:
+        out += ["### End to end (`generate`)", ""]
+        for name, case in _entries(res["e2e"]).items():
+            rows = [[b, *(f"{t[k]['median'] * 1000:.1f}" for k in ("encode", "per_step", "decode", "total"))]
+                    for b, t in case.items()]  # fmt: skip
+            out += [
+                f"{name}:",
+                "",
+                markdown_table(["backend", "encode ms", "per step ms", "decode ms", "total ms"], rows),
+                "",
+            ]
+        out += [f"Machine: {_stamp(res['e2e'])}.", ""]
+    if "build" in res:
+        out += ["### Build costs", ""]
+        for name, case in _entries(res["build"]).items():
+            e = case["export"]
+            hit_ms = case["cache_hit_s"] * 1000
+            out += [f"`{name}`: export {e['seconds']:.1f} s (peak RSS {e['peak_rss_gib']:.2f} GiB, child process), "
+                    f"ORT engine build {case['ort_build_s']:.2f} s, cache hit {hit_ms:.0f} ms.", ""]  # fmt: skip
+        out += [f"Machine: {_stamp(res['build'])}. Reproduce: `make bench`.", ""]
+    return out
+
+
 def render() -> str:
     lines = [
         "# Performance",
@@ -81,6 +134,9 @@ def render() -> str:
         "machine only. No GPU figure has been measured by this project yet.",
         "",
     ]
+    suite = RESULTS / "suite.json"
+    if suite.exists():
+        lines += _suite_section(json.loads(suite.read_text()))
     export = RESULTS / "export.json"
     if export.exists():
         lines += _export_section(json.loads(export.read_text()))

@@ -55,6 +55,7 @@ class ExportConfig:
     validate: bool = True
     force: bool = False
     seed: int = 0
+    components: str = ""  # "": all; or a comma list such as "unet" (benchmarks of one component)
 
 
 def check_config(cfg: ExportConfig) -> None:
@@ -99,6 +100,13 @@ def export(cfg: ExportConfig) -> dict:
         print(f"lam = {cfg.lam}: exporting the stock model (no PLADIS layers, no PladisAttention nodes)")
     d = contracts.dims(pipe, family, height=height, width=width, batch=cfg.batch, static=cfg.static)
     comps = contracts.components(pipe, family)
+    if cfg.components:
+        wanted = {c.strip() for c in cfg.components.split(",")}
+        unknown = wanted - {c.name for c in comps}
+        if unknown:
+            raise ValueError(f"unknown component(s) {', '.join(sorted(unknown))}; this model has "
+                             f"{', '.join(c.name for c in comps)}")  # fmt: skip
+        comps = [c for c in comps if c.name in wanted]
     trace = contracts.trace_dims(pipe, family, d)
     onnx_op.register_symbolics(cfg.opset)
 

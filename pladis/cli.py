@@ -117,6 +117,7 @@ EXPORT_HELP = {
     "function_body": "omit the PladisAttention function bodies (plugin-only graph for TensorRT)",
     "validate": "skip the checker and the ONNX Runtime vs eager comparison",
     "force": "replace a non-empty output folder",
+    "components": "export only these components (comma list, e.g. unet); default: all",
 }
 
 

@@ -8,7 +8,7 @@ from pladis.bench import harness, report
 def test_interleaved_runs_variants_in_turn_after_warmup():
     calls, ticks = [], iter(range(100))
     variants = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    samples = harness.interleaved(variants, warmup=1, repeats=3, clock=lambda: float(next(ticks)))
+    samples = harness.interleaved(variants, warmup=1, repeats=3, timer=harness.wall_timer(lambda: float(next(ticks))))
     assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds, interleaved
     assert samples == {"a": [1.0, 1.0, 1.0], "b": [1.0, 1.0, 1.0]}
 
@@ -35,3 +35,17 @@ def test_save_merges_cases_and_report_renders(tmp_path, monkeypatch):
     text = report.render()
     assert "| ORT PLADIS / ORT stock | 1.200 |" in text and "peak RSS 9.5 GiB" in text
     assert "Reference figures (not measured here)" in text and "0.049 ms" in text
+
+
+def test_smallest_suite_cases_run_end_to_end(tmp_path, monkeypatch):
+    # One repeat of the cheap cases (the suite's own code path); no speed is asserted.
+    from pladis.bench import suite
+
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    monkeypatch.setattr(suite, "OPERATOR_SHAPES", {"small": (1, 2, 64, 77, 16)})
+    assert suite.main(["--cases", "operator,e2e", "--repeats", "1", "--device", "cpu"]) == 0
+    saved = json.loads((tmp_path / "suite.json").read_text())["results"]
+    assert saved["operator"]["small"]["summary_s"]["PLADIS op"]["n"] == 1
+    assert set(saved["e2e"]["tiny-sdxl, 4 steps, CFG"]) == {"torch", "ort"}
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    assert "### Operator" in report.render() and "### End to end" in report.render()

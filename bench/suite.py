@@ -1,0 +1,158 @@
+"""``make bench``: the benchmark suite (CPU here; GPU rows where a GPU is present). Results in
+``bench/results/suite.json``; ``docs/PERFORMANCE.md`` is regenerated from it.
+
+Cases, each comparing its variants interleaved in one process on the same inputs:
+- ``operator``: PLADIS op (PyTorch implementation here; the fused kernel on a GPU once it exists) vs
+  SDPA vs the eager form of the public ports (softmax + the ``entmax`` package on fp32 logits).
+- ``denoiser``: one denoiser call, eager PyTorch and ONNX Runtime, stock attention and PLADIS, for
+  ``tiny-sdxl`` and the full-size random-weight ``sd15`` (at 256² on a CPU), batch 2 (CFG).
+- ``e2e``: ``generate`` for 4 steps with each backend, split into encode / per step / decode.
+- ``build``: export time and peak RSS (child process), ONNX Runtime engine build time, cache-hit time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+
+import torch
+from pladis.bench import harness
+
+OPERATOR_SHAPES = {  # (B, H, Lq, Lk, D): SD 1.5 and SDXL at 512²/1024² latents' top level, PixArt T5 keys
+    "sd15 64x64 Lk77": (2, 8, 4096, 77, 40),
+    "sdxl 64x64 Lk77": (2, 10, 4096, 77, 64),
+    "pixart 32x32 Lk120": (2, 16, 1024, 120, 72),
+}
+
+
+def operator_case(repeats: int, device: str) -> dict:
+    return {name: _operator(shape, repeats, device) for name, shape in OPERATOR_SHAPES.items()}
+
+
+def _operator(shape: tuple[int, ...], repeats: int, device: str) -> dict:
+    import torch.nn.functional as F
+    from entmax import entmax15
+
+    import pladis
+
+    b, h, lq, lk, d = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=g, device=device) for n in (lq, lk, lk))
+
+    def eager_port():  # SDPA's dense map + entmax15 on fp32 logits, blended: the public ports' form
+        s = (q.float() @ k.float().transpose(-1, -2)) * d**-0.5
+        dense = torch.softmax(s, -1)
+        return ((dense + 2.0 * (entmax15(s, dim=-1) - dense)).to(v.dtype)) @ v
+
+    variants = {"SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
+                "PLADIS op": lambda: pladis.attention(q, k, v), "eager port": eager_port}  # fmt: skip
+    samples = harness.interleaved(variants, warmup=1, repeats=repeats, timer=_timer(device))
+    return {"shape": list(shape), "summary_s": {name: harness.summary(x) for name, x in samples.items()}}
+
+
+def _timer(device: str):
+    return harness.cuda_timer if device != "cpu" else harness.wall_timer()
+
+
+DENOISER_MODELS = {"tiny-sdxl": 32, "sd15": 256}  # model -> image size used here
+
+
+def denoiser_case(repeats: int, device: str) -> dict:
+    return {name: _denoiser(name, size, repeats, device) for name, size in DENOISER_MODELS.items()}
+
+
+def _denoiser(name: str, size: int, repeats: int, device: str) -> dict:
+    from pladis.export import ExportConfig, contracts, export
+    from pladis.runtime.backends import OrtBackend
+    from pladis.runtime.engine import open_engine
+
+    import pladis
+    from pladis import models
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for lam in (0.0, 2.0):
+            export(ExportConfig(model=name, out=f"{tmp}/{lam}", lam=lam, height=size, width=size,
+                                components="unet", validate=False))  # fmt: skip
+        stock, patched = models.load(name).unet, models.load(name).unet
+        pladis.apply(patched)
+        comp = next(c for c in contracts.components(models.load(name, device="meta"), "unet") if c.name == "unet")
+        dims = {k: tuple(v) for k, v in open_engine(f"{tmp}/0.0").manifest["dims"].items()}
+        tensors = contracts.sample_inputs(comp, dims, torch.float32)
+        inputs = dict(zip([i.name for i in comp.inputs], tensors, strict=True))
+        ort = {lam: OrtBackend(open_engine(f"{tmp}/{lam}"), "unet", device) for lam in (0.0, 2.0)}
+
+        def eager(model):
+            def run():
+                with torch.no_grad():
+                    comp.forward(model, **inputs)
+
+            return run
+
+        variants = {"torch stock": eager(stock), "torch PLADIS": eager(patched),
+                    "ORT stock": lambda: ort[0.0].run(inputs),
+                    "ORT PLADIS": lambda: ort[2.0].run(inputs)}  # fmt: skip
+        # tiny models run in milliseconds, where scheduling noise dominates: more rounds for them
+        rounds = repeats if size >= 256 else max(repeats, 30)
+        samples = harness.interleaved(variants, warmup=3, repeats=rounds, timer=_timer(device))
+    med = {k: harness.summary(v)["median"] for k, v in samples.items()}
+    return {"image": size, "cfg_batch": dims["cfg_batch"][1],
+            "summary_s": {k: harness.summary(v) for k, v in samples.items()},
+            "ratios": {"torch PLADIS / torch stock": med["torch PLADIS"] / med["torch stock"],
+                       "ORT PLADIS / ORT stock": med["ORT PLADIS"] / med["ORT stock"],
+                       "ORT PLADIS / torch PLADIS": med["ORT PLADIS"] / med["torch PLADIS"]}}  # fmt: skip
+
+
+def e2e_case(repeats: int, device: str) -> dict:
+    from pladis.export import ExportConfig, export
+    from pladis.runtime import Runtime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export(ExportConfig(model="tiny-sdxl", out=f"{tmp}/e", validate=False))
+        out = {}
+        for backend in ("torch", "ort"):
+            rt = Runtime(f"{tmp}/e", backend, device=device)
+            rt.generate("a red cube", steps=4, seed=0, progress=False)  # warm-up
+            runs = [rt.generate("a red cube", steps=4, seed=0, progress=False).timings for _ in range(repeats)]
+            out[backend] = {k: harness.summary([r[k] for r in runs]) for k in ("encode", "per_step", "decode", "total")}
+    return {"tiny-sdxl, 4 steps, CFG": out}
+
+
+def build_case(repeats: int, device: str) -> dict:
+    from pladis.engine import BuildConfig, build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        exp = harness.run_child(["export", "--model", "tiny-sdxl", "--out", f"{tmp}/onnx", "--no-validate"])
+        exp["command"] = exp["command"].replace(tmp, "OUT")
+        cfg = BuildConfig(onnx=f"{tmp}/onnx", out=f"{tmp}/engine", cache_dir=f"{tmp}/cache", device=device)
+        t0 = time.perf_counter()
+        build(cfg)
+        t1 = time.perf_counter()
+        build(BuildConfig(**{**cfg.__dict__, "out": f"{tmp}/engine2"}))  # a cache hit into a new folder
+        t2 = time.perf_counter()
+    return {"tiny-sdxl": {"export": exp, "ort_build_s": round(t1 - t0, 3), "cache_hit_s": round(t2 - t1, 3)}}
+
+
+CASES = {"operator": operator_case, "denoiser": denoiser_case, "e2e": e2e_case, "build": build_case}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    cases = harness.chosen_cases(parser, args.cases, CASES)
+    results = {}
+    for case in cases:
+        t0 = time.perf_counter()
+        results[case] = CASES[case](args.repeats, args.device)
+        print(f"{case}: {time.perf_counter() - t0:.0f} s")
+    path = harness.save("suite", {"command": "make bench", "device": args.device, "results": results}, merge=True)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
