@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pull a multi-GB CUDA build; on a GPU machine pip's default (CUDA) torch is what the engines need.
 TORCH_PIN := $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
 # ONNX Runtime: exactly one of onnxruntime (extra "cpu") and onnxruntime-gpu (extra "gpu").
-EXTRAS ?= $(if $(TORCH_PIN),cpu,gpu),dev
+EXTRAS ?= $(if $(TORCH_PIN),cpu,gpu),serve,dev
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup test demo lint export engine gpu-check bench bench-export bench-report clean

@@ -51,6 +51,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pladis import serve
+
+    serve.serve(_config(serve.ServeConfig, args))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from pladis.runtime import commands
 
@@ -135,6 +142,19 @@ BUILD_HELP = {
     "verify": "skip the sha256 check of the export's files",
 }
 
+SERVE_HELP = {
+    "engine": "engine folder (pladis build) or export folder",
+    "host": "bind address (default localhost; expose deliberately)",
+    "max_queue": "requests waiting at most; beyond it 429 with Retry-After",
+    "batch_window_ms": "how long the worker waits to batch compatible requests",
+    "timeout_s": "per-request deadline (queue + run); then 504",
+    "api_key": "require 'Authorization: Bearer KEY' on /v1/ (off by default)",
+    "ray": "deploy on Ray Serve instead of one local process",
+    "replicas": "Ray Serve replicas (one per GPU on a GPU cluster)",
+    "num_gpus": "GPUs per Ray replica",
+    "max_replicas": "Ray Serve autoscaling upper bound (0: fixed replicas)",
+}
+
 RUNTIME_HELP = {
     "engine": "engine folder (written by `pladis export`)",
     "backend": "torch | ort | aoti | trt for every component (default: as built, or ort for an export folder)",
@@ -173,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate images with an engine folder")
     _add_config(p, commands.GenerateConfig, RUNTIME_HELP)
     p.set_defaults(func=cmd_generate)
+    from pladis import serve
+
+    p = sub.add_parser("serve", help="serve an engine over HTTP (OpenAI images API shape); --ray for Ray Serve")
+    _add_config(p, serve.ServeConfig, SERVE_HELP)
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("parity", help="compare an engine with eager PyTorch, step by step (exit 1 on failure)")
     _add_config(p, commands.ParityConfig, RUNTIME_HELP)
     p.set_defaults(func=cmd_parity)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from pladis.runtime import families
-from pladis.runtime.pipeline import Runtime
+from pladis.runtime.pipeline import Runtime, step_generators
 
 from pladis.files import atomic_path, write_text
 
@@ -120,7 +120,7 @@ def run(engine: str | Path, backend: str | None = None, *, prompt: str = "a phot
 def _walk(ref: Runtime, eng: Runtime, s, conds, scheds, lat_r, lat_e, teacher_forced: bool):
     """Run both sides through the steps; teacher-forced, the engine starts every step from the reference
     latent. Each side has its own scheduler and an identically seeded generator (ancestral samplers)."""
-    gens = [torch.Generator().manual_seed(s.seed + 1) for _ in range(2)]
+    gens = [step_generators(s), step_generators(s)]
     rows = []
     for i, t in enumerate(scheds[0].timesteps):
         src_e = lat_r if teacher_forced else lat_e

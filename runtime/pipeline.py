@@ -46,7 +46,7 @@ class Settings:
     guidance: float
     guidance_rescale: float
     scheduler: str
-    seed: int
+    seeds: list[int]  # one per prompt: images do not depend on what else shares their batch
     height: int
     width: int
 
@@ -61,6 +61,11 @@ class Result:
         t = self.timings
         return (f"encode {t['encode'] * 1000:.0f} ms | {t['steps']} steps {t['per_step'] * 1000:.0f} ms/step | "
                 f"decode {t['decode'] * 1000:.0f} ms | total {t['total']:.2f} s")  # fmt: skip
+
+
+def step_generators(s: Settings) -> list[torch.Generator]:
+    """The scheduler's own noise (ancestral samplers): one generator per image, seeded from its seed."""
+    return [torch.Generator().manual_seed(seed + 1) for seed in s.seeds]
 
 
 class Runtime:
@@ -114,7 +119,10 @@ class Runtime:
 
     def settings(self, prompt, negative_prompt=None, steps=None, guidance=None, guidance_rescale=0.0,
                  scheduler=None, seed=0, batch=1, height=None, width=None) -> Settings:  # fmt: skip
-        """Check every argument against the engine (range, multiples, batch) and fill defaults."""
+        """Check every argument against the engine (range, multiples, batch) and fill defaults.
+
+        seed: an int (prompt i gets seed + i) or one seed per prompt.
+        """
         family = self.engine.family
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
         if not prompts or batch < 1:
@@ -151,7 +159,10 @@ class Runtime:
                 else list(negative_prompt)  # fmt: skip
             if len(negatives) != len(prompts):
                 raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one or as many")
-        return Settings(prompts, negatives, steps, guidance, guidance_rescale, scheduler, seed, height, width)
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else [int(x) for x in seed]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed or one per prompt")
+        return Settings(prompts, negatives, steps, guidance, guidance_rescale, scheduler, seeds, height, width)
 
     # -- the loop, in pieces ------------------------------------------------------------------------
 
@@ -160,8 +171,8 @@ class Runtime:
         cond = families.encode(self, s.prompts, s.negatives, s.height, s.width, s.guidance)
         sched = self.scheduler(s.scheduler)
         families.set_timesteps(self, sched, s.steps, s.height, s.width)
-        g = torch.Generator().manual_seed(s.seed)
-        noise = torch.randn(families.latent_shape(self, len(s.prompts), s.height, s.width), generator=g)
+        shape = families.latent_shape(self, 1, s.height, s.width)
+        noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in s.seeds])
         return cond, sched, families.pack(self, noise) * getattr(sched, "init_noise_sigma", 1.0)  # flow: none
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: dict, sched, s: Settings) -> torch.Tensor:
@@ -197,7 +208,7 @@ class Runtime:
         t0 = time.perf_counter()
         cond, sched, latents = self.prepare(s)
         t1 = time.perf_counter()
-        g = torch.Generator().manual_seed(s.seed + 1)  # the scheduler's own noise (ancestral samplers)
+        g = step_generators(s)
         for t in tqdm(sched.timesteps, desc="denoise", unit="step", disable=not progress):
             latents = sched.step(self.predict(latents, t, cond, sched, s), t, latents, generator=g).prev_sample
         t2 = time.perf_counter()
