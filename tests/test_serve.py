@@ -151,3 +151,39 @@ def test_api_key_and_queue_full(engine):
         r = client.post("/v1/images/generations", json={"prompt": "x", "steps": 1},
                         headers={"Authorization": "Bearer s3cret"})  # fmt: skip
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
+
+
+def _ray_or_skip():
+    try:
+        import ray
+    except ImportError:
+        pytest.skip("Ray is not installed (install the `serve` extra)")
+    try:
+        ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    except Exception as err:  # noqa: BLE001 - any reason Ray cannot start here is a skip reason
+        pytest.skip(f"Ray cannot start on this machine: {err}")
+    return ray
+
+
+@pytest.mark.slow
+def test_ray_serve_two_replicas(engine):
+    ray = _ray_or_skip()
+    from ray import serve
+
+    from pladis.serve import ray_serve
+
+    cfg = ServeConfig(engine=str(engine), port=_free_port(), replicas=2)
+    try:
+        ray_serve.start(cfg)
+        url = f"http://127.0.0.1:{cfg.port}"
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda s: post(url, seed=s), range(8)))
+        assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers if r.status_code != 200]
+        rt = Runtime(engine, "ort")
+        alone = rt.generate("a red cube", steps=2, seed=5, progress=False).images[0]
+        assert np.array_equal(decode(answers[5].json()["data"][0]), np.asarray(alone))  # same image as one process
+        status = serve.status().applications["pladis"].deployments["pladis"]
+        assert sum(status.replica_states.values()) == 2
+    finally:
+        serve.shutdown()
+        ray.shutdown()
