@@ -122,6 +122,13 @@ def _suite_section(data: dict) -> list[str]:
             out += [f"`{name}`: export {e['seconds']:.1f} s (peak RSS {e['peak_rss_gib']:.2f} GiB, child process), "
                     f"ORT engine build {case['ort_build_s']:.2f} s, cache hit {hit_ms:.0f} ms.", ""]  # fmt: skip
         out += [f"Machine: {_stamp(res['build'])}. Reproduce: `make bench`.", ""]
+    if "serve" in res:
+        out += ["### Serving (HTTP on 127.0.0.1)", ""]
+        for name, c in _entries(res["serve"]).items():
+            out += [f"{name}: {c['requests']} requests at concurrency {c['concurrency']} (queue {c['max_queue']}): "
+                    f"{c['ok']} images, {c['429']} × 429, {c['other']} other; {c['images_per_s']:.1f} images/s, "
+                    f"latency p50 {c['p50_s']:.2f} s, p95 {c['p95_s']:.2f} s.", ""]  # fmt: skip
+        out += [f"Machine: {_stamp(res['serve'])}.", ""]
     return out
 
 

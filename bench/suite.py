@@ -8,6 +8,7 @@ Cases, each comparing its variants interleaved in one process on the same inputs
   ``tiny-sdxl`` and the full-size random-weight ``sd15`` (at 256² on a CPU), batch 2 (CFG).
 - ``e2e``: ``generate`` for 4 steps with each backend, split into encode / per step / decode.
 - ``build``: export time and peak RSS (child process), ONNX Runtime engine build time, cache-hit time.
+- ``serve``: the HTTP server on 127.0.0.1, 200 requests at concurrency 16: images/s, p50/p95, 429s.
 """
 
 from __future__ import annotations
@@ -134,7 +135,62 @@ def build_case(repeats: int, device: str) -> dict:
     return {"tiny-sdxl": {"export": exp, "ort_build_s": round(t1 - t0, 3), "cache_hit_s": round(t2 - t1, 3)}}
 
 
-CASES = {"operator": operator_case, "denoiser": denoiser_case, "e2e": e2e_case, "build": build_case}
+def serve_case(repeats: int, device: str, requests: int = 200, concurrency: int = 16) -> dict:
+    """The HTTP server on 127.0.0.1 under a bounded load: throughput, p50/p95 latency, 429s (not asserted)."""
+    import concurrent.futures
+    import socket
+    import threading
+
+    import httpx
+    import numpy as np
+    import uvicorn
+    from pladis.export import ExportConfig, export
+
+    from pladis.serve import ServeConfig, create_app
+
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:
+        export(ExportConfig(model="tiny-sdxl", out=f"{tmp}/e", validate=False))
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        cfg = ServeConfig(engine=f"{tmp}/e", port=port, max_queue=32, device=device)
+        server = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{port}"
+        ready_by = time.monotonic() + 120
+        while time.monotonic() < ready_by:
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("the server did not become ready within 120 s")
+
+        def one(i):
+            t0 = time.monotonic()
+            r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red cube", "steps": 4, "seed": i},
+                           timeout=120)  # fmt: skip
+            return r.status_code, time.monotonic() - t0
+
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            answers = list(pool.map(one, range(requests)))
+        elapsed = time.monotonic() - t0
+        server.should_exit = True
+        thread.join(30)
+    ok = [lat for code, lat in answers if code == 200]
+    return {"tiny-sdxl, 4 steps, CFG": {
+        "requests": requests, "concurrency": concurrency, "max_queue": cfg.max_queue, "ok": len(ok),
+        "429": sum(code == 429 for code, _ in answers), "other": sum(code not in (200, 429) for code, _ in answers),
+        "images_per_s": len(ok) / elapsed, "p50_s": float(np.percentile(ok, 50)), "p95_s": float(np.percentile(ok, 95)),
+    }}  # fmt: skip
+
+
+CASES = {"operator": operator_case, "denoiser": denoiser_case, "e2e": e2e_case, "build": build_case,
+         "serve": serve_case}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
