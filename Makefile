@@ -45,9 +45,10 @@ engine: setup
 	$(BIN)/pladis build --onnx $(ONNX_DIR) --backend $(BACKEND) --precision $(PRECISION) \
 		--out build/$(MODEL)-$(BACKEND)-$(PRECISION)
 
-# GPU machine: the tests marked gpu (TensorRT builds, CUDA paths); they skip, saying why, elsewhere
-gpu-check: setup
-	$(BIN)/python -m pytest -q -rs -m gpu
+# GPU machine: the tests marked gpu (kernel vs operator, TensorRT builds) and the operator benchmark on the
+# GPU; see .ci/gpu-check (runs without the venv on a lent GPU machine)
+gpu-check:
+	bash .ci/gpu-check
 
 # The benchmark suite (CPU: about 5 minutes) and the report, docs/PERFORMANCE.md
 bench: setup

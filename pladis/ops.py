@@ -4,9 +4,8 @@
 2. ``reference_attention``: the whole operator in plain PyTorch, float64-capable; it is the CPU (and
    default) implementation of the custom op.
 3. ``attention_op``: the ``torch.library`` custom op ``pladis::attention`` and its fake twin, so that
-   ``torch.export``, ``torch.compile`` and the ONNX exporters see one node. A CUDA implementation
-   registers itself on it with ``attention_op.register_kernel("cuda")`` (the Triton kernel lives in
-   ``pladis/kernels/`` once it exists); nothing else changes.
+   ``torch.export``, ``torch.compile`` and the ONNX exporters see one node. The CUDA implementation
+   (the fused Triton kernel in ``pladis/kernels/``) registers itself on it when Triton is installed.
 4. ``attention`` / ``joint_attention``: the public functions, which validate and call the op.
 
 Numerical contract (../shared/PLADIS.md): with logits ``S = Q K^T * scale``,
@@ -215,6 +214,15 @@ def attention_op(
 def _attention_fake(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     return q.new_empty((*batch, q.shape[-2], v.shape[-1]))
+
+
+def _register_cuda_kernel() -> None:
+    from pladis import kernels  # the Triton kernel serves CUDA tensors when Triton is installed
+
+    kernels.register()
+
+
+_register_cuda_kernel()
 
 
 # --------------------------------------------------------------------------------------------------
