@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -21,59 +20,14 @@ from pladis.bench import harness
 
 
 def denoiser_case(repeats: int) -> dict:
-    import onnxruntime as ort
-    from pladis.export import ExportConfig, contracts, export
+    """The suite's denoiser comparison on ``small-sd15`` at 256², with the export contract's target."""
+    from pladis.bench import suite
 
-    import pladis
-    from pladis import models
-
-    name = "small-sd15"
-    with tempfile.TemporaryDirectory() as tmp:
-        manifests = {}
-        for lam in (0.0, 2.0):
-            t0 = time.perf_counter()
-            manifests[lam] = export(ExportConfig(model=name, out=f"{tmp}/{lam}", lam=lam, validate=False))
-            manifests[lam]["_seconds"] = time.perf_counter() - t0
-        pipe = models.load(name)
-        comp = next(c for c in contracts.components(pipe, "unet") if c.name == "unet")
-        dims = {k: tuple(v) for k, v in manifests[0.0]["dims"].items()}
-        inputs = contracts.sample_inputs(comp, dims, torch.float32)
-        feeds = {i.name: t.numpy() for i, t in zip(comp.inputs, inputs, strict=True)}
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sessions = {lam: ort.InferenceSession(f"{tmp}/{lam}/unet.onnx", opts, providers=["CPUExecutionProvider"])
-                    for lam in manifests}  # fmt: skip
-        patched = models.load(name).unet
-        pladis.apply(patched)
-
-        def eager(model):
-            def run():
-                with torch.no_grad():
-                    comp.forward(model, **{i.name: t for i, t in zip(comp.inputs, inputs, strict=True)})
-
-            return run
-
-        variants = {
-            "torch stock": eager(pipe.unet),
-            "torch PLADIS": eager(patched),
-            "ORT stock": lambda: sessions[0.0].run(None, feeds),
-            "ORT PLADIS": lambda: sessions[2.0].run(None, feeds),
-        }
-        samples = harness.interleaved(variants, warmup=2, repeats=repeats)
-    med = {k: harness.summary(v)["median"] for k, v in samples.items()}
+    out = suite._denoiser("small-sd15", 256, repeats, "cpu")
     return {
-        "model": name,
-        "shape": {"cfg_batch": dims["cfg_batch"][1], "latent": [dims["latent_height"][1], dims["latent_width"][1]]},
+        "model": "small-sd15",
         "threads": torch.get_num_threads(),
-        "samples_s": samples,
-        "summary_s": {k: harness.summary(v) for k, v in samples.items()},
-        "ratios": {
-            "ORT PLADIS / ORT stock": med["ORT PLADIS"] / med["ORT stock"],
-            "torch PLADIS / torch stock": med["torch PLADIS"] / med["torch stock"],
-            "ORT stock / torch stock": med["ORT stock"] / med["torch stock"],
-            "ORT PLADIS / torch PLADIS": med["ORT PLADIS"] / med["torch PLADIS"],
-        },
-        "export_s": {str(lam): round(m["_seconds"], 2) for lam, m in manifests.items()},
+        **out,
         "target": "ORT PLADIS / ORT stock <= 1.25",
     }
 
@@ -104,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if case == "denoiser":
             rows = [[k, f"{v['median']:.3f}", f"{v['min']:.3f}", f"{v['max']:.3f}"]
                     for k, v in results[case]["summary_s"].items()]  # fmt: skip
-            print(harness.markdown_table(["variant", "median s", "min s", "max s"], rows))
+            print(harness.markdown_table(["variant", "median s", "min s", "max s"], rows))  # seconds
             print({k: round(v, 3) for k, v in results[case]["ratios"].items()})
         else:
             print({k: v for k, v in results[case].items() if k != "stderr_tail"})

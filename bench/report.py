@@ -44,14 +44,12 @@ def _export_section(data: dict) -> list[str]:
     den = data["results"].get("denoiser")
     if den:
         s = den["summary_s"]
-        rows = [[k, f"{v['median'] * 1000:.0f}", f"{v['min'] * 1000:.0f}–{v['max'] * 1000:.0f}"] for k, v in s.items()]
         out += [
-            f"Denoiser step, `{den['model']}` U-Net (SD 1.5 layout, 92 M parameters), latent "
-            f"{den['shape']['latent'][0]}×{den['shape']['latent'][1]} (256²), batch {den['shape']['cfg_batch']} "
-            f"(CFG), fp32, {den['threads']} threads. Variants interleaved in one process, {s['ORT stock']['n']} "
-            f"repeats after warm-up. Machine: {_stamp(den)}.",
+            f"Denoiser call, `{den['model']}` U-Net (SD 1.5 layout, 92 M parameters) at {den['image']}², batch "
+            f"{den['cfg_batch']} (CFG), fp32, {den['threads']} threads. Variants interleaved in one process, "
+            f"{s['ORT stock']['n']} rounds after warm-up. Machine: {_stamp(den)}.",
             "",
-            markdown_table(["variant", "median ms", "min–max ms"], rows),
+            _timing_table(s),
             "",
             markdown_table(["ratio (medians)", "value"], [[k, f"{v:.3f}"] for k, v in den["ratios"].items()]),
             "",

@@ -102,6 +102,7 @@ def _denoiser(name: str, size: int, repeats: int, device: str) -> dict:
             "summary_s": {k: harness.summary(v) for k, v in samples.items()},
             "ratios": {"torch PLADIS / torch stock": med["torch PLADIS"] / med["torch stock"],
                        "ORT PLADIS / ORT stock": med["ORT PLADIS"] / med["ORT stock"],
+                       "ORT stock / torch stock": med["ORT stock"] / med["torch stock"],
                        "ORT PLADIS / torch PLADIS": med["ORT PLADIS"] / med["torch PLADIS"]}}  # fmt: skip
 
 
