@@ -83,5 +83,6 @@ def test_kernel_on_gpu_matches_operator(shape, dtype, tol):
     q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=g).to(dtype) for n in (lq, lk, lk))
     got = ops.attention(q, k, v)  # the custom op's CUDA implementation: the kernel
     ref = ops.reference_attention(q.double(), k.double(), v.double(), None, 2.0, 1.5, d**-0.5)
-    # fp32 on a GPU: tf32 may serve tl.dot, hence 1e-4 rather than the interpreter's 2e-5
+    # fp32 products stay IEEE float32 (DOT_PRECISION), so the GPU bound is the interpreter's 2e-5 at worst
+    # rounding-order differences: 1e-4 leaves room for the reduction order of the GPU's dot
     assert (got.double() - ref).abs().max().item() <= tol

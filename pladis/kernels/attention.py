@@ -26,7 +26,7 @@ def _pladis_fwd(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn, sob, soh, som, sod,
     H, LQ, LK, scale, lam,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPARSEMAX: tl.constexpr, HAS_MASK: tl.constexpr, STEPS: tl.constexpr,
+    SPARSEMAX: tl.constexpr, HAS_MASK: tl.constexpr, STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
@@ -39,7 +39,7 @@ def _pladis_fwd(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
     k = tl.load(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                 mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-    s = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale  # (BLOCK_M, BLOCK_N) logits, float32
+    s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision=DOT_PRECISION) * scale  # (BM, BN) float32
     if HAS_MASK:
         s += tl.load(M + b.to(tl.int64) * smb + h.to(tl.int64) * smh + offs_m[:, None] * smm + offs_n[None, :] * smn,
                      mask=row_ok[:, None] & key_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
@@ -70,7 +70,7 @@ def _pladis_fwd(
     p = tl.where((smax > _MASKED / 10)[:, None], p, 0.0)  # a row whose keys are all masked gives zeros
     v = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
                 mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-    o = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+    o = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision=DOT_PRECISION)
     tl.store(Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
              o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
 
@@ -106,5 +106,7 @@ def attention(q, k, v, attn_mask, lam: float, alpha: float, scale: float) -> tor
         q, k, v, mask, out, *q.stride(), *k.stride(), *v.stride(), *mstrides, *out.stride(),
         h, lq, lk, float(scale), float(lam), D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         SPARSEMAX=alpha == 2.0, HAS_MASK=attn_mask is not None, STEPS=newton_steps(alpha, lk),
+        # float32 inputs keep float32 products (tensor cores would round them to tf32's 10-bit mantissa)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     return out
