@@ -22,7 +22,7 @@ def test_summary_and_table():
 def test_save_merges_cases_and_report_renders(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "RESULTS", tmp_path)
     monkeypatch.setattr(report, "RESULTS", tmp_path)
-    den = {"model": "small-sd15", "shape": {"cfg_batch": 2, "latent": [32, 32]}, "threads": 2,
+    den = {"model": "small-sd15", "image": 256, "cfg_batch": 2, "threads": 2,
            "summary_s": {k: {"median": m, "min": m, "max": m, "n": 3} for k, m in
                          [("torch stock", 0.3), ("torch PLADIS", 0.4), ("ORT stock", 0.2), ("ORT PLADIS", 0.24)]},
            "ratios": {"ORT PLADIS / ORT stock": 1.2}, "target": "ORT PLADIS / ORT stock <= 1.25"}  # fmt: skip
