@@ -45,8 +45,15 @@ def build_component(src, name: str, device: str, level: int, folder: Path) -> di
         str(src.folder / src.component(name)["file"]), session_options(level, out), providers=providers
     )
     data = out.with_name(f"{out.name}.data")
-    return {"file": out.name, "kind": "ort", "providers": providers, "graph_optimization_level": OPT_LEVELS[level],
-            "external_data": [data.name] if data.exists() else [], "io_binding": device != "cpu"}  # fmt: skip
+    return {
+        "file": out.name,
+        "kind": "ort",
+        "providers": providers,
+        "graph_optimization_level": OPT_LEVELS[level],
+        "external_data": [data.name] if data.exists() else [],
+        "io_binding": device != "cpu",
+        "intra_op_num_threads": 0,  # ONNX Runtime's default: one per physical core
+    }
 
 
 def build(src, dims, precision, cfg, folder: Path) -> dict:

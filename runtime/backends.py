@@ -122,6 +122,7 @@ class OrtBackend:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        opts.intra_op_num_threads = artifact.get("intra_op_num_threads", 0) if artifact else 0  # as built
         self.session = ort.InferenceSession(str(path), opts, providers=ort_providers(device))
         self.inputs = {i["name"]: i["dtype"] for i in spec["inputs"]}
         self.outputs = [o["name"] for o in spec["outputs"]]
