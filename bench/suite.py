@@ -139,36 +139,17 @@ def build_case(repeats: int, device: str) -> dict:
 def serve_case(repeats: int, device: str, requests: int = 200, concurrency: int = 16) -> dict:
     """The HTTP server on 127.0.0.1 under a bounded load: throughput, p50/p95 latency, 429s (not asserted)."""
     import concurrent.futures
-    import socket
-    import threading
 
     import httpx
     import numpy as np
-    import uvicorn
     from pladis.export import ExportConfig, export
 
-    from pladis.serve import ServeConfig, create_app
+    from pladis.serve import ServeConfig, run_in_thread
 
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:
+    with tempfile.TemporaryDirectory() as tmp:
         export(ExportConfig(model="tiny-sdxl", out=f"{tmp}/e", validate=False))
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
-        cfg = ServeConfig(engine=f"{tmp}/e", port=port, max_queue=32, device=device)
-        server = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        url = f"http://127.0.0.1:{port}"
-        ready_by = time.monotonic() + 120
-        while time.monotonic() < ready_by:
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise RuntimeError("the server did not become ready within 120 s")
+        cfg = ServeConfig(engine=f"{tmp}/e", port=0, max_queue=32, device=device)
+        url, stop = run_in_thread(cfg)
 
         def one(i):
             t0 = time.monotonic()
@@ -180,8 +161,7 @@ def serve_case(repeats: int, device: str, requests: int = 200, concurrency: int 
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
             answers = list(pool.map(one, range(requests)))
         elapsed = time.monotonic() - t0
-        server.should_exit = True
-        thread.join(30)
+        stop()
     ok = [lat for code, lat in answers if code == 200]
     return {"tiny-sdxl, 4 steps, CFG": {
         "requests": requests, "concurrency": concurrency, "max_queue": cfg.max_queue, "ok": len(ok),

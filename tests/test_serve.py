@@ -4,7 +4,6 @@ import base64
 import concurrent.futures
 import io
 import socket
-import threading
 import time
 
 import httpx
@@ -14,7 +13,7 @@ from PIL import Image
 from pladis.export import ExportConfig, export
 from pladis.runtime import Runtime
 
-from pladis.serve import ServeConfig, create_app
+from pladis.serve import ServeConfig, create_app, run_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -33,25 +32,10 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(engine):
     """A real uvicorn server on 127.0.0.1 in a thread, stopped (gracefully) after the module."""
-    import uvicorn
-
-    cfg = ServeConfig(engine=str(engine), port=_free_port(), max_queue=8, max_steps=8, batch_window_ms=50)
-    srv = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=cfg.port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{cfg.port}"
-    for _ in range(300):  # healthz is 503 until the engines are loaded and warmed up
-        try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    else:
-        raise RuntimeError("server did not become ready")
+    cfg = ServeConfig(engine=str(engine), port=0, max_queue=8, max_steps=8, batch_window_ms=50)
+    url, stop = run_in_thread(cfg)
     yield url
-    srv.should_exit = True
-    thread.join(30)
+    stop()
 
 
 def post(url, **body):
