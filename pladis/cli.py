@@ -173,34 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="pladis", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="the whole path on a built-in model: export -> engine -> generate -> parity")
-    _add_config(p, demo.DemoConfig)
-    p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("layers", help="list the attention layers PLADIS patches in a model")
-    _add_config(p, LayersConfig)
-    p.set_defaults(func=cmd_layers)
-    from pladis import export
-
-    p = sub.add_parser("export", help="export a PLADIS-patched pipeline to ONNX (+ manifest.json)")
-    _add_config(p, export.ExportConfig, EXPORT_HELP)
-    p.set_defaults(func=cmd_export)
-    from pladis import engine
+    from pladis import engine, export, serve
     from pladis.runtime import commands
 
-    p = sub.add_parser("build", help="build an engine folder (ort | aoti | trt) from an export folder, cached")
-    _add_config(p, engine.BuildConfig, BUILD_HELP)
-    p.set_defaults(func=cmd_build)
-    p = sub.add_parser("generate", help="generate images with an engine folder")
-    _add_config(p, commands.GenerateConfig, RUNTIME_HELP)
-    p.set_defaults(func=cmd_generate)
-    from pladis import serve
-
-    p = sub.add_parser("serve", help="serve an engine over HTTP (OpenAI images API shape); --ray for Ray Serve")
-    _add_config(p, serve.ServeConfig, SERVE_HELP)
-    p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("parity", help="compare an engine with eager PyTorch, step by step (exit 1 on failure)")
-    _add_config(p, commands.ParityConfig, RUNTIME_HELP)
-    p.set_defaults(func=cmd_parity)
+    subcommands = [  # name, help, typed config, per-field help, handler
+        ("demo", "the whole path on a built-in model: export -> engine -> generate -> parity", demo.DemoConfig, {},
+         cmd_demo),
+        ("layers", "list the attention layers PLADIS patches in a model", LayersConfig, {}, cmd_layers),
+        ("export", "export a PLADIS-patched pipeline to ONNX (+ manifest.json)", export.ExportConfig, EXPORT_HELP,
+         cmd_export),
+        ("build", "build an engine folder (ort | aoti | trt) from an export folder, cached", engine.BuildConfig,
+         BUILD_HELP, cmd_build),
+        ("generate", "generate images with an engine folder", commands.GenerateConfig, RUNTIME_HELP, cmd_generate),
+        ("serve", "serve an engine over HTTP (OpenAI images API shape); --ray for Ray Serve", serve.ServeConfig,
+         SERVE_HELP, cmd_serve),
+        ("parity", "compare an engine with eager PyTorch, step by step (exit 1 on failure)", commands.ParityConfig,
+         RUNTIME_HELP, cmd_parity),
+    ]  # fmt: skip
+    for name, text, config_cls, field_help, handler in subcommands:
+        p = sub.add_parser(name, help=text)
+        _add_config(p, config_cls, field_help)
+        p.set_defaults(func=handler)
     return parser
 
 
