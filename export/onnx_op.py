@@ -29,27 +29,14 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from pladis.ops import MASKED as _MASKED
+from pladis.ops import NEWTON_STEPS, newton_steps
+
 DOMAIN = "pladis"
 OP_TYPE = "PladisAttention"
 PLUGIN_VERSION = "1"
-# Newton steps by alpha, for key lengths up to 300 / up to 1000 (beyond: one more). Chosen from
-# measurements against the float64 oracle at score scales 0.1-30 (alpha 1.5: Newton on ||r|| / 2 - 1
-# reaches float32 resolution in 3 steps up to 300 keys, 4 up to 1000; alpha 2: Michelot's iteration
-# needs 8 resp. 10 at the smallest scales).
-NEWTON_STEPS = {1.5: (3, 4), 2.0: (8, 10)}
-
-
-def newton_steps(alpha: float, max_keys: int | None = None) -> int:
-    """Newton steps of the function body for keys up to ``max_keys`` (None: unknown, up to 1000)."""
-    short, long = NEWTON_STEPS[alpha]
-    if max_keys is not None and max_keys <= 300:
-        return short
-    return long if max_keys is None or max_keys <= 1000 else long + 1
-
-
 DEFAULT_OPSET = 17  # TensorRT 10's ONNX parser reads opsets 9-20; 17 is what NVIDIA's diffusion demo uses
 MIN_OPSET, MAX_OPSET = 17, 20
-_MASKED = -1e30  # masked logits become this large finite negative (no inf - inf = NaN anywhere)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,8 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from pladis.ops import MASKED, newton_steps
+
 MAX_KEYS = 512  # one tile holds the whole key row; longer rows (joint attention) use the PyTorch operator
-_MASKED = -1e30
+_MASKED = tl.constexpr(MASKED)  # a global used in a jit function must be constexpr
 
 
 @triton.jit
@@ -86,8 +88,6 @@ def supported(q, k, v, attn_mask, alpha: float, text_len: int) -> bool:
 def attention(q, k, v, attn_mask, lam: float, alpha: float, scale: float) -> torch.Tensor:
     """Launch the kernel. q: (B, H, Lq, D), k/v: (B, H, Lk, D) (broadcastable batch/head dims, any strides);
     attn_mask: bool or additive, broadcastable to (B, H, Lq, Lk), or None. Returns (B, H, Lq, D) in q's dtype."""
-    from pladis.export.onnx_op import newton_steps
-
     b, h = (max(x) for x in zip(q.shape[:2], k.shape[:2], v.shape[:2], strict=True))
     lq, lk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     q, k, v = (t.expand(b, h, *t.shape[2:]) for t in (q, k, v))  # stride 0 on broadcast dims: no copies
