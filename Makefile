@@ -6,8 +6,9 @@ BIN    := $(VENV)/bin
 # pull a multi-GB CUDA build; on a GPU machine pip's default (CUDA) torch is what the engines need.
 TORCH_PIN := $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
 # ONNX Runtime: exactly one of onnxruntime (extra "cpu") and onnxruntime-gpu (extra "gpu").
-EXTRAS ?= $(if $(TORCH_PIN),cpu,gpu),serve,dev
+EXTRAS ?= $(if $(TORCH_PIN),cpu,gpu),serve,ray,dev
 STAMP  := $(VENV)/.installed
+REPORT  = $(BIN)/python -m pladis.bench.report --results bench/results --doc docs/PERFORMANCE.md
 
 .PHONY: setup test demo lint export engine gpu-check bench bench-export bench-report clean
 MODEL ?= tiny-sdxl
@@ -52,16 +53,16 @@ gpu-check:
 
 # The benchmark suite (CPU: about 5 minutes) and the report, docs/PERFORMANCE.md
 bench: setup
-	$(BIN)/python -m pladis.bench.suite
-	$(BIN)/python -m pladis.bench.report
+	$(BIN)/python -m pladis.bench.suite --out bench/results
+	$(REPORT)
 
 # Export benchmarks (CPU: ~2 min for the denoiser case, ~15 min and ~10 GB RAM for full-size SDXL fp16)
 bench-export: setup
-	$(BIN)/python -m pladis.bench.export_bench
-	$(BIN)/python -m pladis.bench.report
+	$(BIN)/python -m pladis.bench.export_bench --out bench/results
+	$(REPORT)
 
 bench-report: setup
-	$(BIN)/python -m pladis.bench.report
+	$(REPORT)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from pladis.bench import harness
 
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    harness.add_out_argument(parser)
     args = parser.parse_args(argv)
     cases = harness.chosen_cases(parser, args.cases, CASES)
     results = {}
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             print({k: round(v, 3) for k, v in results[case]["ratios"].items()})
         else:
             print({k: v for k, v in results[case].items() if k != "stderr_tail"})
-    path = harness.save("export", {"command": "make bench-export", "results": results}, merge=True)
+    path = harness.save("export", {"command": "make bench-export", "results": results}, args.out, merge=True)
     print(f"wrote {path}")
     return 0
 

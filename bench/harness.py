@@ -18,8 +18,6 @@ from pathlib import Path
 
 from pladis.files import write_text
 
-RESULTS = Path(__file__).parent / "results"
-
 
 def wall_timer(clock: Callable[[], float] = time.perf_counter) -> Callable[[Callable[[], object]], float]:
     """Seconds of one call on the host clock (CPU work)."""
@@ -91,12 +89,18 @@ def machine() -> dict[str, object]:
     return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()}
 
 
-def save(name: str, payload: dict, merge: bool = False) -> Path:
-    """Write ``bench/results/<name>.json`` atomically, each case stamped with the date and the machine.
+def add_out_argument(parser) -> None:
+    """``--out DIR``: where a benchmark writes its JSON (default: the working directory)."""
+    parser.add_argument("--out", default=".", help="folder for the JSON results (default: the working directory; "
+                        "`make bench` passes bench/results)")  # fmt: skip
+
+
+def save(name: str, payload: dict, out: str | Path = ".", merge: bool = False) -> Path:
+    """Write ``<out>/<name>.json`` atomically, each case stamped with the date and the machine.
 
     merge: keep the cases of an earlier file that this run did not repeat (``payload["results"]``).
     """
-    path = RESULTS / f"{name}.json"
+    path = Path(out) / f"{name}.json"
     from pladis.export.manifest import versions
 
     stamp = {"date": datetime.date.today().isoformat(), "machine": machine(), "versions": versions()}

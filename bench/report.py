@@ -1,4 +1,4 @@
-"""Generate ``docs/PERFORMANCE.md`` from the JSON results in ``bench/results/`` (``make bench-report``).
+"""Generate ``docs/PERFORMANCE.md`` from benchmark JSON files (``make bench-report``: from ``bench/results/``).
 
 Every measured row states its machine, versions, date and the command that reproduces it; reference
 rows (../shared/PLADIS.md §4) and published figures of other stacks are labelled as such, never mixed
@@ -7,15 +7,13 @@ with ours.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-from pladis.bench.harness import RESULTS, markdown_table
-
+from pladis.bench.harness import markdown_table
 from pladis.files import write_text
-
-DOC = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
 
 REFERENCE_ROWS = [  # ../shared/PLADIS.md §4: NVIDIA H200, fp16, random weights, 2026-11-26 (not measured by us)
     ["SDXL cross-attention B=2 H=10 Lq=4096 Lk=77 D=64: torch SDPA (dense only)", "0.049 ms"],
@@ -130,7 +128,8 @@ def _suite_section(data: dict) -> list[str]:
     return out
 
 
-def render() -> str:
+def render(results: Path) -> str:
+    """The markdown report from the JSON files in ``results``."""
     lines = [
         "# Performance",
         "",
@@ -139,10 +138,10 @@ def render() -> str:
         "machine only. No GPU figure has been measured by this project yet.",
         "",
     ]
-    suite = RESULTS / "suite.json"
+    suite = results / "suite.json"
     if suite.exists():
         lines += _suite_section(json.loads(suite.read_text()))
-    export = RESULTS / "export.json"
+    export = results / "export.json"
     if export.exists():
         lines += _export_section(json.loads(export.read_text()))
     lines += [
@@ -160,9 +159,13 @@ def render() -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    write_text(DOC, render())
-    print(f"wrote {DOC}")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="docs/PERFORMANCE.md from benchmark JSON files")
+    parser.add_argument("--results", default=".", help="folder of suite.json / export.json (default: here)")
+    parser.add_argument("--doc", default="PERFORMANCE.md", help="markdown file to write (default: ./PERFORMANCE.md)")
+    args = parser.parse_args(argv)
+    write_text(args.doc, render(Path(args.results)))
+    print(f"wrote {args.doc}")
     return 0
 
 

@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import torch
+
 from pladis.bench import harness
 
 OPERATOR_SHAPES = {  # (B, H, Lq, Lk, D): SD 1.5 and SDXL at 512²/1024² latents' top level, PixArt T5 keys
@@ -65,12 +66,11 @@ def denoiser_case(repeats: int, device: str) -> dict:
 
 
 def _denoiser(name: str, size: int, repeats: int, device: str) -> dict:
+    import pladis
+    from pladis import models
     from pladis.export import ExportConfig, contracts, export
     from pladis.runtime.backends import OrtBackend
     from pladis.runtime.engine import open_engine
-
-    import pladis
-    from pladis import models
 
     with tempfile.TemporaryDirectory() as tmp:
         for lam in (0.0, 2.0):
@@ -142,8 +142,8 @@ def serve_case(repeats: int, device: str, requests: int = 200, concurrency: int 
 
     import httpx
     import numpy as np
-    from pladis.export import ExportConfig, export
 
+    from pladis.export import ExportConfig, export
     from pladis.serve import ServeConfig, run_in_thread
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    harness.add_out_argument(parser)
     args = parser.parse_args(argv)
     cases = harness.chosen_cases(parser, args.cases, CASES)
     results = {}
@@ -186,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         results[case] = CASES[case](args.repeats, args.device)
         print(f"{case}: {time.perf_counter() - t0:.0f} s")
-    path = harness.save("suite", {"command": "make bench", "device": args.device, "results": results}, merge=True)
+    path = harness.save(
+        "suite", {"command": "make bench", "device": args.device, "results": results}, args.out, merge=True
+    )
     print(f"wrote {path}")
     return 0
 

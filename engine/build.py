@@ -8,38 +8,41 @@ profiles, the export manifest's hash, build time, per-artifact sha256) and the e
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pladis.engine import cache
+from pladis.errors import PladisError
 from pladis.export.manifest import sha256
-
-from pladis.files import write_text
+from pladis.files import check_output_folder, check_writable, folder_kind, temp_dir, write_text
+from pladis.options import option
 
 BACKENDS = ("ort", "aoti", "trt")
 FORMAT = "pladis-engine/1"
-_SOURCES = ["pladis/ops.py", "export/onnx_op.py", "plugins_trt", "pladis/kernels"]  # what PLADIS numerics come from
+# What PLADIS numerics come from (modules, or packages: every .py file in them), hashed into the cache key.
+_SOURCES = ["pladis.ops", "pladis.export.onnx_op", "pladis.kernels", "pladis.plugins_trt"]
 
 
 @dataclass
 class BuildConfig:
     """Settings of ``pladis build``; the CLI flags are generated from these fields and defaults."""
 
-    onnx: str = "build/tiny-sdxl"
-    backend: str = "ort"
-    out: str = "build/tiny-sdxl-ort"
-    precision: str = ""  # "": the export's precision; trt may build fp16/bf16 from an fp32 export
-    dims: str = ""  # override shape ranges: "cfg_batch=1:2:4,latent_height=64:128:128"
-    device: str = "cpu"  # cpu, or cuda (trt always builds for the current GPU)
-    cache_dir: str = ""  # "": $PLADIS_CACHE or ~/.cache/pladis/engines
-    timing_cache: str = ""  # trt: load/save this timing cache file
-    opt_level: int = 3  # trt builder optimisation level (0-5); ort: 3 = all graph optimisations
-    refit: bool = False  # trt: build a refittable engine
-    verify: bool = True
+    onnx: str = option("build/tiny-sdxl", "export folder (written by `pladis export`)")
+    backend: str = option("ort", "ort | aoti | trt")
+    out: str = option("build/tiny-sdxl-ort", "engine folder to write")
+    precision: str = option("", "fp32 | fp16 | bf16; default: the export's (only trt lowers an fp32 export)")
+    dims: str = option("", "narrow shape ranges, e.g. cfg_batch=1:2:4,latent_height=16:16:32 (min:opt:max)")
+    device: str = option("cpu", "cpu or cuda (trt always builds for the current GPU)")
+    cache_dir: str = option("", "engine cache; default: $PLADIS_CACHE or ~/.cache/pladis/engines")
+    timing_cache: str = option("", "trt: timing cache file (loaded and saved)")
+    opt_level: int = option(3, "trt builder optimisation level 0-5; ort graph optimisation level 0-3")
+    refit: bool = option(False, "trt: build a refittable engine")
+    verify: bool = option(True, "check the sha256 of the export's files before building")
+    force: bool = option(False, "replace an existing engine folder written by pladis")
 
 
 def parse_dims(text: str) -> dict[str, tuple[int, int, int]]:
@@ -66,12 +69,18 @@ def _versions(backend: str) -> dict[str, str | None]:
     return out
 
 
-def _source_files() -> list[Path]:
-    root = Path(__file__).resolve().parent.parent
+def source_files(modules: list[str] = _SOURCES) -> list[Path]:
+    """The files the named modules are loaded from, wherever pladis is installed (found without importing
+    them, so Triton or TensorRT need not be present). A module without its file is an error, never skipped."""
     files = []
-    for rel in _SOURCES:
-        p = root / rel
-        files += sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.is_file() else []
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not Path(spec.origin).is_file():
+            raise PladisError(f"the source of {name} is missing from this pladis installation; reinstall pladis")
+        if spec.submodule_search_locations:  # a package: all its modules
+            files += [p for d in spec.submodule_search_locations for p in sorted(Path(d).rglob("*.py"))]
+        else:
+            files.append(Path(spec.origin))
     return files
 
 
@@ -118,7 +127,9 @@ def key_parts(cfg: BuildConfig, src, dims: dict, precision: str, device: dict) -
         "precision": precision, "dims": {k: list(v) for k, v in dims.items()},
         "flags": {"opt_level": cfg.opt_level, "refit": cfg.refit},
         "onnx": {n: c["sha256"] for n, c in src.manifest["components"].items()},
-        "sources": cache.source_hash(_source_files()),
+        # every other file the engine folder receives: a changed tokenizer or scheduler is another engine
+        "files": {"manifest.json": sha256(src.folder / "manifest.json"), **src.manifest.get("files", {})},
+        "sources": cache.source_hash(source_files()),
     }  # fmt: skip
 
 
@@ -134,20 +145,23 @@ def build(cfg: BuildConfig) -> dict:
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache.default_dir()
     out = Path(cfg.out)
     t0 = time.perf_counter()
-    if (out / cache.ENGINE_FILE).is_file() and json.loads((out / cache.ENGINE_FILE).read_text()).get("key") == k:
+    if folder_kind(out) == "engine" and _key_of(out) == k and not cache.problems(out):
         print(f"engine {out} is up to date (cache key {k[:12]}); nothing to do")
         return json.loads((out / cache.ENGINE_FILE).read_text())
+    check_output_folder(out, "engine", cfg.force, inputs=(cfg.onnx,))
+    check_writable(cache_dir)
+    cache.clean_leftovers(cache_dir)
     with cache.locked(cache_dir, k):
         entry = cache.lookup(cache_dir, k)
         if entry is None:
-            built = Path(tempfile.mkdtemp(prefix=f".{k[:12]}.", suffix=".tmp", dir=cache_dir))
+            built = temp_dir(cache_dir / k)
             try:
                 components = backend.build(src, dims, precision, cfg, built)
                 _copy_pipeline_files(src.folder, built)
                 hashed = {n: {**c, "sha256": sha256(built / c["file"])} for n, c in components.items()}
                 meta = {**parts, "key": k, "build_seconds": round(time.perf_counter() - t0, 3),
                         "source_manifest_sha256": sha256(src.folder / "manifest.json"),
-                        "components": hashed}  # fmt: skip
+                        "components": hashed, "files": src.manifest.get("files", {})}  # fmt: skip
                 write_text(built / cache.ENGINE_FILE, json.dumps(meta, indent=2) + "\n")
                 entry = cache.commit(cache_dir, k, built)
             finally:
@@ -158,6 +172,13 @@ def build(cfg: BuildConfig) -> dict:
     cache.materialize(entry, out)
     print(f"engine folder {out} ready in {time.perf_counter() - t0:.2f} s")
     return json.loads((out / cache.ENGINE_FILE).read_text())
+
+
+def _key_of(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / cache.ENGINE_FILE).read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _copy_pipeline_files(src: Path, dst: Path) -> None:

@@ -1,9 +1,11 @@
-"""The content-addressed engine cache.
+"""The content-addressed engine cache, and ``pladis cache`` (list, verify, clean).
 
 An entry is a folder ``<cache>/<key>/`` holding the built artifacts and ``engine.json``; it is built in a
-temporary sibling and renamed into place, so an interrupted build never leaves an entry that looks
-valid, and two concurrent builds of one key cannot corrupt it (the second rename loses and is dropped).
-A lock file serialises builders of the same key so the work is done once.
+temporary sibling and renamed into place, so an interrupted build never leaves an entry that looks valid,
+and two concurrent builds of one key cannot corrupt it (the second rename loses and is dropped). A lock
+file serialises builders of the same key so the work is done once. Entries are immutable: their files are
+read-only, engine folders receive copies (reflinks where the file system offers them, never hard links),
+and every hit is checked against the hashes ``engine.json`` records; a bad entry is evicted and rebuilt.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+
+from pladis.errors import PladisError
+from pladis.export.manifest import sha256
+from pladis.files import clean_stale, replace_folder, temp_dir, umask
+from pladis.options import option
 
 ENGINE_FILE = "engine.json"
 
@@ -37,10 +45,46 @@ def source_hash(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def recorded_files(meta: dict) -> dict[str, str | None]:
+    """{relative path: sha256} of every file an engine folder holds, as its engine.json records them."""
+    files = {c["file"]: c.get("sha256") for c in meta.get("components", {}).values()}
+    files["manifest.json"] = meta.get("source_manifest_sha256")
+    files.update(meta.get("files", {}))
+    return files
+
+
+def problems(folder: Path) -> list[str]:
+    """What is wrong with an entry (or an engine folder): unreadable engine.json, missing or changed files."""
+    try:
+        meta = json.loads((folder / ENGINE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        return [f"{ENGINE_FILE}: {type(err).__name__}"]
+    out = []
+    for rel, digest in recorded_files(meta).items():
+        p = folder / rel
+        if not p.is_file():
+            out.append(f"{rel}: missing")
+        elif digest is not None and sha256(p) != digest:
+            out.append(f"{rel}: sha256 differs from engine.json")
+    return out
+
+
 def lookup(cache: Path, k: str) -> Path | None:
-    """The complete entry for key ``k``, or None."""
+    """The verified entry for key ``k``, or None; an entry that fails its check is evicted (and reported)."""
     entry = cache / k
-    return entry if (entry / ENGINE_FILE).is_file() else None
+    if not entry.exists():
+        return None
+    bad = problems(entry)
+    if bad:
+        print(f"cache entry {k[:12]} is damaged ({'; '.join(bad[:3])}): evicting it and rebuilding")
+        evict(entry)
+        return None
+    return entry
+
+
+def evict(entry: Path) -> None:
+    """Remove an entry (its read-only files included)."""
+    shutil.rmtree(entry, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -56,8 +100,11 @@ def locked(cache: Path, k: str):
 
 
 def commit(cache: Path, k: str, built: Path) -> Path:
-    """Rename the finished build folder ``built`` into the entry for ``k`` (first writer wins)."""
+    """Make the finished build folder ``built`` the read-only entry for ``k`` (first writer wins)."""
     entry = cache / k
+    for p in built.rglob("*"):
+        if p.is_file():
+            p.chmod(p.stat().st_mode & 0o444)  # immutable: nothing writes into an entry after this
     try:
         os.replace(built, entry) if not entry.exists() else shutil.rmtree(built)
     except OSError:  # another process committed the same key in between: keep theirs
@@ -66,21 +113,91 @@ def commit(cache: Path, k: str, built: Path) -> Path:
 
 
 def materialize(entry: Path, out: Path) -> None:
-    """Make ``out`` a copy of the entry: hard links where the filesystem allows (instant for GB files),
-    through a temporary sibling renamed at the end."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(entry, tmp, copy_function=_link_or_copy)
-    if out.exists():
-        old = out.with_name(f".{out.name}.{os.getpid()}.old")
-        os.replace(out, old)
-        shutil.rmtree(old)
-    os.replace(tmp, out)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
+    """Make ``out`` a writable copy of the entry (reflinked where the file system can, else copied), through a
+    temporary sibling renamed at the end. The copy shares no inode with the cache."""
+    tmp = temp_dir(out)
     try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+        shutil.copytree(entry, tmp, copy_function=_reflink_or_copy, dirs_exist_ok=True)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                p.chmod(0o666 & ~umask())
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_FICLONE = 0x40049409  # Linux ioctl: share the data blocks copy-on-write (btrfs, xfs); fails elsewhere
+
+
+def _reflink_or_copy(src: str, dst: str) -> None:
+    with open(src, "rb") as fs, open(dst, "wb") as fd:
+        try:
+            fcntl.ioctl(fd.fileno(), _FICLONE, fs.fileno())
+            return
+        except OSError:
+            pass
+        shutil.copyfileobj(fs, fd, 1 << 24)
+
+
+def clean_leftovers(cache: Path) -> list[str]:
+    """Remove the temporaries and lock files that no running build holds (kill -9); returns their names."""
+    removed = [p.name for p in clean_stale(cache)]
+    for lock in cache.glob("*.lock"):
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a build holds it
+            lock.unlink(missing_ok=True)
+            removed.append(lock.name)
+    return removed
+
+
+def clean(cache: Path) -> list[str]:
+    """``clean_leftovers`` and every damaged entry; returns what went."""
+    removed = clean_leftovers(cache)
+    for entry in entries(cache):
+        if problems(entry):
+            evict(entry)
+            removed.append(entry.name)
+    return removed
+
+
+def entries(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")) if cache.is_dir() else []
+
+
+# --------------------------------------------------------------------------------------------------
+# `pladis cache`
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheConfig:
+    """Settings of ``pladis cache``."""
+
+    action: str = option("list", "list (entries with backend, size, state) | verify (exit 1 on damage) | clean "
+                         "(remove damaged entries, stale temporaries and locks)")  # fmt: skip
+    cache_dir: str = option("", "engine cache; default: $PLADIS_CACHE or ~/.cache/pladis/engines")
+
+
+def run_cache(cfg: CacheConfig) -> tuple[str, bool]:
+    """``pladis cache``: (text to print, whether everything is sound)."""
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_dir()
+    if cfg.action not in ("list", "verify", "clean"):
+        raise PladisError(f"action must be list, verify or clean; got {cfg.action!r}")
+    if cfg.action == "clean":
+        removed = clean(cache)
+        return f"{cache}: removed {len(removed)}" + "".join(f"\n  {r}" for r in removed), True
+    rows, ok = [f"cache {cache}", "| key | backend | MB | state |", "| --- | --- | --- | --- |"], True
+    for entry in entries(cache):
+        bad = problems(entry)
+        ok &= not bad
+        try:
+            backend = json.loads((entry / ENGINE_FILE).read_text()).get("backend", "?")
+        except (OSError, ValueError):
+            backend = "?"
+        size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file()) / 1e6
+        state = "ok" if not bad else "DAMAGED: " + "; ".join(bad[:3])
+        rows.append(f"| {entry.name[:12]} | {backend} | {size:.1f} | {state} |")
+    return "\n".join(rows), ok or cfg.action == "list"

@@ -15,10 +15,8 @@ size and text length without shape guards, keeps the custom op as one node throu
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -26,12 +24,13 @@ from pathlib import Path
 
 import onnx
 import torch
-from pladis.export import contracts, onnx_op, validate
-from pladis.export.manifest import build_manifest, config_hash
 from tqdm import tqdm
 
 from pladis import models, ops, patch
-from pladis.files import write_text
+from pladis.export import contracts, onnx_op, validate
+from pladis.export.manifest import build_manifest, config_hash
+from pladis.files import check_output_folder, clean_stale, replace_folder, temp_dir, write_text
+from pladis.options import option
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -40,22 +39,22 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 class ExportConfig:
     """Settings of ``pladis export``; the CLI flags are generated from these fields and defaults."""
 
-    model: str = "tiny-sdxl"
-    out: str = "build/tiny-sdxl"
-    precision: str = "fp32"
-    lam: float = ops.DEFAULT_LAM
-    alpha: float = ops.DEFAULT_ALPHA
-    layers: str = "default"
-    height: int = 0  # 0: the model's default size (built-ins: their test size; others: sample_size * vae factor)
-    width: int = 0
-    batch: int = 1
-    static: bool = False
-    opset: int = onnx_op.DEFAULT_OPSET
-    function_body: bool = True
-    validate: bool = True
-    force: bool = False
-    seed: int = 0
-    components: str = ""  # "": all; or a comma list such as "unet" (benchmarks of one component)
+    model: str = option("tiny-sdxl", "built-in name, local diffusers folder or hub id")
+    out: str = option("build/tiny-sdxl", "output folder (written into a temporary sibling, renamed at the end)")
+    precision: str = option("fp32", "fp32 | fp16 | bf16 (text encoders always fp32)")
+    lam: float = option(ops.DEFAULT_LAM, "PLADIS strength lambda (0 exports the stock model)")
+    alpha: float = option(ops.DEFAULT_ALPHA, "entmax alpha: 1.5 (entmax15) or 2 (sparsemax)")
+    layers: str = option("default", "which cross-attention layers: default | all")
+    height: int = option(0, "image height in pixels at the optimal shape (0: the model's default)")
+    width: int = option(0, "image width in pixels at the optimal shape (0: the model's default)")
+    batch: int = option(1, "prompts per call at the optimal shape (the denoiser sees twice as many with CFG)")
+    static: bool = option(False, "fix every dim at its optimal size instead of exporting dynamic axes")
+    opset: int = option(onnx_op.DEFAULT_OPSET, f"ONNX opset ({onnx_op.MIN_OPSET}-{onnx_op.MAX_OPSET})")
+    function_body: bool = option(True, "attach the PladisAttention function bodies (off: plugin-only, TensorRT)")
+    validate: bool = option(True, "check the graphs and compare ONNX Runtime with eager PyTorch")
+    force: bool = option(False, "replace an existing export folder written by pladis")
+    seed: int = option(0, "seed of the random weights of built-in models")
+    components: str = option("", "export only these components (comma list, e.g. unet); default: all")
 
 
 def check_config(cfg: ExportConfig) -> None:
@@ -81,9 +80,8 @@ def check_config(cfg: ExportConfig) -> None:
             f"unknown model {cfg.model!r}: use a built-in ({', '.join(models.BUILTINS)}), a diffusers folder, "
             "or a hub id of the form org/name"
         )
-    out = Path(cfg.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.force:
-        raise ValueError(f"output folder {out} is not empty; pass --force (force=True) to replace it")
+    local = [cfg.model] if cfg.model not in models.BUILTINS and Path(cfg.model).exists() else []
+    check_output_folder(cfg.out, "export", cfg.force, inputs=tuple(local))
 
 
 def export(cfg: ExportConfig) -> dict:
@@ -111,11 +109,8 @@ def export(cfg: ExportConfig) -> dict:
     onnx_op.register_symbolics(cfg.opset)
 
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    clean_stale(out.parent)  # temporaries of killed exports
+    tmp = temp_dir(out)
     try:
         files, checks = {}, {}
         for comp in tqdm(comps, desc=f"export {cfg.model}", unit="component"):
@@ -145,7 +140,7 @@ def export(cfg: ExportConfig) -> dict:
             seconds=time.perf_counter() - start,
         )  # fmt: skip
         write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         patch.remove(pipe)
@@ -249,14 +244,3 @@ def _save_pipeline_files(pipe, folder: Path) -> None:
         if name.startswith("tokenizer") and component is not None:
             component.save_pretrained(folder / name)
     pipe.scheduler.save_pretrained(folder / "scheduler")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an old folder (``force``) is removed only after that."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -49,6 +49,18 @@ def _tensor(t: contracts.Tensor, dims: dict, float_dtype: str) -> dict:
     }
 
 
+PIPELINE_DIRS = ("tokenizer", "scheduler")  # folder name prefixes of the files the runtime reads
+
+
+def pipeline_files(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of the tokenizer and scheduler files in ``folder``."""
+    return {
+        p.relative_to(folder).as_posix(): sha256(p)
+        for d in sorted(folder.iterdir()) if d.is_dir() and d.name.startswith(PIPELINE_DIRS)
+        for p in sorted(d.rglob("*")) if p.is_file()
+    }  # fmt: skip
+
+
 def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, validation, config_hashes, height,
                    width, multiple, seconds) -> dict:  # fmt: skip
     """The manifest dict; file hashes are computed from the files in ``folder``."""
@@ -97,6 +109,10 @@ def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, val
             "latent_channels": vae.latent_channels,
         },
         "components": components,
+        # an export of some components only (--components) is for benchmarks: the runtime refuses it
+        "partial": bool(cfg["components"]),
+        # tokenizers and scheduler config: what the runtime reads besides the ONNX files, hashed like them
+        "files": pipeline_files(folder),
         "versions": versions(),
         "export_seconds": round(seconds, 3),
     }

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
+from pladis.errors import PladisError
 from pladis.export import contracts
 
 # Relative L2 error allowed between ONNX Runtime and eager PyTorch, per precision. fp32: the target of the
@@ -20,7 +22,7 @@ from pladis.export import contracts
 REL_L2_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-class ValidationError(RuntimeError):
+class ValidationError(PladisError):
     """An exported component does not match the eager model (names, shapes or values)."""
 
 

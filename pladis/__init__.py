@@ -2,11 +2,28 @@
 
 The core is three modules: ``pladis.ops`` (the operator and its custom op), ``pladis.patch`` (diffusers
 processors, ``apply``/``remove``) and ``pladis.models`` (built-in random-weight models, ``load``).
-Importing ``pladis`` loads torch only; diffusers, ONNX and TensorRT load when a stage needs them.
+``import pladis`` is cheap: torch loads on first use of a public name (``pladis.attention``, ...), diffusers,
+ONNX and TensorRT when a stage needs them.
 """
 
-from pladis.ops import attention, entmax, joint_attention
-from pladis.patch import PatchReport, apply, remove, supported_models
+import importlib
 
-__all__ = ["PatchReport", "apply", "attention", "entmax", "joint_attention", "remove", "supported_models"]
 __version__ = "0.1.0"
+_PUBLIC = {
+    "attention": "pladis.ops", "entmax": "pladis.ops", "joint_attention": "pladis.ops",
+    "PatchReport": "pladis.patch", "apply": "pladis.patch", "remove": "pladis.patch",
+    "supported_models": "pladis.patch",
+}  # fmt: skip
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pladis' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])

@@ -7,28 +7,30 @@ the same seed → parity of the PLADIS engine against eager PyTorch. Writes into
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pladis import models, ops
-from pladis.files import atomic_path, write_text
+from pladis.files import atomic_path, check_output_folder, write_text
+from pladis.options import DEFAULT_PROMPT, option
 
 
 @dataclass
 class DemoConfig:
     """Settings of ``pladis demo``; the CLI flags are generated from these fields and defaults."""
 
-    model: str = "tiny-sdxl"
-    prompt: str = "a photo of a red cube on a wooden table"
-    steps: int = 4
-    lam: float = ops.DEFAULT_LAM
-    alpha: float = ops.DEFAULT_ALPHA
-    layers: str = "default"
-    seed: int = 0
-    backend: str = "ort"
-    out: str = "out/demo"
+    model: str = option("tiny-sdxl", "built-in model to run (tiny-sdxl, tiny-sd15, tiny-pixart, tiny-sd3, tiny-flux)")
+    prompt: str = option(DEFAULT_PROMPT, "text prompt")
+    steps: int = option(4, "denoising steps")
+    lam: float = option(ops.DEFAULT_LAM, "PLADIS strength lambda (0 = stock attention, useful range 1-3)")
+    alpha: float = option(ops.DEFAULT_ALPHA, "entmax alpha: 1.5 (entmax15) or 2 (sparsemax)")
+    layers: str = option("default", "which cross-attention layers: default | all")
+    seed: int = option(0, "random seed of the initial latents and the random weights")
+    backend: str = option("ort", "engine backend for the run: ort | torch")
+    out: str = option("out/demo", "output folder (images, parity JSON/plot, report.md, the two export folders)")
 
 
 def run(cfg: DemoConfig) -> tuple[str, bool]:
@@ -41,7 +43,9 @@ def run(cfg: DemoConfig) -> tuple[str, bool]:
     if cfg.steps < 1:
         raise ValueError(f"steps must be at least 1; got {cfg.steps}")
     ops.check_params(cfg.lam, cfg.alpha)
-    out = Path(cfg.out)
+    # the demo's own folder (demo.json marks it) is reused run after run; any other non-empty folder is refused
+    out = check_output_folder(cfg.out, "demo", force=True)
+    write_text(out / "demo.json", json.dumps({"format": "pladis-demo/1", "model": cfg.model}) + "\n")
     engines = {}
     for label, lam in (("stock", 0.0), ("pladis", cfg.lam)):
         engines[label] = out / f"engine-{label}"

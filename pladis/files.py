@@ -1,11 +1,32 @@
-"""Atomic file output: write to a temporary sibling, then rename, so no half-written file looks complete."""
+"""File output: atomic writes with ordinary permissions.
+
+Every file and folder pladis writes is created under a temporary sibling name and renamed into place, so
+nothing half-written ever looks complete, and gets the modes the process umask gives (0644 / 0755 under
+umask 022), so a folder built by one user (root in a container build) can be read by another.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
+
+
+def umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting (not thread-safe, hence the fallback only)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -17,6 +38,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -28,3 +50,141 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def temp_dir(target: str | os.PathLike) -> Path:
+    """A new empty folder beside ``target`` (``.<name>.<pid>.<random>.tmp``) with umask modes, to fill and
+    then rename onto ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            tmp.mkdir(mode=0o777)  # the umask applies
+            return tmp
+        except FileExistsError:
+            continue
+
+
+# --------------------------------------------------------------------------------------------------
+# The output rule: what a command may create or replace
+# --------------------------------------------------------------------------------------------------
+
+# A folder pladis wrote is recognised by the JSON file it always holds and that file's "format" prefix.
+FOLDER_KINDS = {
+    "export": ("manifest.json", "pladis-onnx/"),
+    "engine": ("engine.json", "pladis-engine/"),
+    "demo": ("demo.json", "pladis-demo/"),
+}
+
+
+def folder_kind(path: str | os.PathLike) -> str | None:
+    """The kind of pladis folder ``path`` is ("export", "engine", "demo"), or None."""
+    path = Path(path)
+    for kind in ("engine", "demo", "export"):  # an engine folder holds the export's manifest too
+        marker, prefix = FOLDER_KINDS[kind]
+        try:
+            fmt = json.loads((path / marker).read_text()).get("format", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(fmt, str) and fmt.startswith(prefix):
+            return kind
+    return None
+
+
+def check_output_folder(out: str | os.PathLike, kind: str, force: bool, inputs: tuple = ()) -> Path:
+    """Apply the output rule to a folder a command is about to write, before any work; returns it resolved.
+
+    A new path (or an empty folder) is created; an existing pladis folder of the same ``kind`` is replaced
+    only with ``force``; anything else — a file, another folder, one of the command's ``inputs`` or a folder
+    that contains one — is refused, ``force`` or not. The parent must be writable.
+    """
+    from pladis.errors import PladisError
+
+    out = Path(out).resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if out == src or out in src.parents:
+            raise PladisError(f"output {out} is (or contains) the input {src}; choose another output folder")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise PladisError(f"output {out} exists and is not a folder; pladis never replaces it: choose a new path")
+        if any(out.iterdir()):
+            found = folder_kind(out)
+            if found != kind:
+                what = f"a pladis {found} folder" if found else "a folder pladis did not write"
+                raise PladisError(f"output {out} is {what}; pladis replaces only its own {kind} folders: choose "
+                                  "a new or empty folder")  # fmt: skip
+            if not force:
+                raise PladisError(f"output {out} holds an earlier {kind}; pass --force (force=True) to replace it")
+    check_writable(out.parent)
+    return out
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise PladisError unless files can be created in ``folder`` (created if missing)."""
+    from pladis.errors import PladisError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".pladis-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PladisError(f"cannot write in {folder}: {err.strerror or err}; choose a writable location") from None
+
+
+def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], force: bool = False) -> Path:
+    """Check a file output before any work: its suffix, not an existing folder, an existing file replaced
+    only with ``force``, a writable parent."""
+    from pladis.errors import PladisError
+
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise PladisError(f"{path}: the file name must end in {' or '.join(suffixes)} (that is what is written)")
+    if path.is_dir():
+        raise PladisError(f"{path} is a folder; name a file to write, e.g. {path / ('out' + suffixes[0])}")
+    if path.exists() and not force:
+        raise PladisError(f"{path} exists; pass --force to replace it, or choose another name")
+    check_writable(path.parent)
+    return path
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` onto ``out``; an old ``out`` (already checked by
+    ``check_output_folder``) is moved aside first and removed only after the rename."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.old")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries (``.*.<pid>.<hex>.tmp`` / ``.old``) that processes which no longer run left
+    in ``folder`` (kill -9 during an export or build); returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.glob(".*.*.*.*"):
+        parts = p.name.rsplit(".", 3)
+        if len(parts) != 4 or parts[3] not in ("tmp", "old") or not parts[1].isdigit():
+            continue
+        if not _alive(int(parts[1])):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pladis import ops
+from pladis.options import option
 
 LayerSelection = Union[str, Callable[[str], bool]]
 
@@ -300,3 +301,26 @@ def remove(target) -> int:
     for name, proc in originals.items():
         modules[name].set_processor(proc)
     return len(originals)
+
+
+# --------------------------------------------------------------------------------------------------
+# `pladis layers`
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayersConfig:
+    """Settings of ``pladis layers``."""
+
+    model: str = option("sdxl", "built-in name, diffusers folder or hub id")
+    layers: str = option("default", "default (the official choice: U-Net down + up blocks) | all")
+    lam: float = option(ops.DEFAULT_LAM, "PLADIS strength lambda (0 = stock attention)")
+    alpha: float = option(ops.DEFAULT_ALPHA, "entmax alpha in (1, 2] (1.5 = entmax15, 2 = sparsemax)")
+
+
+def layers(cfg: LayersConfig) -> PatchReport:
+    """The patch report for ``cfg.model``; built-ins are built on the meta device (no weights, instant)."""
+    from pladis import models
+
+    pipe = models.load(cfg.model, device="meta" if cfg.model in models.BUILTINS else "cpu")
+    return apply(pipe, lam=cfg.lam, alpha=cfg.alpha, layers=cfg.layers)

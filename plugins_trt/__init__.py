@@ -6,8 +6,10 @@ parsing a graph with PladisAttention nodes; until the plugin exists it says so i
 parser fail on an unknown op. TensorRT is imported only inside this package, never by ``import pladis``.
 """
 
+from pladis.errors import PladisError
 
-class PluginUnavailable(ValueError):
+
+class PluginUnavailable(PladisError):
     """The PladisAttention TensorRT plugin cannot be registered here."""
 
 

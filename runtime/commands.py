@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pladis.files import atomic_path
+from pladis.files import atomic_path, check_output_file
+from pladis.options import DEFAULT_PROMPT, option
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # by file suffix
+ENGINE_HELP = "engine folder (pladis build) or export folder (pladis export)"
+BACKEND_HELP = "torch | ort | aoti | trt for every component; default: as built (ort for an export folder)"
+SCHEDULER_HELP = "euler | euler_a | dpmpp_2m | ddim | lcm | flow_euler (SD3/FLUX); default: the engine's"
+GUIDANCE_HELP = "CFG scale (FLUX: the embedded guidance); <= 1 turns CFG off; default: per family"
 
 
 @dataclass
@@ -13,22 +20,25 @@ class GenerateConfig:
     """Settings of ``pladis generate``. None: the model's default (steps 20, guidance per family, the
     engine's scheduler and image size)."""
 
-    engine: str = "build/tiny-sdxl"
-    prompt: str = "a photo of a red cube on a wooden table"
-    negative_prompt: str | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    guidance_rescale: float = 0.0
-    scheduler: str | None = None
-    seed: int = 0
-    batch: int = 1
-    height: int | None = None
-    width: int | None = None
-    backend: str = ""  # "": each component as built (engine folder) or ort (export folder)
-    component_backends: str = ""  # e.g. "vae_decoder=torch,text_encoder=torch"
-    device: str = "cpu"
-    verify: bool = True
-    out: str = "out/image.png"
+    engine: str = option("build/tiny-sdxl", ENGINE_HELP)
+    prompt: str = option(DEFAULT_PROMPT, "text prompt")
+    negative_prompt: str | None = option(None, "negative prompt (needs CFG: guidance > 1)")
+    steps: int | None = option(None, "denoising steps (default 20)")
+    guidance: float | None = option(None, GUIDANCE_HELP)
+    guidance_rescale: float = option(0.0, "CFG guidance rescale (0 = off)")
+    scheduler: str | None = option(None, SCHEDULER_HELP)
+    seed: int = option(0, "seed of the initial latents (image i of a batch uses seed + i)")
+    batch: int = option(1, "images per prompt")
+    height: int | None = option(None, "image height in pixels (default: the engine's optimal size)")
+    width: int | None = option(None, "image width in pixels (default: the engine's optimal size)")
+    backend: str = option("", BACKEND_HELP)
+    component_backends: str = option("", "per-component backends, e.g. vae_decoder=torch,text_encoder=torch")
+    device: str = option("cpu", "cpu, or cuda (onnxruntime-gpu, TensorRT)")
+    verify: bool = option(True, "check the sha256 of the engine files before loading")
+    out: str = option(
+        "out/image.png", "image file to write: .png, .jpg or .webp (-<i> before the suffix when batch > 1)"
+    )
+    force: bool = option(False, "replace an existing image file")
 
 
 def parse_component_backends(text: str) -> dict[str, str]:
@@ -46,16 +56,18 @@ def generate(cfg: GenerateConfig):
     """Generate images with an engine; writes ``cfg.out`` (``-<i>`` before the suffix when batch > 1)."""
     from pladis.runtime.pipeline import Runtime
 
+    out = Path(cfg.out)
+    paths = [out] if cfg.batch == 1 else [out.with_stem(f"{out.stem}-{i}") for i in range(cfg.batch)]
+    for path in paths:  # before any work: a bad output path loses nothing
+        check_output_file(path, tuple(IMAGE_FORMATS), cfg.force)
     rt = Runtime(cfg.engine, cfg.backend or None, parse_component_backends(cfg.component_backends), cfg.device,
                  cfg.verify)  # fmt: skip
     result = rt.generate(cfg.prompt, negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance,
                          guidance_rescale=cfg.guidance_rescale, scheduler=cfg.scheduler, seed=cfg.seed,
                          batch=cfg.batch, height=cfg.height, width=cfg.width)  # fmt: skip
-    out = Path(cfg.out)
-    paths = [out] if len(result.images) == 1 else [out.with_stem(f"{out.stem}-{i}") for i in range(len(result.images))]
     for image, path in zip(result.images, paths, strict=True):
         with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
+            image.save(tmp, format=IMAGE_FORMATS[path.suffix.lower()])
     return result, paths
 
 
@@ -63,27 +75,33 @@ def generate(cfg: GenerateConfig):
 class ParityConfig:
     """Settings of ``pladis parity``."""
 
-    engine: str = "build/tiny-sdxl"
-    backend: str = ""  # "": each component as built (engine folder) or ort (export folder)
-    prompt: str = "a photo of a red cube on a wooden table"
-    steps: int = 4
-    scheduler: str | None = None
-    guidance: float | None = None
-    seed: int = 0
-    height: int | None = None
-    width: int | None = None
-    device: str = "cpu"
-    verify: bool = True
-    json: str = ""
-    plot: str = ""
+    engine: str = option("build/tiny-sdxl", ENGINE_HELP)
+    backend: str = option("", BACKEND_HELP)
+    prompt: str = option(DEFAULT_PROMPT, "text prompt")
+    steps: int = option(4, "denoising steps compared")
+    scheduler: str | None = option(None, SCHEDULER_HELP)
+    guidance: float | None = option(None, GUIDANCE_HELP)
+    seed: int = option(0, "seed of the initial latents")
+    height: int | None = option(None, "image height in pixels (default: the engine's optimal size)")
+    width: int | None = option(None, "image width in pixels (default: the engine's optimal size)")
+    device: str = option("cpu", "cpu, or cuda (onnxruntime-gpu, TensorRT)")
+    verify: bool = option(True, "check the sha256 of the engine files before loading")
+    json: str = option("", "write the parity report as JSON to this file")
+    plot: str = option("", "write a PNG plot of the error per step to this file")
+    force: bool = option(False, "replace existing --json / --plot files")
 
 
 def parity(cfg: ParityConfig):
-    """Run the parity harness; writes the JSON and plot when asked. Returns the report."""
+    """Run the parity harness; prints the table, then writes the JSON and plot when asked (so a failed write
+    loses nothing). Returns the report."""
     from pladis.runtime import parity as harness
 
+    for path, suffixes in ((cfg.json, (".json",)), (cfg.plot, (".png",))):
+        if path:
+            check_output_file(path, suffixes, cfg.force)
     report = harness.run(cfg.engine, cfg.backend or None, prompt=cfg.prompt, steps=cfg.steps, scheduler=cfg.scheduler,
                          guidance=cfg.guidance, seed=cfg.seed, height=cfg.height, width=cfg.width,
                          device=cfg.device, verify=cfg.verify)  # fmt: skip
+    print(report.table(), flush=True)
     harness.save(report, cfg.json or None, cfg.plot or None)
     return report

@@ -1,8 +1,8 @@
-"""An engine folder: its manifest, checked before any heavy work.
+"""Opening a folder the runtime can run, checked before any heavy work.
 
-For now an engine folder is what ``pladis export`` writes (ONNX files + ``manifest.json``): ONNX Runtime
-runs it directly and the torch backend rebuilds the same patched model from the manifest. ``pladis
-build`` (engine issue) adds engine files and an engine manifest next to it.
+Two kinds: an export folder (``pladis export``: ONNX files + ``manifest.json``), which ONNX Runtime runs as
+is and from which the torch backend rebuilds the eager model, and an engine folder (``pladis build``),
+which adds the built artifacts and ``engine.json``. Every file either names is checked (present, sha256).
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pladis.errors import PladisError
 from pladis.export.manifest import FORMAT, sha256
 
 
-class EngineError(ValueError):
+class EngineError(PladisError):
     """An engine folder that cannot be used: the message names the problem and the fix."""
 
 
@@ -45,35 +46,87 @@ class Engine:
     def denoiser(self) -> str:
         return self.component_names("denoiser")[0]
 
+    @property
+    def precision(self) -> str:
+        """The precision the denoiser runs in: as built, else as actually exported (a bf16 request that fell
+        back to float32 is fp32 here, and is judged by the fp32 tolerance)."""
+        if self.built and self.built.get("precision"):
+            return self.built["precision"]
+        dtype = self.component(self.denoiser)["dtype"]
+        return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, self.manifest["precision"])
+
     def dim(self, name: str) -> tuple[int, int, int]:
-        """(min, opt, max) of a named dim."""
-        return tuple(self.manifest["dims"][name])
+        """(min, opt, max) of a named dim: the engine's built range (``pladis build --dims``) inside the
+        export's. Pixel sizes follow a narrowed latent range."""
+        lo, opt, hi = self.manifest["dims"][name]
+        if self.built and name in self.built.get("dims", {}):
+            lo, opt, hi = self.built["dims"][name]
+        if self.built and name in ("height", "width") and f"latent_{name}" in self.built.get("dims", {}):
+            f = self.manifest["vae"]["scale_factor"]
+            llo, _, lhi = self.built["dims"][f"latent_{name}"]
+            lo, hi = max(lo, llo * f), min(hi, lhi * f)
+        return lo, opt, hi
+
+    def check_complete(self) -> None:
+        """Refuse an export of some components only (``--components``): it cannot generate images."""
+        if self.manifest.get("partial"):
+            raise EngineError(f"{self.folder} holds only {', '.join(self.manifest['components'])} (exported with "
+                              "--components, for benchmarks); re-export without --components to generate")  # fmt: skip
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EngineError(f"{path} cannot be read ({err}); re-export (or rebuild) the folder") from None
+    if not isinstance(data, dict):
+        raise EngineError(f"{path} is not a JSON object; re-export (or rebuild) the folder")
+    return data
+
+
+def _check_file(folder: Path, rel: str, digest: str | None, what: str, verify: bool, record: str) -> None:
+    p = folder / rel
+    if not p.is_file():
+        raise EngineError(f"{folder} is missing {rel} ({what}); re-run `pladis export` (or `pladis build`) into a "
+                          "new folder")  # fmt: skip
+    if verify and digest is not None and sha256(p) != digest:
+        raise EngineError(
+            f"{p} does not match {record} sha256 (changed after it was written); re-export or rebuild, or "
+            "pass verify=False / --no-verify if you changed it on purpose"
+        )
 
 
 def open_engine(folder: str | Path, verify: bool = True) -> Engine:
-    """Read and check an engine folder: manifest present and of our format, every file present, and (with
-    ``verify``) every file's sha256 as the manifest records it."""
+    """Read and check an engine folder before any heavy work: manifest present, readable and of our format;
+    every file it names (ONNX and external data, tokenizers, scheduler config) present and, with ``verify``,
+    with the recorded sha256; for a built folder, its artifacts likewise and the manifest as the build saw it."""
     folder = Path(folder)
     path = folder / "manifest.json"
+    if not folder.is_dir():
+        raise EngineError(f"{folder} is not a folder: pass a folder written by `pladis export` or `pladis build`")
     if not path.is_file():
         raise EngineError(f"{folder} has no manifest.json: pass a folder written by `pladis export`")
-    manifest = json.loads(path.read_text())
+    manifest = _read_json(path)
     if manifest.get("format") != FORMAT:
         raise EngineError(f"{path} is not a {FORMAT} manifest (format={manifest.get('format')!r}); re-export it")
+    missing = [k for k in ("model", "components", "dims", "image", "pladis", "precision") if k not in manifest]
+    if missing:
+        raise EngineError(f"{path} is malformed (no {', '.join(missing)}); re-export the folder")
     built = None
     if (folder / "engine.json").is_file():  # a `pladis build` folder: its artifacts replace the ONNX files
-        built = json.loads((folder / "engine.json").read_text())
-    for name, comp in (built or manifest)["components"].items():
-        external = [{"file": x} for x in comp.get("external_data", []) if isinstance(x, str)]
-        external += [x for x in comp.get("external_data", []) if isinstance(x, dict)]
-        files = [{"file": comp["file"], "sha256": comp["sha256"]}, *external]
-        for f in files:
-            p = folder / f["file"]
-            if not p.is_file():
-                raise EngineError(f"{folder} is missing {f['file']} ({name}); re-run `pladis export` into a new folder")
-            if verify and "sha256" in f and sha256(p) != f["sha256"]:
-                raise EngineError(
-                    f"{p} does not match the manifest's sha256 (changed after export); re-export, or pass "
-                    "verify=False / --no-verify if you changed it on purpose"
-                )
+        built = _read_json(folder / "engine.json")
+        if built.get("source_manifest_sha256") != sha256(path):
+            raise EngineError(f"{path} is not the manifest this engine was built from (edited after the build); "
+                              "rebuild the engine with `pladis build`")  # fmt: skip
+    record = "engine.json's" if built else "the manifest's"
+    try:
+        for name, comp in (built or manifest)["components"].items():
+            external = [{"file": x} for x in comp.get("external_data", []) if isinstance(x, str)]
+            external += [x for x in comp.get("external_data", []) if isinstance(x, dict)]
+            for f in [{"file": comp["file"], "sha256": comp["sha256"]}, *external]:
+                _check_file(folder, f["file"], f.get("sha256"), name, verify, record)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise EngineError(f"{folder}: the component list is malformed ({err!r}); re-export or rebuild") from None
+    for rel, digest in manifest.get("files", {}).items():
+        _check_file(folder, rel, digest, "tokenizer / scheduler file", verify, "the manifest's")
     return Engine(folder, manifest, built)

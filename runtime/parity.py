@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pladis.runtime import families
-from pladis.runtime.pipeline import Runtime, step_generators
 
 from pladis.files import atomic_path, write_text
+from pladis.options import DEFAULT_PROMPT
+from pladis.runtime import families
+from pladis.runtime.pipeline import Runtime, step_generators
 
 # Teacher-forced per-step tolerance on relative L2 (noise prediction and latent), by engine precision.
 # fp32: the export contract (both sides compute in float32; only operation order differs); measured
@@ -93,7 +94,7 @@ class ParityReport:
         return json.dumps({**self.__dict__, "ok": self.ok, "failures": self.failures}, indent=2) + "\n"
 
 
-def run(engine: str | Path, backend: str | None = None, *, prompt: str = "a photo of a red cube on a table",
+def run(engine: str | Path, backend: str | None = None, *, prompt: str = DEFAULT_PROMPT,
         steps: int = 4, scheduler: str | None = None, guidance: float | None = None, seed: int = 0,
         height: int | None = None, width: int | None = None, device: str = "cpu",
         verify: bool = True) -> ParityReport:  # fmt: skip
@@ -102,7 +103,7 @@ def run(engine: str | Path, backend: str | None = None, *, prompt: str = "a phot
     eng = Runtime(engine, backend=backend, device=device, verify=verify)
     ref = Runtime(eng.engine, backend="torch", device=device)
     s = eng.settings(prompt, steps=steps, scheduler=scheduler, guidance=guidance, seed=seed, height=height, width=width)
-    precision = eng.engine.manifest["precision"]
+    precision = eng.engine.precision
     cond_r, sched_r, lat_r = ref.prepare(s)
     cond_e, sched_e, lat_e = eng.prepare(s)
     label = "+".join(sorted(set(eng.backend_names.values())))

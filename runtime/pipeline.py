@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
 from pladis.runtime import backends, families
 from pladis.runtime.engine import Engine, EngineError, open_engine
-from tqdm import tqdm
 
 SCHEDULERS = {  # name -> diffusers class; flow-matching families take only flow schedulers
     "euler": "EulerDiscreteScheduler",
@@ -75,11 +76,15 @@ class Runtime:
                  overrides: dict[str, str] | None = None, device: str = "cpu", verify: bool = True):  # fmt: skip
         """backend None: each component as built (``engine.json``), or ``ort`` for an export folder."""
         self.engine = engine if isinstance(engine, Engine) else open_engine(engine, verify=verify)
+        self.engine.check_complete()
         overrides = overrides or {}
         unknown = set(overrides) - set(self.engine.manifest["components"])
         if unknown:
             raise EngineError(f"no component {', '.join(sorted(unknown))} in this engine; it has "
                               f"{', '.join(self.engine.manifest['components'])}")  # fmt: skip
+        for name in [backend, *overrides.values()]:
+            if name is not None and name not in backends.BACKENDS:
+                raise EngineError(f"unknown backend {name!r}; choose one of {', '.join(backends.BACKENDS)}")
 
         def default(name):
             artifact = self.engine.artifact(name)
@@ -90,6 +95,7 @@ class Runtime:
         self._backends: dict[str, backends.Backend] = {}
         self._tokenizers: dict = {}
         self.input_names = {i["name"] for i in self.engine.component(self.engine.denoiser)["inputs"]}
+        self.scheduler_config = _scheduler_config(self.engine.folder)  # read once: the folder may move later
 
     # -- components ----------------------------------------------------------------------------
 
@@ -104,14 +110,22 @@ class Runtime:
         if name not in self._tokenizers:
             from transformers import AutoTokenizer
 
-            self._tokenizers[name] = AutoTokenizer.from_pretrained(self.engine.folder / name)
+            folder = self.engine.folder / name
+            if not folder.is_dir():
+                raise EngineError(f"{self.engine.folder} is missing the folder {name}/ ({encoder}'s tokenizer); "
+                                  "re-export into a new folder")  # fmt: skip
+            try:  # the folder's own files only: never the model hub
+                self._tokenizers[name] = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            except (OSError, ValueError) as err:
+                raise EngineError(f"cannot load the tokenizer in {folder} ({err}); re-export into a new folder") \
+                    from None  # fmt: skip
         return self._tokenizers[name]
 
     def scheduler(self, name: str | None = None):
         """A fresh diffusers scheduler from the engine's saved config (``name`` None: that same class)."""
         import diffusers
 
-        config = json.loads((self.engine.folder / "scheduler" / "scheduler_config.json").read_text())
+        config = self.scheduler_config
         cls = getattr(diffusers, SCHEDULERS[name] if name else config["_class_name"])
         return cls.from_config(config)
 
@@ -125,8 +139,8 @@ class Runtime:
         """
         family = self.engine.family
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
-        if not prompts or batch < 1:
-            raise ValueError("prompt is empty: pass a prompt string or a non-empty list of prompts (batch >= 1)")
+        if not prompts or batch < 1 or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ValueError("prompt is empty: pass a non-empty prompt string or a list of them (batch >= 1)")
         max_batch = self.engine.dim("batch")[2]
         if len(prompts) > max_batch:
             raise ValueError(f"batch of {len(prompts)} prompts is over this engine's maximum of {max_batch}; "
@@ -217,3 +231,14 @@ class Runtime:
         n = len(sched.timesteps)
         return Result(images, latents, {"encode": t1 - t0, "steps": n, "per_step": (t2 - t1) / n,
                                         "decode": t3 - t2, "total": t3 - t0})  # fmt: skip
+
+
+def _scheduler_config(folder: Path) -> dict:
+    path = folder / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text())
+        _ = config["_class_name"]
+        return config
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise EngineError(f"cannot read the scheduler config {path} ({type(err).__name__}: {err}); re-export into "
+                          "a new folder") from None  # fmt: skip

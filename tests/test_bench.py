@@ -19,20 +19,18 @@ def test_summary_and_table():
     assert table.splitlines() == ["| a | b |", "| --- | --- |", "| 1 | x |"]
 
 
-def test_save_merges_cases_and_report_renders(tmp_path, monkeypatch):
-    monkeypatch.setattr(harness, "RESULTS", tmp_path)
-    monkeypatch.setattr(report, "RESULTS", tmp_path)
+def test_save_merges_cases_and_report_renders(tmp_path):
     den = {"model": "small-sd15", "image": 256, "cfg_batch": 2, "threads": 2,
            "summary_s": {k: {"median": m, "min": m, "max": m, "n": 3} for k, m in
                          [("torch stock", 0.3), ("torch PLADIS", 0.4), ("ORT stock", 0.2), ("ORT PLADIS", 0.24)]},
            "ratios": {"ORT PLADIS / ORT stock": 1.2}, "target": "ORT PLADIS / ORT stock <= 1.25"}  # fmt: skip
-    harness.save("export", {"results": {"denoiser": den}}, merge=True)
+    harness.save("export", {"results": {"denoiser": den}}, tmp_path, merge=True)
     sdxl = {"command": "x", "returncode": 0, "seconds": 100.0, "peak_rss_gib": 9.5, "files_bytes": {"unet.onnx": 5e9}}
-    harness.save("export", {"results": {"sdxl-fp16": sdxl}}, merge=True)
+    harness.save("export", {"results": {"sdxl-fp16": sdxl}}, tmp_path, merge=True)
     saved = json.loads((tmp_path / "export.json").read_text())
     assert set(saved["results"]) == {"denoiser", "sdxl-fp16"}  # the second run kept the first case
     assert saved["results"]["denoiser"]["machine"]["cores"] > 0 and saved["results"]["denoiser"]["date"]
-    text = report.render()
+    text = report.render(tmp_path)
     assert "| ORT PLADIS / ORT stock | 1.200 |" in text and "peak RSS 9.5 GiB" in text
     assert "Reference figures (not measured here)" in text and "0.049 ms" in text
 
@@ -41,11 +39,13 @@ def test_smallest_suite_cases_run_end_to_end(tmp_path, monkeypatch):
     # One repeat of the cheap cases (the suite's own code path); no speed is asserted.
     from pladis.bench import suite
 
-    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    monkeypatch.chdir(tmp_path)  # results go to the working directory by default, never into the package
     monkeypatch.setattr(suite, "OPERATOR_SHAPES", {"small": (1, 2, 64, 77, 16)})
     assert suite.main(["--cases", "operator,e2e", "--repeats", "1", "--device", "cpu"]) == 0
     saved = json.loads((tmp_path / "suite.json").read_text())["results"]
     assert saved["operator"]["small"]["summary_s"]["PLADIS op"]["n"] == 1
     assert set(saved["e2e"]["tiny-sdxl, 4 steps, CFG"]) == {"torch", "ort"}
-    monkeypatch.setattr(report, "RESULTS", tmp_path)
-    assert "### Operator" in report.render() and "### End to end" in report.render()
+    assert report.main(["--results", str(tmp_path), "--doc", str(tmp_path / "perf.md")]) == 0
+    assert (
+        "### Operator" in (tmp_path / "perf.md").read_text() and "### End to end" in (tmp_path / "perf.md").read_text()
+    )

@@ -36,6 +36,6 @@ def test_export_command(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| unet | unet.onnx | float32 |" in printed and (out / "manifest.json").exists()
     assert cli.main(["export", "--model", "tiny-sd15", "--out", str(out)]) == 2  # not empty, no --force
-    assert "not empty; pass --force" in capsys.readouterr().err
+    assert "holds an earlier export; pass --force" in capsys.readouterr().err
     assert cli.main(["export", "--model", "tiny-sd15", "--out", str(tmp_path / "x"), "--precision", "fp8"]) == 2
     assert "precision must be one of" in capsys.readouterr().err

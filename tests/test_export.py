@@ -8,11 +8,11 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
-from pladis.export import ExportConfig, contracts, export, onnx_op
-from pladis.export.manifest import sha256
 
 import pladis
 from pladis import models, patch
+from pladis.export import ExportConfig, contracts, export, onnx_op
+from pladis.export.manifest import sha256
 
 TINY = [n for n in models.BUILTINS if n.startswith("tiny-")]
 
@@ -185,14 +185,19 @@ def test_bad_settings(tmp_path, kw, message):
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
 
 
-def test_non_empty_output_needs_force(tmp_path):
+def test_output_rule_never_replaces_user_data(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("user data")
-    with pytest.raises(ValueError, match="not empty; pass --force"):
+    for force in (False, True):  # a folder pladis did not write is refused, --force or not
+        with pytest.raises(ValueError, match="a folder pladis did not write"):
+            run_export(tmp_path, model="tiny-sd15", validate=False, force=force)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
+    (tmp_path / "out" / "keep.txt").unlink()
+    run_export(tmp_path, model="tiny-sd15", validate=False)  # an empty folder is used
+    with pytest.raises(ValueError, match="holds an earlier export; pass --force"):
         run_export(tmp_path, model="tiny-sd15", validate=False)
-    assert (tmp_path / "out" / "keep.txt").exists()
-    run_export(tmp_path, model="tiny-sd15", validate=False, force=True)
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "manifest.json").exists()
+    run_export(tmp_path, model="tiny-sd15", validate=False, force=True)  # our own export: replaced with --force
+    assert (tmp_path / "out" / "manifest.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -219,6 +224,7 @@ def test_external_data_is_gathered_into_one_file(tmp_path):
     # Past 2 GB the exporter writes one file per tensor; export gathers them into <name>.onnx.data
     # without loading the weights. Here: a small model saved the same way.
     from onnx.external_data_helper import load_external_data_for_model
+
     from pladis.export.exporter import _gather_external_data
 
     w1, w2 = np.arange(12, dtype=np.float32).reshape(3, 4), np.full((4, 2), 0.5, np.float32)

@@ -1,0 +1,19 @@
+"""Typed command settings: one dataclass per command, each field with its default and help in one place.
+
+The CLI builds every ``--flag`` from these fields (``pladis/cli.py``) and the Python API takes the same
+dataclasses, so a default or a help text is written once. This module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def option(default, help: str, *, repeat: bool = False):
+    """A dataclass field with CLI help text; ``repeat``: the flag may be given several times (a tuple)."""
+    if repeat:
+        return dataclasses.field(default_factory=lambda: tuple(default), metadata={"help": help, "repeat": True})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+DEFAULT_PROMPT = "a photo of a red cube on a wooden table"
