@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pladis.engine import cache
 from pladis.errors import PladisError
-from pladis.export.manifest import sha256
+from pladis.export.manifest import sealed, sha256
 from pladis.files import check_output_folder, check_writable, folder_kind, temp_dir, write_text
 from pladis.options import option
 
@@ -72,10 +72,13 @@ def _versions(backend: str) -> dict[str, str | None]:
 def source_files(modules: list[str] = _SOURCES) -> list[Path]:
     """The files the named modules are loaded from, wherever pladis is installed (found without importing
     them, so Triton or TensorRT need not be present). A module without its file is an error, never skipped."""
+    import pladis
+
+    home = Path(pladis.__file__).parent  # the installed package: a module found elsewhere is not ours
     files = []
     for name in modules:
         spec = importlib.util.find_spec(name)
-        if spec is None or not spec.origin or not Path(spec.origin).is_file():
+        if spec is None or not spec.origin or not Path(spec.origin).is_file() or home not in Path(spec.origin).parents:
             raise PladisError(f"the source of {name} is missing from this pladis installation; reinstall pladis")
         if spec.submodule_search_locations:  # a package: all its modules
             files += [p for d in spec.submodule_search_locations for p in sorted(Path(d).rglob("*.py"))]
@@ -162,6 +165,7 @@ def build(cfg: BuildConfig) -> dict:
                 meta = {**parts, "key": k, "build_seconds": round(time.perf_counter() - t0, 3),
                         "source_manifest_sha256": sha256(src.folder / "manifest.json"),
                         "components": hashed, "files": src.manifest.get("files", {})}  # fmt: skip
+                meta = sealed(meta)
                 write_text(built / cache.ENGINE_FILE, json.dumps(meta, indent=2) + "\n")
                 entry = cache.commit(cache_dir, k, built)
             finally:

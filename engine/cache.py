@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pladis.errors import PladisError
-from pladis.export.manifest import sha256
+from pladis.export.manifest import seal_ok, sha256
 from pladis.files import clean_stale, replace_folder, temp_dir, umask
 from pladis.options import option
 
@@ -59,7 +59,7 @@ def problems(folder: Path) -> list[str]:
         meta = json.loads((folder / ENGINE_FILE).read_text())
     except (OSError, ValueError) as err:
         return [f"{ENGINE_FILE}: {type(err).__name__}"]
-    out = []
+    out = [] if seal_ok(meta) else [f"{ENGINE_FILE}: edited after the build"]
     for rel, digest in recorded_files(meta).items():
         p = folder / rel
         if not p.is_file():
@@ -177,7 +177,7 @@ class CacheConfig:
     """Settings of ``pladis cache``."""
 
     action: str = option("list", "list (entries with backend, size, state) | verify (exit 1 on damage) | clean "
-                         "(remove damaged entries, stale temporaries and locks)")  # fmt: skip
+                         "(remove damaged entries, stale temporaries and locks)", positional=True)  # fmt: skip
     cache_dir: str = option("", "engine cache; default: $PLADIS_CACHE or ~/.cache/pladis/engines")
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pladis import models, ops, patch
 from pladis.export import contracts, onnx_op, validate
-from pladis.export.manifest import build_manifest, config_hash
+from pladis.export.manifest import build_manifest, config_hash, sealed
 from pladis.files import check_output_folder, clean_stale, replace_folder, temp_dir, write_text
 from pladis.options import option
 
@@ -139,6 +139,7 @@ def export(cfg: ExportConfig) -> dict:
             height=height, width=width, multiple=contracts.size_multiple(pipe, family),
             seconds=time.perf_counter() - start,
         )  # fmt: skip
+        manifest = sealed(manifest)
         write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         replace_folder(tmp, out)
     finally:

@@ -20,6 +20,20 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+SEAL = "self_sha256"  # a JSON record's hash of itself (without this key): an edit by hand is detected
+
+
+def sealed(record: dict) -> dict:
+    """``record`` with its own sha256 (over its canonical JSON without the seal) added."""
+    body = {k: v for k, v in record.items() if k != SEAL}
+    return {**body, SEAL: hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()}
+
+
+def seal_ok(record: dict) -> bool:
+    """Whether ``record`` carries a seal that matches its content (records without one: False)."""
+    return SEAL in record and sealed(record)[SEAL] == record[SEAL]
+
+
 def config_hash(module) -> str:
     """sha256 of a component's architecture config (diffusers or transformers), independent of weights."""
     cfg = module.config

@@ -69,6 +69,8 @@ def _add_config(parser: argparse.ArgumentParser, config_cls) -> None:
             action = "store_false" if default else "store_true"
             flag, text = (f"no-{flag}", f"{text} (on by default; this turns it off)") if default else (flag, text)
             parser.add_argument(f"--{flag}", dest=f.name, action=action, default=default, help=text)
+        elif f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="?", default=default, help=f"{text} (default: {default})")
         elif f.metadata.get("repeat"):
             parser.add_argument(f"--{flag}", dest=f.name, action="append", default=None, help=f"{text} (repeatable)")
         else:

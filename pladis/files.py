@@ -141,10 +141,10 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], force:
     from pladis.errors import PladisError
 
     path = Path(path)
-    if path.suffix.lower() not in suffixes:
-        raise PladisError(f"{path}: the file name must end in {' or '.join(suffixes)} (that is what is written)")
     if path.is_dir():
         raise PladisError(f"{path} is a folder; name a file to write, e.g. {path / ('out' + suffixes[0])}")
+    if path.suffix.lower() not in suffixes:
+        raise PladisError(f"{path}: the file name must end in {' or '.join(suffixes)} (that is what is written)")
     if path.exists() and not force:
         raise PladisError(f"{path} exists; pass --force to replace it, or choose another name")
     check_writable(path.parent)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 
 
-def option(default, help: str, *, repeat: bool = False):
-    """A dataclass field with CLI help text; ``repeat``: the flag may be given several times (a tuple)."""
+def option(default, help: str, *, repeat: bool = False, positional: bool = False):
+    """A dataclass field with CLI help text; ``repeat``: the flag may be given several times (a tuple);
+    ``positional``: an optional positional argument instead of a flag."""
     if repeat:
         return dataclasses.field(default_factory=lambda: tuple(default), metadata={"help": help, "repeat": True})
-    return dataclasses.field(default=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help, "positional": positional})
 
 
 DEFAULT_PROMPT = "a photo of a red cube on a wooden table"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pladis.errors import PladisError
-from pladis.export.manifest import FORMAT, sha256
+from pladis.export.manifest import FORMAT, SEAL, seal_ok, sha256
 
 
 class EngineError(PladisError):
@@ -87,8 +87,9 @@ def _read_json(path: Path) -> dict:
 def _check_file(folder: Path, rel: str, digest: str | None, what: str, verify: bool, record: str) -> None:
     p = folder / rel
     if not p.is_file():
-        raise EngineError(f"{folder} is missing {rel} ({what}); re-run `pladis export` (or `pladis build`) into a "
-                          "new folder")  # fmt: skip
+        hint = "" if (folder / "engine.json").is_file() else " (if this was an engine folder, its engine.json is gone)"
+        raise EngineError(f"{folder} is missing {rel} ({what}){hint}; re-run `pladis export` (or `pladis build`) "
+                          "into a new folder")  # fmt: skip
     if verify and digest is not None and sha256(p) != digest:
         raise EngineError(
             f"{p} does not match {record} sha256 (changed after it was written); re-export or rebuild, or "
@@ -109,12 +110,18 @@ def open_engine(folder: str | Path, verify: bool = True) -> Engine:
     manifest = _read_json(path)
     if manifest.get("format") != FORMAT:
         raise EngineError(f"{path} is not a {FORMAT} manifest (format={manifest.get('format')!r}); re-export it")
+    if verify and not seal_ok(manifest):
+        raise EngineError(f"{path} was edited after export (its {SEAL} does not match); re-export, or pass "
+                          "--no-verify if you changed it on purpose")  # fmt: skip
     missing = [k for k in ("model", "components", "dims", "image", "pladis", "precision") if k not in manifest]
     if missing:
         raise EngineError(f"{path} is malformed (no {', '.join(missing)}); re-export the folder")
     built = None
     if (folder / "engine.json").is_file():  # a `pladis build` folder: its artifacts replace the ONNX files
         built = _read_json(folder / "engine.json")
+        if not seal_ok(built):
+            raise EngineError(f"{folder / 'engine.json'} was edited after the build (its {SEAL} does not match); "
+                              "rebuild the engine with `pladis build --force`")  # fmt: skip
         if built.get("source_manifest_sha256") != sha256(path):
             raise EngineError(f"{path} is not the manifest this engine was built from (edited after the build); "
                               "rebuild the engine with `pladis build`")  # fmt: skip
