@@ -164,7 +164,8 @@ def build(cfg: BuildConfig) -> dict:
                 hashed = {n: {**c, "sha256": sha256(built / c["file"])} for n, c in components.items()}
                 meta = {**parts, "key": k, "build_seconds": round(time.perf_counter() - t0, 3),
                         "source_manifest_sha256": sha256(src.folder / "manifest.json"),
-                        "components": hashed, "files": src.manifest.get("files", {})}  # fmt: skip
+                        "components": hashed, "files": src.manifest.get("files", {}),
+                        "lam": _lam_info(src.manifest)}  # fmt: skip
                 meta = sealed(meta)
                 write_text(built / cache.ENGINE_FILE, json.dumps(meta, indent=2) + "\n")
                 entry = cache.commit(cache_dir, k, built)
@@ -176,6 +177,13 @@ def build(cfg: BuildConfig) -> dict:
     cache.materialize(entry, out)
     print(f"engine folder {out} ready in {time.perf_counter() - t0:.2f} s")
     return json.loads((out / cache.ENGINE_FILE).read_text())
+
+
+def _lam_info(manifest: dict) -> dict | None:
+    """How the engine takes lam: a runtime input (the graph holds no lam; the key does not depend on it)."""
+    pl = manifest["pladis"]
+    return {"runtime_input": pl["lam_input"], "default": pl["lam"], "range": pl["lam_range"]} \
+        if pl.get("lam_input") else None  # fmt: skip
 
 
 def _key_of(folder: Path) -> str | None:

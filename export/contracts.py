@@ -260,11 +260,35 @@ def component_dtype(comp: Component, precision: torch.dtype) -> torch.dtype:
     return precision
 
 
+LAM_INPUT = "pladis_scale"  # the PLADIS strength, one float32 per denoiser sample (the official pipeline's name)
+
+
+def _with_lam_input(comp: Component) -> Component:
+    """The denoiser contract with lam as its last input: ``pladis_scale`` (cfg_batch,) float32 feeds every
+    PLADIS layer through ``patch.scale``, so one traced graph serves every lam."""
+    from pladis import patch
+
+    inner = comp.forward
+
+    def fwd(m, **inputs):
+        with patch.scale(m, inputs.pop(LAM_INPUT)):
+            return inner(m, **inputs)
+
+    inputs = [*comp.inputs, Tensor(LAM_INPUT, ("cfg_batch",), "float32", "lam")]
+    return Component(comp.name, comp.module, inputs, comp.outputs, fwd, comp.denoiser, comp.extras)
+
+
 def components(pipe, family: str) -> list[Component]:
-    """The components to export for a pipeline of this family: text encoder(s), denoiser, VAE decoder."""
+    """The components to export for a pipeline of this family: text encoder(s), denoiser, VAE decoder. A
+    PLADIS-patched denoiser takes the strength as the input ``pladis_scale``."""
+    from pladis import patch
+
     if family not in DENOISERS:
         raise ValueError(f"export supports the families {', '.join(DENOISERS)}; got {family!r}")
-    return [*_text_encoders(pipe), DENOISERS[family](pipe), _vae_decoder(pipe.vae)]
+    denoiser = DENOISERS[family](pipe)
+    if patch.is_patched(denoiser.module):
+        denoiser = _with_lam_input(denoiser)
+    return [*_text_encoders(pipe), denoiser, _vae_decoder(pipe.vae)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,6 +338,8 @@ def sample_inputs(
             t = torch.randint(0, 64, shape, generator=g)
         elif inp.sample == "guidance":
             t = torch.full(shape, 3.5)
+        elif inp.sample == "lam":  # a different strength per sample, over the useful range and past it
+            t = torch.linspace(0.0, 3.0, shape[0]) if shape[0] > 1 else torch.full(shape, 2.0)
         else:
             t = torch.randn(shape, generator=g)
         out.append(t.to(dtype))

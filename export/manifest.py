@@ -7,9 +7,10 @@ import importlib.metadata
 import json
 from pathlib import Path
 
+from pladis import ops
 from pladis.export import contracts, onnx_op
 
-FORMAT = "pladis-onnx/1"
+FORMAT = "pladis-onnx/2"  # 2: lam is the runtime input pladis_scale (1: lam was a node attribute)
 
 
 def sha256(path: Path) -> str:
@@ -106,7 +107,9 @@ def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, val
         "static": cfg["static"],
         "pladis": {
             "patched": bool(report.layers),
-            "lam": report.lam,
+            "lam": report.lam,  # the default strength; any lam in lam_range runs on the same graph
+            "lam_range": list(ops.LAM_RANGE) if report.layers else [0.0, 0.0],
+            "lam_input": contracts.LAM_INPUT if report.layers else None,
             "alpha": report.alpha,
             "layer_selection": cfg["layers"],
             "layers": report.layers,

@@ -1,11 +1,14 @@
 """The ``pladis::attention`` custom op in ONNX: one ``PladisAttention`` node and its function body.
 
-Node (domain ``pladis``, op type ``PladisAttention``):
+Node (domain ``pladis``, op type ``PladisAttention``) — the contract the TensorRT plugin implements:
     inputs   q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv): one float type (fp32, fp16 or bf16);
              mask: additive, broadcastable to (B, H, Lq, Lk), any float type; ``-inf`` or a large negative
-             removes a key; a (1, 1, 1, 1) zero when the model passes no mask (so the node always has 4 inputs)
+             removes a key; a (1, 1, 1, 1) zero when the model passes no mask;
+             lam: float32, (B,) one PLADIS strength per sample of q's batch, or (1,) for all samples. Every
+             node of a denoiser reads the graph input ``pladis_scale`` (cfg_batch,), so one exported graph
+             (and one engine built from it) serves every lam, per call and per sample
     output   (B, H, Lq, Dv) in q's type
-    attrs    lam, alpha, scale (float); text_len (int: 0 = cross-attention, > 0 = joint attention with
+    attrs    alpha, scale (float); text_len (int: 0 = cross-attention, > 0 = joint attention with
              that many text tokens), text_first (int 0/1: FLUX order [text, image] vs SD3 [image, text]);
              plugin_version = "1", plugin_namespace = "pladis" (what TensorRT's ONNX parser uses to find
              the plugin of the same name).
@@ -18,8 +21,8 @@ overshoots), then the closed form on the support it found. ``NEWTON_STEPS`` is t
 identified the support exactly (error at float32 rounding) for key lengths up to 1000 and score scales
 0.3-30 in our measurements; TopK/CumSum are not used, so TensorRT's TopK limit does not apply.
 The body is specialised per export to one alpha (1.5 or 2) and one mode (cross-attention, or joint
-attention with text first or last), which every node of a model shares; lam, scale and text_len are read
-from each node's attributes.
+attention with text first or last), which every node of a model shares; scale and text_len are read from
+each node's attributes, lam from its fifth input.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ MIN_OPSET, MAX_OPSET = 17, 20
 def _symbolic(g, q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
     from torch.onnx import symbolic_helper as sh
 
-    lam, alpha, scale = (sh._get_const(x, "f", name) for x, name in ((lam, "lam"), (alpha, "alpha"), (scale, "scale")))
+    alpha, scale = sh._get_const(alpha, "f", "alpha"), sh._get_const(scale, "f", "scale")
+    lam = g.op("Cast", lam, to_i=TensorProto.FLOAT)  # (B,) or (1,): a runtime input, not an attribute
     text_len, text_first = sh._get_const(text_len, "i", "text_len"), sh._get_const(text_first, "b", "text_first")
     if sh._is_none(attn_mask):
         mask = g.op("Constant", value_t=torch.zeros(1, 1, 1, 1))
@@ -57,8 +61,8 @@ def _symbolic(g, q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
     else:
         mask = attn_mask
     out = g.op(
-        f"{DOMAIN}::{OP_TYPE}", q, k, v, mask,
-        lam_f=lam, alpha_f=alpha, scale_f=scale, text_len_i=text_len, text_first_i=int(text_first),
+        f"{DOMAIN}::{OP_TYPE}", q, k, v, mask, lam,
+        alpha_f=alpha, scale_f=scale, text_len_i=text_len, text_first_i=int(text_first),
         plugin_version_s=PLUGIN_VERSION, plugin_namespace_s=DOMAIN,
     )  # fmt: skip
     # Keep the dtype but no traced sizes: static sizes here would let the exporter constant-fold every shape
@@ -217,7 +221,7 @@ def function_proto(
     if masked:
         s = b.op("Max", b.op("Add", s, b.op("Cast", "mask", to=f32)), b.const(_MASKED))
     dense = b.op("Softmax", s, axis=-1)
-    lam = b.attr_const("lam", "float")
+    lam = b.op("Reshape", "lam", b.const([-1, 1, 1, 1], np.int64))  # (B,) or (1,) -> against (B, H, Lq, Lk)
     one_minus_lam = b.op("Sub", b.const(1.0), lam)
     if joint is None:  # P = (1 - lam) dense + lam c u
         u, c = _entmax(b, s, alpha, newton_steps(alpha, max_keys))
@@ -231,9 +235,9 @@ def function_proto(
     out = b.op("MatMul", b.op("CastLike", p, "v"), "v")
     b.nodes.append(helper.make_node("Identity", [out], ["out"]))
     return helper.make_function(
-        DOMAIN, OP_TYPE, inputs=["q", "k", "v", "mask"], outputs=["out"], nodes=b.nodes,
+        DOMAIN, OP_TYPE, inputs=["q", "k", "v", "mask", "lam"], outputs=["out"], nodes=b.nodes,
         opset_imports=[helper.make_opsetid("", opset)],
-        attributes=["lam", "alpha", "scale", "text_len", "text_first", "plugin_version", "plugin_namespace"],
+        attributes=["alpha", "scale", "text_len", "text_first", "plugin_version", "plugin_namespace"],
     )  # fmt: skip
 
 

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "attention": "pladis.ops", "entmax": "pladis.ops", "joint_attention": "pladis.ops",
     "PatchReport": "pladis.patch", "apply": "pladis.patch", "remove": "pladis.patch",
-    "supported_models": "pladis.patch",
+    "supported_models": "pladis.patch", "scale": "pladis.patch",
 }  # fmt: skip
 __all__ = sorted(_PUBLIC)
 

@@ -23,6 +23,8 @@ from torch import Tensor
 
 DEFAULT_LAM = 2.0  # the paper's and the official code's `pladis_scale`
 DEFAULT_ALPHA = 1.5  # entmax15
+# What engines and the server accept as a runtime lam: 0 (stock) up to well past the paper's useful 1-3.
+LAM_RANGE = (0.0, 10.0)
 
 
 # Sort-free threshold (ONNX function body, Triton kernel): Newton steps by alpha, for key lengths up to
@@ -149,8 +151,17 @@ def text_span(length: int, text_len: int, text_first: bool) -> tuple[int, int]:
     return (0, text_len) if text_first else (length - text_len, length)
 
 
-def _mixed_map(s: Tensor, lam: float, alpha: float, text_len: int, text_first: bool, row0: int) -> Tensor:
-    """The PLADIS attention map for logits s: (..., rows, Lk), whose first row is query index row0."""
+def _lam_view(lam: float | Tensor, s: Tensor) -> float | Tensor:
+    """lam as a number, or a (B,)/(1,) tensor viewed as (B, 1, ..., 1) against logits s: (B, ..., rows, Lk)."""
+    if not isinstance(lam, Tensor):
+        return lam
+    return lam.to(s.dtype).reshape(-1, *[1] * (s.dim() - 1))
+
+
+def _mixed_map(s: Tensor, lam: float | Tensor, alpha: float, text_len: int, text_first: bool, row0: int) -> Tensor:
+    """The PLADIS attention map for logits s: (..., rows, Lk), whose first row is query index row0; lam a
+    number or one value per batch sample (a (B,) or (1,) tensor)."""
+    lam = _lam_view(lam, s)
     dense = _softmax(s)
     if text_len == 0:
         return dense + lam * (entmax(s, alpha) - dense)
@@ -171,7 +182,7 @@ def reference_attention(
     k: Tensor,
     v: Tensor,
     attn_mask: Optional[Tensor],
-    lam: float,
+    lam: float | Tensor,
     alpha: float,
     scale: float,
     text_len: int = 0,
@@ -181,11 +192,11 @@ def reference_attention(
 
     q: (..., Lq, D), k: (..., Lk, D), v: (..., Lk, Dv), leading dims broadcastable; attn_mask broadcastable
     to (..., Lq, Lk), bool (True = attend) or additive. text_len = 0: cross-attention; text_len > 0: joint
-    attention whose text tokens are the first (text_first) or last text_len tokens. Returns (..., Lq, Dv) in
-    q's dtype. Queries are
-    processed in chunks whose intermediates hold at most ``_CHUNK_ELEMENTS`` elements.
+    attention whose text tokens are the first (text_first) or last text_len tokens. lam: a number, or a float
+    tensor of shape (B,) (one value per sample of the leading batch dim) or (1,). Returns (..., Lq, Dv) in
+    q's dtype. Queries are processed in chunks whose intermediates hold at most ``_CHUNK_ELEMENTS`` elements.
     """
-    if lam == 0.0:
+    if not isinstance(lam, Tensor) and lam == 0.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     lq, lk = q.shape[-2], k.shape[-2]
@@ -213,7 +224,7 @@ def attention_op(
     k: Tensor,
     v: Tensor,
     attn_mask: Optional[Tensor],
-    lam: float,
+    lam: Tensor,
     alpha: float,
     scale: float,
     text_len: int,
@@ -221,8 +232,10 @@ def attention_op(
 ) -> Tensor:
     """``pladis::attention``: validated arguments only (call ``attention``/``joint_attention``).
 
-    text_len = 0 is cross-attention; text_len > 0 is joint attention with that many text tokens, first or
-    last. The text range is stored as a length, not as indices, so one exported graph serves every image size.
+    lam: float32 tensor of shape (B,) (one strength per sample of q's batch) or (1,) (all samples): a runtime
+    input, so one traced or exported graph serves every lam. text_len = 0 is cross-attention; text_len > 0
+    is joint attention with that many text tokens, first or last. The text range is stored as a length, not
+    as indices, so one exported graph serves every image size.
     """
     return reference_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
 
@@ -267,9 +280,9 @@ def attention(
     masked query row gives a zero row.
     """
     scale = _check(q, k, v, lam, alpha, attn_mask, scale)
-    if lam == 0.0:
+    if not isinstance(lam, Tensor) and lam == 0.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    return attention_op(q, k, v, attn_mask, float(lam), float(alpha), scale, 0, False)
+    return attention_op(q, k, v, attn_mask, _lam_tensor(lam, q), float(alpha), scale, 0, False)
 
 
 def joint_attention(
@@ -293,14 +306,27 @@ def joint_attention(
     """
     scale = _check(q, k, v, lam, alpha, attn_mask, scale)
     _check_text(text_len, text_first, q.shape[-2], k.shape[-2])
-    if lam == 0.0:
+    if not isinstance(lam, Tensor) and lam == 0.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    return attention_op(q, k, v, attn_mask, float(lam), float(alpha), scale, int(text_len), bool(text_first))
+    lam_t = _lam_tensor(lam, q)
+    return attention_op(q, k, v, attn_mask, lam_t, float(alpha), scale, int(text_len), bool(text_first))
 
 
-def check_params(lam: float, alpha: float) -> None:
-    """Raise ValueError naming ``lam`` or ``alpha`` when they are outside what PLADIS supports."""
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+def _lam_tensor(lam: float | Tensor, q: Tensor) -> Tensor:
+    """The op's lam argument: a float32 tensor on q's device, (1,) for a number."""
+    if isinstance(lam, Tensor):
+        return lam.to(device=q.device, dtype=torch.float32)
+    return torch.full((1,), float(lam), dtype=torch.float32, device=q.device)
+
+
+def check_params(lam: float | Tensor, alpha: float) -> None:
+    """Raise ValueError naming ``lam`` or ``alpha`` when they are outside what PLADIS supports. A lam tensor
+    is checked for its shape and type here (its values are the caller's: no device sync per layer)."""
+    if isinstance(lam, Tensor):
+        if lam.dim() != 1 or not lam.dtype.is_floating_point:
+            raise ValueError(f"lam as a tensor must be 1-D floating, one value per batch sample (B,) or (1,); "
+                             f"got shape {tuple(lam.shape)}, {lam.dtype}")  # fmt: skip
+    elif isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
         raise ValueError(f"lam must be a finite number (paper default 2.0, useful range 1-3); got {lam!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (1.0 < alpha <= 2.0):
         raise ValueError(f"alpha must be a number in (1, 2] (1.5 = entmax15, 2 = sparsemax); got {alpha!r}")
@@ -332,6 +358,8 @@ def _check(q, k, v, lam, alpha, attn_mask, scale) -> float:
         raise ValueError(
             f"batch/head dims of q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not broadcast"
         ) from None
+    if isinstance(lam, Tensor) and lam.shape[0] not in (1, batch[0]):
+        raise ValueError(f"lam has {lam.shape[0]} values for a batch of {batch[0]}: give one per sample, or one")
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor) or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
             raise ValueError("attn_mask must be a bool tensor (True = attend) or an additive float tensor")

@@ -8,6 +8,7 @@ each attention module's public ``set_processor`` and remembers the originals; ``
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,11 +46,23 @@ def _qk_norm(norm: nn.Module | None, x: torch.Tensor, heads: int) -> torch.Tenso
     return norm(x.unflatten(-1, (heads, -1))).flatten(-2)
 
 
+def _strength(proc, batch: int) -> float | torch.Tensor:
+    """The lam a processor uses for a call with ``batch`` samples: the per-call value ``scale`` set (one per
+    sample; a list for half the batch is repeated, as diffusers pipelines stack [uncond, cond]), or the
+    number the model was patched with."""
+    lam = proc.runtime_lam
+    if lam is None:
+        return proc.lam
+    if lam.shape[0] not in (1, batch) and batch % lam.shape[0] == 0:
+        lam = lam.repeat(batch // lam.shape[0])
+    return lam
+
+
 class CrossAttnProcessor:
     """PLADIS processor for a diffusers ``Attention`` used as cross-attention (U-Net, PixArt, SANA)."""
 
     def __init__(self, lam: float, alpha: float):
-        self.lam, self.alpha = lam, alpha
+        self.lam, self.alpha, self.runtime_lam = lam, alpha, None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         residual = hidden_states
@@ -74,7 +87,8 @@ class CrossAttnProcessor:
         value = attn.to_v(context)
         # (B, L, H*D) -> (B, H, L, D)
         query, key, value = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (query, key, value))
-        out = ops.attention(query, key, value, lam=self.lam, alpha=self.alpha, attn_mask=attention_mask)
+        lam = _strength(self, query.shape[0])
+        out = ops.attention(query, key, value, lam=lam, alpha=self.alpha, attn_mask=attention_mask)
         out = out.transpose(1, 2).flatten(2).to(query.dtype)
 
         out = attn.to_out[1](attn.to_out[0](out))  # linear, dropout
@@ -92,7 +106,7 @@ class JointAttnProcessor:
     """
 
     def __init__(self, lam: float, alpha: float, text_first: bool):
-        self.lam, self.alpha, self.text_first = lam, alpha, text_first
+        self.lam, self.alpha, self.text_first, self.runtime_lam = lam, alpha, text_first, None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is None:
@@ -128,7 +142,7 @@ class JointAttnProcessor:
             v,
             text_len=n_txt,
             text_first=self.text_first,
-            lam=self.lam,
+            lam=_strength(self, q.shape[0]),
             alpha=self.alpha,
             attn_mask=attention_mask,
         )
@@ -288,6 +302,48 @@ def apply(
     setattr(model, _ORIGINALS, originals)
     report.layers = names
     return report
+
+
+@contextlib.contextmanager
+def scale(target, lam):
+    """Run the calls inside the block at PLADIS strength ``lam`` (the official pipeline's ``pladis_scale``).
+
+    target: a model or pipeline patched by ``apply``. lam: a number, or one value per sample (a list or a
+    1-D tensor; inside a diffusers pipeline with CFG, one per prompt-image: it is repeated for the doubled
+    batch). The model stays traceable: under ``torch.onnx.export`` a tensor lam becomes a graph input.
+    """
+    model = denoiser_of(target)
+    procs = [p for p in _pladis_processors(model)]
+    if not procs:
+        raise ValueError("this model is not patched with PLADIS (or was patched with lam=0): call "
+                         "pladis.apply(model, lam=...) first")  # fmt: skip
+    if isinstance(lam, torch.Tensor):
+        t = lam.float().flatten()
+    else:
+        values = [lam] if isinstance(lam, (int, float)) and not isinstance(lam, bool) else list(lam)
+        for v in values:
+            ops.check_params(v, procs[0].alpha)
+        t = torch.tensor(values, dtype=torch.float32)
+    if t.numel() == 0:
+        raise ValueError("lam is an empty list: give a number or one value per sample")
+    old = [p.runtime_lam for p in procs]
+    for p in procs:
+        p.runtime_lam = t
+    try:
+        yield
+    finally:
+        for p, o in zip(procs, old, strict=True):
+            p.runtime_lam = o
+
+
+def _pladis_processors(model) -> list:
+    modules = dict(model.named_modules())
+    return [modules[name].get_processor() for name in model.__dict__.get(_ORIGINALS, {})]
+
+
+def is_patched(target) -> bool:
+    """Whether ``apply`` patched at least one layer of the model."""
+    return bool(denoiser_of(target).__dict__.get(_ORIGINALS))
 
 
 def remove(target) -> int:

@@ -9,6 +9,7 @@ from pladis.files import atomic_path, check_output_file
 from pladis.options import DEFAULT_PROMPT, option
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # by file suffix
+LAM_HELP = "PLADIS strength lambda, a runtime input (0 = stock model; default: the export's)"
 ENGINE_HELP = "engine folder (pladis build) or export folder (pladis export)"
 BACKEND_HELP = "torch | ort | aoti | trt for every component; default: as built (ort for an export folder)"
 SCHEDULER_HELP = "euler | euler_a | dpmpp_2m | ddim | lcm | flow_euler (SD3/FLUX); default: the engine's"
@@ -29,6 +30,7 @@ class GenerateConfig:
     scheduler: str | None = option(None, SCHEDULER_HELP)
     seed: int = option(0, "seed of the initial latents (image i of a batch uses seed + i)")
     batch: int = option(1, "images per prompt")
+    lam: float | None = option(None, LAM_HELP)
     height: int | None = option(None, "image height in pixels (default: the engine's optimal size)")
     width: int | None = option(None, "image width in pixels (default: the engine's optimal size)")
     backend: str = option("", BACKEND_HELP)
@@ -64,7 +66,7 @@ def generate(cfg: GenerateConfig):
                  cfg.verify)  # fmt: skip
     result = rt.generate(cfg.prompt, negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance,
                          guidance_rescale=cfg.guidance_rescale, scheduler=cfg.scheduler, seed=cfg.seed,
-                         batch=cfg.batch, height=cfg.height, width=cfg.width)  # fmt: skip
+                         batch=cfg.batch, height=cfg.height, width=cfg.width, lam=cfg.lam)  # fmt: skip
     for image, path in zip(result.images, paths, strict=True):
         with atomic_path(path) as tmp:
             image.save(tmp, format=IMAGE_FORMATS[path.suffix.lower()])
@@ -79,6 +81,7 @@ class ParityConfig:
     backend: str = option("", BACKEND_HELP)
     prompt: str = option(DEFAULT_PROMPT, "text prompt")
     steps: int = option(4, "denoising steps compared")
+    lam: float | None = option(None, LAM_HELP + " (the eager reference runs at the same lam)")
     scheduler: str | None = option(None, SCHEDULER_HELP)
     guidance: float | None = option(None, GUIDANCE_HELP)
     seed: int = option(0, "seed of the initial latents")
@@ -101,7 +104,7 @@ def parity(cfg: ParityConfig):
             check_output_file(path, suffixes, cfg.force)
     report = harness.run(cfg.engine, cfg.backend or None, prompt=cfg.prompt, steps=cfg.steps, scheduler=cfg.scheduler,
                          guidance=cfg.guidance, seed=cfg.seed, height=cfg.height, width=cfg.width,
-                         device=cfg.device, verify=cfg.verify)  # fmt: skip
+                         device=cfg.device, verify=cfg.verify, lam=cfg.lam)  # fmt: skip
     print(report.table(), flush=True)
     harness.save(report, cfg.json or None, cfg.plot or None)
     return report

@@ -108,6 +108,9 @@ def open_engine(folder: str | Path, verify: bool = True) -> Engine:
     if not path.is_file():
         raise EngineError(f"{folder} has no manifest.json: pass a folder written by `pladis export`")
     manifest = _read_json(path)
+    if manifest.get("format") == "pladis-onnx/1":
+        raise EngineError(f"{folder} was exported by an older pladis with lam baked into the graph; re-export it "
+                          "with `pladis export` (lam is now a runtime input: one export serves every lam)")  # fmt: skip
     if manifest.get("format") != FORMAT:
         raise EngineError(f"{path} is not a {FORMAT} manifest (format={manifest.get('format')!r}); re-export it")
     if verify and not seal_ok(manifest):

@@ -56,6 +56,7 @@ class ParityReport:
     precision: str
     scheduler: str
     tolerance: float
+    lam: list[float] | None = None  # the PLADIS strength both sides ran at, per prompt (None: no PLADIS)
     teacher_forced: list[dict] = field(default_factory=list)
     free_running: list[dict] = field(default_factory=list)
     image_psnr_db: float = 0.0
@@ -76,7 +77,8 @@ class ParityReport:
         return not self.failures
 
     def table(self) -> str:
-        head = (f"Parity: {self.backend} engine vs eager PyTorch ({self.precision}, {self.scheduler}); "
+        lam = "" if self.lam is None else f", lam {'/'.join(f'{x:g}' for x in self.lam)}"
+        head = (f"Parity: {self.backend} engine vs eager PyTorch ({self.precision}, {self.scheduler}{lam}); "
                 f"tolerance rel-L2 {self.tolerance:g} per teacher-forced step")  # fmt: skip
         rows = ["| step | t | TF noise rel-L2 | TF latent rel-L2 | TF cosine | FR latent rel-L2 | FR max-abs |",
                 "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -97,17 +99,19 @@ class ParityReport:
 def run(engine: str | Path, backend: str | None = None, *, prompt: str = DEFAULT_PROMPT,
         steps: int = 4, scheduler: str | None = None, guidance: float | None = None, seed: int = 0,
         height: int | None = None, width: int | None = None, device: str = "cpu",
-        verify: bool = True) -> ParityReport:  # fmt: skip
+        verify: bool = True, lam=None) -> ParityReport:  # fmt: skip
     """Compare ``backend`` on ``engine`` with eager PyTorch through ``steps`` steps, both ways (backend None:
-    each component as built, or ONNX Runtime for an export folder)."""
+    each component as built, or ONNX Runtime for an export folder). lam: the strength both sides run at (a
+    number or one per prompt; None: the export's default)."""
     eng = Runtime(engine, backend=backend, device=device, verify=verify)
     ref = Runtime(eng.engine, backend="torch", device=device)
-    s = eng.settings(prompt, steps=steps, scheduler=scheduler, guidance=guidance, seed=seed, height=height, width=width)
+    s = eng.settings(prompt, steps=steps, scheduler=scheduler, guidance=guidance, seed=seed, height=height, width=width,
+                     lam=lam)  # fmt: skip
     precision = eng.engine.precision
     cond_r, sched_r, lat_r = ref.prepare(s)
     cond_e, sched_e, lat_e = eng.prepare(s)
     label = "+".join(sorted(set(eng.backend_names.values())))
-    report = ParityReport(str(engine), label, precision, type(sched_r).__name__, TOLERANCE[precision])
+    report = ParityReport(str(engine), label, precision, type(sched_r).__name__, TOLERANCE[precision], s.lams)
     tf_scheds = [rt.scheduler(s.scheduler) for rt in (ref, eng)]  # fresh copies for the teacher-forced walk
     for sched in tf_scheds:
         families.set_timesteps(ref, sched, s.steps, s.height, s.width)

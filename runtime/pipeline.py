@@ -8,6 +8,7 @@ runtimes in lockstep through the very same code.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class Settings:
     seeds: list[int]  # one per prompt: images do not depend on what else shares their batch
     height: int
     width: int
+    lams: list[float] | None = None  # PLADIS strength per prompt (None: the engine has no PLADIS layers)
 
 
 @dataclass
@@ -132,10 +134,11 @@ class Runtime:
     # -- checks ----------------------------------------------------------------------------------
 
     def settings(self, prompt, negative_prompt=None, steps=None, guidance=None, guidance_rescale=0.0,
-                 scheduler=None, seed=0, batch=1, height=None, width=None) -> Settings:  # fmt: skip
+                 scheduler=None, seed=0, batch=1, height=None, width=None, lam=None) -> Settings:  # fmt: skip
         """Check every argument against the engine (range, multiples, batch) and fill defaults.
 
-        seed: an int (prompt i gets seed + i) or one seed per prompt.
+        seed: an int (prompt i gets seed + i) or one seed per prompt. lam: the PLADIS strength, a number or
+        one per prompt (None: the export's default); any lam in the manifest's range runs on the same engine.
         """
         family = self.engine.family
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
@@ -176,13 +179,35 @@ class Runtime:
         seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else [int(x) for x in seed]
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed or one per prompt")
-        return Settings(prompts, negatives, steps, guidance, guidance_rescale, scheduler, seeds, height, width)
+        lams = self.check_lam(lam, len(prompts))
+        return Settings(prompts, negatives, steps, guidance, guidance_rescale, scheduler, seeds, height, width, lams)
+
+    def check_lam(self, lam, n: int) -> list[float] | None:
+        """lam (None, a number or one per prompt) as n checked values, or None for an engine without PLADIS."""
+        pl = self.engine.manifest["pladis"]
+        if not pl.get("lam_input"):
+            if lam not in (None, 0, 0.0):
+                raise ValueError(f"lam: this engine was exported without PLADIS layers (lam=0), so it runs only "
+                                 f"lam=0; got {lam!r}: export with --lam to get a PLADIS engine")  # fmt: skip
+            return None
+        values = [pl["lam"]] * n if lam is None else [lam] * n if isinstance(lam, int | float) else list(lam)
+        if len(values) != n:
+            raise ValueError(f"lam: {len(values)} values for {n} prompts; give one number or one per prompt")
+        lo, hi = pl["lam_range"]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not lo <= v <= hi:
+                raise ValueError(f"lam must be a finite number in [{lo:g}, {hi:g}] (this engine's range; 0 = the "
+                                 f"stock model, useful range 1-3); got {v!r}")  # fmt: skip
+        return [float(v) for v in values]
 
     # -- the loop, in pieces ------------------------------------------------------------------------
 
     def prepare(self, s: Settings) -> tuple[dict, object, torch.Tensor]:
         """(constant denoiser inputs, scheduler with timesteps set, initial latents (packed for FLUX))."""
         cond = families.encode(self, s.prompts, s.negatives, s.height, s.width, s.guidance)
+        if s.lams is not None:  # both CFG halves of a sample get that sample's lam: [uncond..., cond...]
+            lam = self.engine.manifest["pladis"]["lam_input"]
+            cond[lam] = torch.tensor(s.lams * (2 if s.negatives is not None else 1), dtype=torch.float32)
         sched = self.scheduler(s.scheduler)
         families.set_timesteps(self, sched, s.steps, s.height, s.width)
         shape = families.latent_shape(self, 1, s.height, s.width)
@@ -217,7 +242,7 @@ class Runtime:
 
     def generate(self, prompt, progress: bool = True, **kwargs) -> Result:
         """Sample images; kwargs as ``settings`` (negative_prompt, steps, guidance, guidance_rescale,
-        scheduler, seed, batch, height, width)."""
+        scheduler, seed, batch, height, width, lam)."""
         s = self.settings(prompt, **kwargs)
         t0 = time.perf_counter()
         cond, sched, latents = self.prepare(s)

@@ -13,7 +13,8 @@ def _args(lq=16, lk=77, dtype=torch.float32, mask=False, text=(0, False)):
     k = torch.randn(2, 3, lk, 32, generator=g).to(dtype)
     v = torch.randn(2, 3, lk, 24, generator=g).to(dtype)
     m = (torch.rand(2, 1, 1, lk, generator=g) > 0.2) if mask else None
-    return (q, k, v, m, 2.0, 1.5, 32**-0.5, *text)
+    lam = torch.tensor([2.0, 1.0])  # one strength per sample: a runtime input of the op
+    return (q, k, v, m, lam, 1.5, 32**-0.5, *text)
 
 
 @pytest.mark.parametrize(

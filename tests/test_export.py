@@ -41,8 +41,11 @@ def test_every_tiny_architecture_exports_and_validates(tmp_path, name):
         for node in nodes:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b"pladis"
-            assert attrs["lam"] == 2.0 and attrs["alpha"] == 1.5 and attrs["scale"] > 0
+            assert "lam" not in attrs and attrs["alpha"] == 1.5 and attrs["scale"] > 0
+            assert len(node.input) == 5  # q, k, v, mask, lam: the strength is the fifth input
         assert [i.name for i in model.graph.input] == [i["name"] for i in comp["inputs"]]
+        if comp["role"] == "denoiser":
+            assert comp["inputs"][-1]["name"] == "pladis_scale" == manifest["pladis"]["lam_input"]
         assert [o.name for o in model.graph.output] == [o["name"] for o in comp["outputs"]]
         assert comp["validation"]["values"] == "ok" and comp["validation"]["checker"] == "full"
         for report in comp["validation"]["outputs"].values():
@@ -61,11 +64,12 @@ def test_every_tiny_architecture_exports_and_validates(tmp_path, name):
 
 def single_node_model(alpha, text_len, text_first, scale, max_keys, elem=TensorProto.FLOAT):
     node = helper.make_node(
-        "PladisAttention", ["q", "k", "v", "mask"], ["out"], domain="pladis", lam=2.0, alpha=alpha, scale=scale,
+        "PladisAttention", ["q", "k", "v", "mask", "lam"], ["out"], domain="pladis", alpha=alpha, scale=scale,
         text_len=text_len, text_first=int(text_first), plugin_version="1", plugin_namespace="pladis",
     )  # fmt: skip
     inputs = [helper.make_tensor_value_info(n, elem, ["B", "H", None, None]) for n in "qkv"]
     inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [None] * 4))
+    inputs.append(helper.make_tensor_value_info("lam", TensorProto.FLOAT, [None]))
     graph = helper.make_graph([node], "one", inputs, [helper.make_tensor_value_info("out", elem, [None] * 4)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx_op.attach_function(model, 17, max_keys=max_keys)  # the Newton steps an export for these keys gets
@@ -92,15 +96,16 @@ def test_function_body_matches_operator(alpha, text_len, text_first, lq, lk, dty
         mask[1, 0, 3] = -np.inf  # one query row with no key at all -> zeros
     elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    lam = np.array([2.0, 0.5], np.float32)  # one strength per sample, read from the node's fifth input
     out = session_from(single_node_model(alpha, text_len, text_first, 0.25, text_len or lk, elem)).run(
-        None, dict(q=q, k=k, v=v, mask=mask)
+        None, dict(q=q, k=k, v=v, mask=mask, lam=lam)
     )[0]
-    t = [torch.tensor(x.astype(np.float64)) for x in (q, k, v, mask)]
+    t = [torch.tensor(x.astype(np.float64)) for x in (q, k, v, mask, lam)]
     if text_len:
         ref = pladis.joint_attention(*t[:3], text_len=text_len, text_first=text_first, alpha=alpha, scale=0.25,
-                                     attn_mask=t[3])  # fmt: skip
+                                     attn_mask=t[3], lam=t[4])  # fmt: skip
     else:
-        ref = pladis.attention(*t[:3], alpha=alpha, scale=0.25, attn_mask=t[3])
+        ref = pladis.attention(*t[:3], alpha=alpha, scale=0.25, attn_mask=t[3], lam=t[4])
     # float32 logits and threshold vs float64: float32 rounding of O(10) scores times lam; fp16 inputs also
     # round the mixed map to fp16 (2^-11 relative) before P·V, as the contract says.
     tol = 2e-5 if dtype == np.float32 else 4e-3
