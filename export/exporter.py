@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
@@ -30,7 +29,7 @@ from pladis.export import contracts, onnx_op, validate
 from pladis.export.manifest import build_manifest, config_hash
 from tqdm import tqdm
 
-from pladis import models, ops, patch
+from pladis import models, ops, patch, sources
 from pladis.files import write_text
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -56,10 +55,24 @@ class ExportConfig:
     force: bool = False
     seed: int = 0
     components: str = ""  # "": all; or a comma list such as "unet" (benchmarks of one component)
+    config: str = field(
+        default="",
+        metadata={
+            "help": "single-file checkpoints: a local diffusers folder with the "
+            "architecture configs (model_index.json, component configs, tokenizers, scheduler)"
+        },
+    )
+    lora: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "LoRA FILE[:SCALE] fused into the weights before export (repeatable; scale 1.0 by default)",
+            "repeat": True,
+        },
+    )
 
 
-def check_config(cfg: ExportConfig) -> None:
-    """Raise ValueError for settings that cannot work, before any model is loaded."""
+def check_config(cfg: ExportConfig) -> sources.Source:
+    """Raise ValueError for settings that cannot work, before any model is loaded; returns the model source."""
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {cfg.precision!r}")
     ops.check_params(cfg.lam, cfg.alpha)
@@ -75,23 +88,18 @@ def check_config(cfg: ExportConfig) -> None:
     for name in ("height", "width", "batch"):
         if getattr(cfg, name) < 0 or (name == "batch" and cfg.batch < 1):
             raise ValueError(f"{name} must be positive; got {getattr(cfg, name)}")
-    hub_id = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", cfg.model) is not None
-    if cfg.model not in models.BUILTINS and not hub_id and not Path(cfg.model).is_dir():
-        raise ValueError(
-            f"unknown model {cfg.model!r}: use a built-in ({', '.join(models.BUILTINS)}), a diffusers folder, "
-            "or a hub id of the form org/name"
-        )
     out = Path(cfg.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.force:
         raise ValueError(f"output folder {out} is not empty; pass --force (force=True) to replace it")
+    return sources.resolve(cfg.model, cfg.config, cfg.lora)  # model, config and LoRAs, no weights loaded
 
 
 def export(cfg: ExportConfig) -> dict:
     """Export ``cfg.model`` to ``cfg.out``; returns the manifest (also written to ``cfg.out/manifest.json``)."""
-    check_config(cfg)
+    source = check_config(cfg)
     start = time.perf_counter()
     dtype = PRECISIONS[cfg.precision]
-    pipe = models.load(cfg.model, seed=cfg.seed, dtype=dtype)
+    pipe = sources.load(source, seed=cfg.seed, dtype=dtype)  # LoRAs fused before PLADIS is applied
     model = patch.denoiser_of(pipe)
     family = patch.family_of(model).name
     height, width = _size(cfg, pipe)
@@ -142,7 +150,7 @@ def export(cfg: ExportConfig) -> dict:
             cfg=asdict(cfg), pipe=pipe, family=family, report=report, dims=d, comps=comps, files=files,
             folder=tmp, validation=checks, config_hashes={c.name: config_hash(c.module) for c in comps},
             height=height, width=width, multiple=contracts.size_multiple(pipe, family),
-            seconds=time.perf_counter() - start,
+            seconds=time.perf_counter() - start, source=sources.record(source),
         )  # fmt: skip
         write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         _replace(tmp, out)

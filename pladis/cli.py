@@ -16,8 +16,10 @@ def _add_config(parser: argparse.ArgumentParser, config_cls, help: dict[str, str
     """
     help = help or {}
     for f in dataclasses.fields(config_cls):
-        flag, text = f.name.replace("_", "-"), help.get(f.name, "")
-        if isinstance(f.default, bool):
+        flag, text = f.name.replace("_", "-"), help.get(f.name, f.metadata.get("help", ""))
+        if f.metadata.get("repeat"):  # a tuple field: the flag may be given several times
+            parser.add_argument(f"--{flag}", dest=f.name, action="append", default=list(f.default), help=text)
+        elif isinstance(f.default, bool):
             action = "store_false" if f.default else "store_true"
             flag = f"no-{flag}" if f.default else flag
             parser.add_argument(f"--{flag}", dest=f.name, action=action, default=f.default, help=text)

@@ -62,10 +62,11 @@ def eager_components(folder: str, device: str) -> dict:
     from pladis.runtime.engine import open_engine
 
     import pladis
-    from pladis import models, patch
+    from pladis import patch, sources
 
     m = open_engine(folder, verify=False).manifest
-    pipe = models.load(m["model"]["source"], seed=m["model"]["seed"], dtype=PRECISIONS[m["precision"]])
+    # the same source, checked unchanged, with the same LoRAs fused (SourceChanged if moved or changed)
+    pipe = sources.load_recorded(m["model"], seed=m["model"]["seed"], dtype=PRECISIONS[m["precision"]])
     if m["pladis"]["patched"]:
         pladis.apply(pipe, lam=m["pladis"]["lam"], alpha=m["pladis"]["alpha"], layers=m["pladis"]["layer_selection"])
     comps = {c.name: c for c in contracts.components(pipe, patch.family_of(patch.denoiser_of(pipe)).name)}
