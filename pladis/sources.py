@@ -74,6 +74,9 @@ LAYOUTS = (
     Layout("FLUX.1 (double_blocks.*)", ("double_blocks.0.img_attn.norm.key_norm.scale",), None, "transformer"),
 )  # fmt: skip
 _VAE_PREFIXES = ("first_stage_model.", "vae.")
+# diffusers' checkpoint types (single_file_utils.infer_diffusers_model_type) per pipeline; the first is the default
+_MODEL_TYPES = {"StableDiffusionXLPipeline": ("xl_base", "xl_inpaint", "playground-v2-5"),
+                "StableDiffusionPipeline": ("v1", "v2", "inpainting", "inpainting_v2")}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -318,12 +321,13 @@ def _builtin_config(path: Path, layout: Layout, shapes: dict) -> tuple[Path, str
             return folder, f"builtin:{name}"
     from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS, infer_diffusers_model_type
 
+    types = _MODEL_TYPES.get(layout.pipeline, ())
     try:
-        repo = DIFFUSERS_DEFAULT_PIPELINE_PATHS[infer_diffusers_model_type(shapes)]["pretrained_model_name_or_path"]
+        model_type = infer_diffusers_model_type(shapes)
     except Exception:  # noqa: BLE001 - diffusers' layout sniffing indexes keys that small models lack
-        repo = {"StableDiffusionXLPipeline": "stabilityai/stable-diffusion-xl-base-1.0"}.get(
-            layout.pipeline, "stable-diffusion-v1-5/stable-diffusion-v1-5"
-        )
+        model_type = None
+    model_type = model_type if model_type in types else types[0]  # diffusers' guess only within the layout's family
+    repo = DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
     from huggingface_hub import constants, snapshot_download
 
     try:
@@ -355,15 +359,20 @@ def _unet_matches(name: str, shapes: dict) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def _quiet():
+    """transformers' and diffusers' info and warnings off (loading notes that say nothing to a pladis user:
+    "no LoRA keys for the text encoder", "modules kept in float32: []")."""
+    from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
-    level = tlog.get_verbosity()
+    levels = tlog.get_verbosity(), dlog.get_verbosity()
     tlog.set_verbosity_error()
+    dlog.set_verbosity_error()
     try:
         yield
     finally:
-        tlog.set_verbosity(level)
+        tlog.set_verbosity(levels[0])
+        dlog.set_verbosity(levels[1])
 
 
 _BUILTIN_CONFIGS: dict[str, Path] = {}
@@ -405,7 +414,7 @@ def _meta_modules(folder: Path):
         cls = getattr(importlib.import_module(spec[0]), spec[1], None)
         if cls is None or not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
             return None
-        with torch.device("meta"), _quiet_transformers():
+        with torch.device("meta"), _quiet():
             if spec[0] == "diffusers":
                 return cls.from_config(cls.load_config(folder / name))
             return cls._from_config(cls.config_class.from_pretrained(folder / name))
@@ -514,7 +523,7 @@ def load(src: Source, *, seed: int = 0, dtype: torch.dtype = torch.float32, devi
     elif src.kind == "folder":
         import diffusers
 
-        with _quiet_transformers():
+        with _quiet():
             pipe = diffusers.DiffusionPipeline.from_pretrained(src.name, local_files_only=True, **{_dtype_kw(): dtype})
     elif src.kind == "single_file":
         pipe = _load_single_file(src, dtype)
@@ -524,7 +533,8 @@ def load(src: Source, *, seed: int = 0, dtype: torch.dtype = torch.float32, devi
         if isinstance(component, torch.nn.Module):
             component.eval()
     if src.loras:
-        fuse_loras(pipe, src.loras)
+        with _quiet():
+            fuse_loras(pipe, src.loras)
     return pipe if device == "cpu" else pipe.to(device)
 
 
@@ -538,7 +548,7 @@ def _load_single_file(src: Source, dtype: torch.dtype):
     cls = getattr(diffusers, src.pipeline_class)
     kw = {_dtype_kw(): dtype, "local_files_only": True}
     path, config = src.name, str(src.config)
-    with _quiet_transformers():
+    with _quiet():
         if not src.full_checkpoint:  # a denoiser-only file (FLUX, SD3 and U-Net-only releases)
             denoiser_cls = type(_meta_modules(src.config)(src.layout.denoiser))
             denoiser = denoiser_cls.from_single_file(path, config=config, subfolder=src.layout.denoiser, **kw)
