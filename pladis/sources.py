@@ -24,7 +24,7 @@ import json
 import math
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,7 +97,6 @@ class Source:
     layout: Layout | None = None
     loras: tuple[Lora, ...] = ()
     full_checkpoint: bool = True  # single files: VAE and text encoders are in the file too
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,6 +185,8 @@ def resolve(model: str, config: str = "", loras=()) -> Source:
         raise ValueError(f"--config is for single-file checkpoints (.safetensors, .ckpt); {model!r} brings its own "
                          "architecture config: drop --config")  # fmt: skip
     if model in models.BUILTINS:
+        if not loras:
+            return Source("builtin", model)
         pipe = models.load(model, device="meta")  # structure only, instant
         src = Source("builtin", model, type(pipe).__name__, loras=loras)
         _check_loras(src, lambda name: getattr(pipe, name, None))

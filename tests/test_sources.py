@@ -150,6 +150,24 @@ def test_single_file_loads_the_folder_weights_exactly(saved, family):
                 assert torch.equal(a[key], b[key]), f"{name}.{key}"  # the conversion copies, never computes
 
 
+def test_ckpt_and_denoiser_only_files(saved, tmp_path):
+    # A .ckpt (torch.save, weights nested under "state_dict" as training runs write them) and a U-Net-only
+    # file, whose other components come from the --config folder's weights
+    pipe = models.load("tiny-sdxl")
+    torch.save({"state_dict": pipeline_to_ldm(pipe)}, tmp_path / "full.ckpt")
+    unet_only = {k: v for k, v in pipeline_to_ldm(pipe).items() if k.startswith("model.diffusion_model.")}
+    save_file(unet_only, str(tmp_path / "unet.safetensors"))
+    with pytest.raises(ValueError, match="holds only a denoiser .*pass --config FOLDER"):
+        sources.resolve(str(tmp_path / "unet.safetensors"))
+    for path in (tmp_path / "full.ckpt", tmp_path / "unet.safetensors"):
+        src = sources.resolve(str(path), str(saved / "tiny-sdxl"))
+        assert src.full_checkpoint == (path.suffix == ".ckpt")
+        got = sources.load(src)
+        for name in ("unet", "vae", "text_encoder_2"):
+            a, b = getattr(got, name).state_dict(), getattr(pipe, name).state_dict()
+            assert all(torch.equal(a[k], b[k]) for k in b), f"{path.name}: {name}"  # copies: bitwise
+
+
 # --------------------------------------------------------------------------------------------------
 # LoRA: fused at export, checked against eager diffusers with the LoRAs loaded as adapters
 # --------------------------------------------------------------------------------------------------
