@@ -616,7 +616,7 @@ def record(src: Source) -> dict:
             "layout": src.layout.name,
             "config": {
                 "origin": src.config_origin,
-                "path": str(src.config),
+                "path": None if src.config_origin.startswith("builtin:") else str(src.config),  # built-in: rebuilt
                 "config_sha256": config_sha256(src.config),
             },
         }
@@ -661,9 +661,12 @@ def verify(entry: dict) -> Source:
         if not p.is_absolute():
             raise SourceChanged(f"this export records its model as the relative path {name!r} (an export made before "
                                 "absolute paths were recorded); re-export it with pladis export")  # fmt: skip
-        kind = "folder" if p.is_dir() else "single_file"
-        if kind == "folder":
-            return Source("folder", name, _pipeline_class(p), loras=loras)
+        if not (p / "model_index.json").is_file():  # before single files were supported: it was a folder
+            raise SourceChanged(
+                f"the model this export was made from is no longer a diffusers folder at {p}; move it back, or "
+                "re-export from its new place (pladis export --model NEW_PATH)"
+            )
+        return Source("folder", name, _pipeline_class(p), loras=loras)  # no hashes recorded: nothing to compare
     if kind in ("builtin", "hub"):
         return Source(kind, name, loras=loras)
     p = Path(name)
@@ -682,13 +685,16 @@ def verify(entry: dict) -> Source:
     _check_files(p, entry.get("files", []), what)
     cfg = entry["config"]
     origin = cfg["origin"]
-    config = _builtin_config_folder(origin.split(":", 1)[1]) if origin.startswith("builtin:") else Path(cfg["path"])
+    builtin = origin.removeprefix("builtin:") if origin.startswith("builtin:") else ""
+    config = _builtin_config_folder(builtin) if builtin else Path(cfg["path"])
     if not (config / "model_index.json").is_file():
         raise SourceChanged(f"the config folder of this export's checkpoint is no longer at {config}; put it back, or "
                             "re-export with --config pointing at its new place")  # fmt: skip
     if config_sha256(config) != cfg["config_sha256"]:
-        raise SourceChanged(f"the config folder {config} of this export's checkpoint changed since the export (config "
-                            "hash differs); restore it or re-export")  # fmt: skip
+        where = (f"the built-in {builtin}'s config (pladis or diffusers was changed)" if builtin
+                 else f"the config folder {config}")  # fmt: skip
+        raise SourceChanged(f"{where} of this export's checkpoint differs from the export's (config hash); restore "
+                            "it or re-export")  # fmt: skip
     if cfg.get("files"):
         _check_files(config, cfg["files"], f"the config folder {config}")
     layout = next(lay for lay in LAYOUTS if lay.name == entry["layout"])

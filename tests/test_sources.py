@@ -334,3 +334,12 @@ def test_patch_of_fused_model_matches_builtin_layers(saved):
     pipe = sources.load(src)
     assert not any("lora" in n for n, _ in pipe.unet.named_modules())
     assert patch.apply(pipe).layers == patch.apply(models.load("tiny-sdxl")).layers
+
+
+def test_manifests_from_before_source_records(tmp_path, monkeypatch):
+    # Exports made before issue 12 stored the model as typed: built-ins still rebuild; a relative path is
+    # refused with the fix instead of being tried as a hub id
+    assert sources.verify({"source": "tiny-sd15", "seed": 0}).kind == "builtin"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(sources.SourceChanged, match="relative path 'mine' .* re-export it"):
+        sources.verify({"source": "mine", "seed": 0})
