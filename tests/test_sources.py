@@ -221,6 +221,38 @@ def test_sdxl_single_file_with_loras_matches_eager_and_parity_passes(exports, sa
     assert report.ok, report.table()  # fp32: rel-L2 <= 1e-4 per teacher-forced step (parity.TOLERANCE)
 
 
+def test_text_encoder_lora_is_fused_too(saved, tmp_path):
+    # LoRAs may carry text-encoder layers (keys "text_encoder.*"); fused the same way. Only the text encoder
+    # is exported: it is the component this LoRA changes. Written by hand in diffusers' format (transformers 5's
+    # own add_adapter wants peft >= 0.22; diffusers' loader does not).
+    pipe = models.load("tiny-sdxl")
+    gen, layers = torch.Generator().manual_seed(4), {}
+    for name, m in pipe.text_encoder.named_modules():
+        if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj")):
+            key = f"text_encoder.{name if name.startswith('text_model.') else 'text_model.' + name}"
+            layers[f"{key}.lora_A.weight"] = torch.randn(4, m.in_features, generator=gen) * 0.1
+            layers[f"{key}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=gen) * 0.1
+    lora = tmp_path / "te.safetensors"
+    save_file(layers, str(lora))
+    out = tmp_path / "out"
+    export(ExportConfig(model=str(saved / "tiny-sdxl"), lora=(f"{lora}:0.7",), out=str(out), components="text_encoder",
+                        validate=False))  # fmt: skip
+    feeds, outs = ort_outputs(out)["text_encoder"]
+    feeds = {k: torch.from_numpy(v) for k, v in feeds.items()}
+
+    import diffusers
+
+    ref = diffusers.DiffusionPipeline.from_pretrained(str(saved / "tiny-sdxl"), local_files_only=True)
+    ref.load_lora_weights(str(tmp_path), weight_name=lora.name, adapter_name="te")
+    ref.set_adapters(["te"], adapter_weights=[0.7])
+    comp = next(c for c in contracts.components(ref, "unet") if c.name == "text_encoder")
+    with torch.no_grad():
+        want = comp.forward(comp.module, **feeds)[0].numpy()
+        base = comp.forward(pipe.text_encoder, **feeds)[0].numpy()
+    assert rel_l2(outs[0], want) <= 1e-4  # the fp32 export contract
+    assert rel_l2(outs[0], base) > 1e-2  # the LoRA changed the text encoder (~0.3 here)
+
+
 # --------------------------------------------------------------------------------------------------
 # Issue 12: the eager reference finds the source by absolute path and says when it moved or changed
 # --------------------------------------------------------------------------------------------------
