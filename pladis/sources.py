@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import importlib.util
 import json
 import math
 import re
@@ -213,6 +214,8 @@ def resolve(model: str, config: str = "", loras=()) -> Source:
             f"unknown model {model!r}: use a built-in ({', '.join(models.BUILTINS)}), a diffusers folder, "
             "a .safetensors / .ckpt checkpoint, or a hub id of the form org/name"
         )
+    if loras and importlib.util.find_spec("peft") is None:
+        raise ValueError(_NO_PEFT)
     return Source("hub", model, None, loras=loras)  # LoRAs are checked once the model is loaded
 
 
@@ -428,6 +431,7 @@ def _meta_modules(folder: Path):
 # --------------------------------------------------------------------------------------------------
 
 
+_NO_PEFT = "--lora needs peft (diffusers' LoRA backend): pip install 'pladis[lora]' (or pip install peft)"
 _LORA_SUFFIX = re.compile(r"\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)(\.[\w-]+)?\.weight$")
 
 
@@ -448,9 +452,7 @@ def _check_loras(src: Source, component) -> None:
         raise ValueError(f"{src.name} is a {src.pipeline_class}, which has no LoRA loader in diffusers "
                          f"{diffusers.__version__}; --lora works with {', '.join(with_lora)}")  # fmt: skip
     if importlib.util.find_spec("peft") is None:
-        raise ValueError(
-            "--lora needs peft (diffusers' LoRA backend): pip install 'pladis[lora]' (or pip install peft)"
-        )
+        raise ValueError(_NO_PEFT)
     components = list(getattr(cls, "_lora_loadable_modules", []))
     built: dict = {}
     for lora in src.loras:
