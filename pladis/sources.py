@@ -35,6 +35,7 @@ from pladis import models
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")  # what diffusers' from_single_file reads
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".gguf")
 LORA_SUFFIXES = (".safetensors", ".bin")
+CONFIG_SUFFIXES = (".json", ".txt", ".model", ".yaml", ".yml")  # configs, vocabularies, merges, sentencepiece
 _HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")
 _UNET = "model.diffusion_model."
 
@@ -126,10 +127,10 @@ def _files(folder: Path) -> list[Path]:
 
 
 def config_sha256(folder: Path) -> str:
-    """One sha256 over a folder's non-weight files (model_index.json, configs, tokenizers, scheduler)."""
+    """One sha256 over a folder's config files (model_index.json, configs, tokenizers, scheduler), by path."""
     h = hashlib.sha256()
     for p in _files(folder):
-        if not _is_weight(p):
+        if p.suffix in CONFIG_SUFFIXES:
             h.update(f"{p.relative_to(folder).as_posix()}\0{sha256(p)}\n".encode())
     return h.hexdigest()
 
