@@ -1,4 +1,4 @@
-"""A writer of the original (LDM / A1111 / ComfyUI) single-file layout for SD 1.x and SDXL pipelines.
+"""Writers of the original single-file layouts: LDM (A1111 / ComfyUI) for SD 1.x and SDXL, MMDiT for SD3.
 
 The inverse of diffusers' single-file conversion (``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``,
 ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``), written for any block layout so the
@@ -119,3 +119,52 @@ def pipeline_to_ldm(pipe) -> dict:
     else:
         out |= clip_to_ldm(pipe.text_encoder.state_dict(), "cond_stage_model.transformer.")
     return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _swap_halves(w: torch.Tensor) -> torch.Tensor:
+    """diffusers' swap_scale_shift: (shift, scale) <-> (scale, shift); its own inverse."""
+    a, b = w.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def sd3_to_original(sd: dict, prefix: str = "model.diffusion_model.") -> dict:
+    """diffusers SD3Transformer2DModel state dict -> the original MMDiT layout (``joint_blocks.*``), the inverse
+    of diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers``."""
+    sd = dict(sd)
+    n = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    fixed = {"pos_embed.pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.proj",
+             "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+             "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+             "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+             "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "context_embedder": "context_embedder",
+             "proj_out": "final_layer.linear"}  # fmt: skip
+    out = {}
+    for new, old in fixed.items():
+        for p in ("weight", "bias", ""):
+            key = f"{new}.{p}" if p else new
+            if key in sd and (p or new == "pos_embed.pos_embed"):
+                out[f"{old}.{p}" if p else old] = sd.pop(key)
+    for p in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{p}"] = _swap_halves(sd.pop(f"norm_out.linear.{p}"))
+        for i in range(n):
+            t, x, c = f"transformer_blocks.{i}.", f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block."
+            out[f"{x}attn.qkv.{p}"] = torch.cat([sd.pop(f"{t}attn.to_{q}.{p}") for q in "qkv"])
+            out[f"{c}attn.qkv.{p}"] = torch.cat([sd.pop(f"{t}attn.add_{q}_proj.{p}") for q in "qkv"])
+            pairs = [("attn.to_out.0", f"{x}attn.proj"), ("norm1.linear", f"{x}adaLN_modulation.1"),
+                     ("ff.net.0.proj", f"{x}mlp.fc1"), ("ff.net.2", f"{x}mlp.fc2"),
+                     ("attn.to_add_out", f"{c}attn.proj"), ("ff_context.net.0.proj", f"{c}mlp.fc1"),
+                     ("ff_context.net.2", f"{c}mlp.fc2")]  # fmt: skip
+            for src, dst in pairs:
+                if f"{t}{src}.{p}" in sd:
+                    out[f"{dst}.{p}"] = sd.pop(f"{t}{src}.{p}")
+            ctx = sd.pop(f"{t}norm1_context.linear.{p}")
+            out[f"{c}adaLN_modulation.1.{p}"] = _swap_halves(ctx) if i == n - 1 else ctx
+    qk_norms = (("norm_q", "x_block.attn.ln_q"), ("norm_k", "x_block.attn.ln_k"),
+                ("norm_added_q", "context_block.attn.ln_q"), ("norm_added_k", "context_block.attn.ln_k"))  # fmt: skip
+    for i in range(n):  # qk norms (weights only), when the model has them
+        for src, dst in qk_norms:
+            if f"transformer_blocks.{i}.attn.{src}.weight" in sd:
+                out[f"joint_blocks.{i}.{dst}.weight"] = sd.pop(f"transformer_blocks.{i}.attn.{src}.weight")
+    if sd:
+        raise KeyError(f"no original SD3 name for {sorted(sd)[:3]}")
+    return {prefix + k: v.detach().contiguous() for k, v in out.items()}
