@@ -98,7 +98,8 @@ class Source:
     config_origin: str = ""  # single files: "folder", "builtin:<name>" or "hf-cache:<repo>"
     layout: Layout | None = None
     loras: tuple[Lora, ...] = ()
-    full_checkpoint: bool = True  # single files: VAE and text encoders are in the file too
+    denoiser_only: bool = False  # single files: only the denoiser; every other component from the config folder
+    vae_from_config: bool = False  # single files: text encoders and denoiser, no VAE (a "no-VAE" release)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,22 +257,27 @@ def _resolve_single_file(path: Path, config: str, loras: tuple[Lora, ...]) -> So
         raise ValueError(f"{path.name}: its keys match no supported single-file layout (tried: {tried}); its first "
                          f"keys are {first}. Convert it to a diffusers folder, or check that it is a model "
                          "checkpoint and not a LoRA or an embedding")  # fmt: skip
-    full = any(k.startswith(_VAE_PREFIXES) for k in shapes)
+    has_vae = any(k.startswith(_VAE_PREFIXES) for k in shapes)
+    denoiser_only = layout.pipeline is None and not has_vae  # LDM U-Net / SD3 / FLUX releases of the denoiser
+    vae_from_config = layout.pipeline is not None and not has_vae
     if config:
         cfg = Path(config).expanduser()
         if not cfg.is_dir():
             raise ValueError(f"--config {config} does not exist or is not a folder; pass a local diffusers folder "
                              "with model_index.json and the component configs")  # fmt: skip
         cfg = cfg.resolve()
-        check_config_folder(cfg, need_weights=not full, denoiser=layout.denoiser)
+        weights = [n for n in _model_components(cfg) if n != layout.denoiser] if denoiser_only else []
+        check_config_folder(cfg, weights, f"{path.name} holds only the {layout.denoiser}")
         origin = "folder"
     else:
         cfg, origin = _builtin_config(path, layout, shapes)
+    if vae_from_config:
+        check_config_folder(cfg, ["vae"], f"{path.name} has no VAE weights")
     cls = _pipeline_class(cfg)
     if layout.pipeline and cls != layout.pipeline:
         raise ValueError(f"{path.name} has the {layout.name} layout (a {layout.pipeline}) but the config "
                          f"{cfg} is a {cls}; pass the config folder of the checkpoint's base model")  # fmt: skip
-    src = Source("single_file", str(path), cls, cfg, origin, layout, loras, full)
+    src = Source("single_file", str(path), cls, cfg, origin, layout, loras, denoiser_only, vae_from_config)
     _check_loras(src, _meta_modules(cfg))
     return src
 
@@ -286,10 +292,20 @@ def _component_config_file(class_name: str) -> str:
     return "config.json"
 
 
-def check_config_folder(folder: Path, need_weights: bool = False, denoiser: str = "") -> None:
+def _model_components(folder: Path) -> list[str]:
+    """The components of a diffusers folder that are models (they have weights)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return [
+        name for name, spec in index.items()
+        if not name.startswith("_") and isinstance(spec, list) and spec[0] in ("diffusers", "transformers")
+        and _component_config_file(spec[1]) == "config.json"
+    ]  # fmt: skip
+
+
+def check_config_folder(folder: Path, weights_for=(), why: str = "") -> None:
     """Each file ``from_single_file`` reads from a config folder is there; the error names the first missing one.
 
-    ``need_weights``: a denoiser-only checkpoint takes every other component's weights from this folder.
+    ``weights_for``: components whose weights must come from this folder too (``why``: the reason, for the error).
     """
     index = folder / "model_index.json"
     if not index.is_file():
@@ -307,10 +323,11 @@ def check_config_folder(folder: Path, need_weights: bool = False, denoiser: str 
         if not wanted.is_file():
             raise ValueError(f"config folder {folder}: {wanted} is missing (component {name}, {spec[1]}); copy it "
                              "from the base model's diffusers folder")  # fmt: skip
-        is_model = spec[0] in ("diffusers", "transformers") and _component_config_file(spec[1]) == "config.json"
-        if need_weights and is_model and name != denoiser and not any(map(_is_weight, (folder / name).iterdir())):
-            raise ValueError(f"the checkpoint holds only the {denoiser}; the config folder {folder} must then hold "
-                             f"the other components' weights, and {folder / name} has none")  # fmt: skip
+        if name in weights_for and not any(map(_is_weight, (folder / name).iterdir())):
+            raise ValueError(
+                f"the config folder must hold the weights of {', '.join(weights_for)} ({why}), and {folder / name} "
+                "has none; pass the base model's full diffusers folder with --config"
+            )
 
 
 def _builtin_config(path: Path, layout: Layout, shapes: dict) -> tuple[Path, str]:
@@ -553,11 +570,13 @@ def _load_single_file(src: Source, dtype: torch.dtype):
     kw = {_dtype_kw(): dtype, "local_files_only": True}
     path, config = src.name, str(src.config)
     with _quiet():
-        if not src.full_checkpoint:  # a denoiser-only file (FLUX, SD3 and U-Net-only releases)
+        if src.denoiser_only:  # FLUX, SD3 and U-Net-only releases
             denoiser_cls = type(_meta_modules(src.config)(src.layout.denoiser))
             denoiser = denoiser_cls.from_single_file(path, config=config, subfolder=src.layout.denoiser, **kw)
             return cls.from_pretrained(config, **{src.layout.denoiser: denoiser}, **kw)
         extra = {}
+        if src.vae_from_config:
+            extra["vae"] = diffusers.AutoencoderKL.from_pretrained(config, subfolder="vae", **kw)
         if src.pipeline_class == "StableDiffusionXLPipeline":
             extra["text_encoder_2"] = _sdxl_text_encoder_2(Path(path), src.config, dtype)
         return cls.from_single_file(path, config=config, **extra, **kw)
@@ -623,8 +642,9 @@ def record(src: Source) -> dict:
                 "config_sha256": config_sha256(src.config),
             },
         }
-        if not src.full_checkpoint:
-            out["config"]["files"] = weight_files(src.config)
+        if src.denoiser_only or src.vae_from_config:  # components whose weights come from the config folder
+            out["config"] |= {"denoiser_only": src.denoiser_only, "vae_from_config": src.vae_from_config,
+                              "files": weight_files(src.config)}  # fmt: skip
     out["loras"] = [{"file": x.path.name, "path": str(x.path), "sha256": sha256(x.path), "scale": x.scale}
                     for x in src.loras]  # fmt: skip
     return out
@@ -701,7 +721,8 @@ def verify(entry: dict) -> Source:
     if cfg.get("files"):
         _check_files(config, cfg["files"], f"the config folder {config}")
     layout = next(lay for lay in LAYOUTS if lay.name == entry["layout"])
-    return Source("single_file", str(p), _pipeline_class(config), config, origin, layout, loras, not cfg.get("files"))
+    return Source("single_file", str(p), _pipeline_class(config), config, origin, layout, loras,
+                  cfg.get("denoiser_only", False), cfg.get("vae_from_config", False))  # fmt: skip
 
 
 def load_recorded(entry: dict, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -167,17 +167,22 @@ def test_single_file_loads_the_folder_weights_exactly(saved, family):
 
 
 def test_ckpt_and_denoiser_only_files(saved, tmp_path):
-    # A .ckpt (torch.save, weights nested under "state_dict" as training runs write them) and a U-Net-only
-    # file, whose other components come from the --config folder's weights
+    # A .ckpt (torch.save, weights nested under "state_dict" as training runs write them), a U-Net-only file
+    # and a file without VAE, whose missing components come from the --config folder's weights
     pipe = models.load("tiny-sdxl")
     torch.save({"state_dict": pipeline_to_ldm(pipe)}, tmp_path / "full.ckpt")
     unet_only = {k: v for k, v in pipeline_to_ldm(pipe).items() if k.startswith("model.diffusion_model.")}
     save_file(unet_only, str(tmp_path / "unet.safetensors"))
+    no_vae = {k: v for k, v in pipeline_to_ldm(pipe).items() if not k.startswith("first_stage_model.")}
+    save_file(no_vae, str(tmp_path / "no-vae.safetensors"))  # "no-VAE" releases: the VAE comes from --config
     with pytest.raises(ValueError, match="holds only a denoiser .*pass --config FOLDER"):
         sources.resolve(str(tmp_path / "unet.safetensors"))
-    for path in (tmp_path / "full.ckpt", tmp_path / "unet.safetensors"):
+    with pytest.raises(ValueError, match="must hold the weights of vae \\(no-vae.safetensors has no VAE weights\\)"):
+        sources.resolve(str(tmp_path / "no-vae.safetensors"))  # the built-in config has no weights
+    for path in (tmp_path / "full.ckpt", tmp_path / "unet.safetensors", tmp_path / "no-vae.safetensors"):
         src = sources.resolve(str(path), str(saved / "tiny-sdxl"))
-        assert src.full_checkpoint == (path.suffix == ".ckpt")
+        assert (src.denoiser_only, src.vae_from_config) == {"full": (False, False), "unet": (True, False),
+                                                             "no-vae": (False, True)}[path.stem]  # fmt: skip
         got = sources.load(src)
         for name in ("unet", "vae", "text_encoder_2"):
             a, b = getattr(got, name).state_dict(), getattr(pipe, name).state_dict()
@@ -191,7 +196,7 @@ def test_sd3_transformer_single_file(tmp_path):
     pipe.save_pretrained(tmp_path / "base")
     save_file(sd3_to_original(pipe.transformer.state_dict()), str(tmp_path / "mmdit.safetensors"))
     src = sources.resolve(str(tmp_path / "mmdit.safetensors"), str(tmp_path / "base"))
-    assert src.layout.name.startswith("SD3") and not src.full_checkpoint
+    assert src.layout.name.startswith("SD3") and src.denoiser_only
     got = sources.load(src)
     assert type(got).__name__ == "StableDiffusion3Pipeline"
     a, b = got.transformer.state_dict(), pipe.transformer.state_dict()
