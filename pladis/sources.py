@@ -475,18 +475,38 @@ def _check_loras(src: Source, component) -> None:
     built: dict = {}
     for lora in src.loras:
         state = _lora_state_dict(cls, lora.path)
+        checked = 0
         for key, value in state.items():
-            if not isinstance(value, torch.Tensor) or key.endswith(".alpha") or not _LORA_SUFFIX.search(key):
-                continue
             comp_name, _, module_path = key.partition(".")
             if comp_name not in components:  # keys without a component prefix belong to the denoiser
                 comp_name, module_path = components[0], key
+            module_path = _peft_name(module_path, text=comp_name.startswith("text_encoder"))
+            if not isinstance(value, torch.Tensor) or not _LORA_SUFFIX.search(module_path):
+                continue  # alphas, DoRA magnitudes, metadata
             if comp_name not in built:
                 built[comp_name] = component(comp_name)
-            why = _misfit(built[comp_name], _LORA_SUFFIX.sub("", module_path), key, value)
+            why = _misfit(built[comp_name], _LORA_SUFFIX.sub("", module_path), module_path, value)
             if why:
                 raise ValueError(f"LoRA {lora.path.name} does not fit {src.name} ({src.pipeline_class}): key {key!r} "
                                  f"{why}; is it a LoRA for another model family or base model?")  # fmt: skip
+            checked += 1
+        if not checked:
+            first = ", ".join(list(state)[:3]) or "none"
+            raise ValueError(f"LoRA {lora.path.name}: {cls.__name__}.lora_state_dict finds no LoRA layers in it (first "
+                             f"keys: {first}); is it a LoRA, and one for this model family?")  # fmt: skip
+
+
+def _peft_name(key: str, text: bool) -> str:
+    """A LoRA key in diffusers' older formats (attention processors, ``lora_linear_layer``, ``lora.down``)
+    renamed to peft's ``<layer>.lora_A/lora_B``, with diffusers' own renaming tables."""
+    from diffusers.utils import state_dict_utils as sdu
+
+    key = key.replace(".processor.", ".")
+    for mapping in (sdu.DIFFUSERS_OLD_TO_PEFT, sdu.DIFFUSERS_TO_PEFT) if text else (sdu.UNET_TO_DIFFUSERS,):
+        for old, new in mapping.items():
+            if old in key:
+                key = key.replace(old, new)
+    return key
 
 
 def _lora_state_dict(cls, path: Path) -> dict:

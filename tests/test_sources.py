@@ -360,6 +360,7 @@ BAD = [  # (model, config, loras, message)
     ("tiny-sdxl", "", ("{saved}/lora-a.safetensors:strong",), "scale 'strong' is not a number"),
     ("tiny-sdxl", "", ("{saved}/lora-missing.safetensors:0.5",), "LoRA file .*lora-missing.safetensors does not exist"),
     ("tiny-pixart", "", ("{saved}/lora-a.safetensors",), "PixArtAlphaPipeline, which has no LoRA loader in diffusers"),
+    ("tiny-sdxl", "", ("{saved}/tiny-sdxl.safetensors",), "LoRA tiny-sdxl.safetensors: .*finds no LoRA layers in it"),
 ]  # fmt: skip
 
 
@@ -383,6 +384,34 @@ def test_cli_bad_lora_exits_2(saved, tmp_path, capsys):
     argv = ["export", "--model", "tiny-sdxl", "--lora", f"{saved}/lora-a.safetensors:nan", "--out", str(out)]
     assert cli.main(argv) == 2
     assert "scale must be a finite number" in capsys.readouterr().err and not out.exists()
+
+
+def test_kohya_lora(saved, tmp_path):
+    # The A1111/kohya naming (lora_unet_..., lora_down/lora_up, alpha), which diffusers converts on loading:
+    # fused like the others, and checked against the model's layers like the others
+    import diffusers
+
+    unet = models.load("tiny-sd15").unet
+    gen, layers = torch.Generator().manual_seed(5), {}
+    for name, m in unet.named_modules():
+        if name.endswith(("attn1.to_q", "attn2.to_k", "attn2.to_v")):
+            key = "lora_unet_" + name.replace(".", "_")
+            layers[f"{key}.lora_down.weight"] = torch.randn(4, m.in_features, generator=gen) * 0.1
+            layers[f"{key}.lora_up.weight"] = torch.randn(m.out_features, 4, generator=gen) * 0.1
+            layers[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(layers, str(tmp_path / "kohya.safetensors"))
+    spec = f"{tmp_path / 'kohya.safetensors'}:0.6"
+    fused = sources.load(sources.resolve(str(saved / "tiny-sd15"), "", [spec])).unet
+    ref = diffusers.DiffusionPipeline.from_pretrained(str(saved / "tiny-sd15"), local_files_only=True)
+    ref.load_lora_weights(str(tmp_path), weight_name="kohya.safetensors", adapter_name="k")
+    ref.set_adapters(["k"], adapter_weights=[0.6])
+    x, e = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    with torch.no_grad():
+        got, want, base = (u(x, 10, e).sample.numpy() for u in (fused, ref.unet, unet))
+    assert rel_l2(got, want) <= 1e-5  # fused W + s·BA vs the adapter's s·B(Ax): float32 rounding only
+    assert rel_l2(got, base) > 1e-3  # the LoRA changes the U-Net (~1e-2 here)
+    with pytest.raises(ValueError, match="does not fit .*attn1.processor.to_q_lora.down.weight' names layer"):
+        sources.resolve(str(saved / "tiny-sdxl"), "", [spec])
 
 
 def test_lora_fits_check_names_shape_mismatch(saved):
