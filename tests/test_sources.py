@@ -19,7 +19,7 @@ from pladis import cli, models, patch, sources
 from pladis.export import ExportConfig, contracts, export
 from pladis.runtime import backends, parity
 
-peft = pytest.importorskip("peft")  # the `lora` extra; without it the LoRA checks say how to install it
+pytest.importorskip("peft")  # in the dev and lora extras; the fixtures make LoRAs with it
 
 
 @pytest.fixture(scope="module")
