@@ -15,7 +15,6 @@ size and text length without shape guards, keeps the custom op as one node throu
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 import warnings
@@ -26,7 +25,7 @@ import onnx
 import torch
 from tqdm import tqdm
 
-from pladis import models, ops, patch
+from pladis import models, ops, patch, sources
 from pladis.export import contracts, onnx_op, validate
 from pladis.export.manifest import build_manifest, config_hash, sealed
 from pladis.files import check_output_folder, clean_stale, replace_folder, temp_dir, write_text
@@ -39,7 +38,9 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 class ExportConfig:
     """Settings of ``pladis export``; the CLI flags are generated from these fields and defaults."""
 
-    model: str = option("tiny-sdxl", "built-in name, local diffusers folder or hub id")
+    model: str = option(
+        "tiny-sdxl", "built-in name, local diffusers folder, single-file checkpoint (.safetensors / .ckpt) or hub id"
+    )
     out: str = option("build/tiny-sdxl", "output folder (written into a temporary sibling, renamed at the end)")
     precision: str = option("fp32", "fp32 | fp16 | bf16 (text encoders always fp32)")
     lam: float = option(ops.DEFAULT_LAM, "PLADIS strength lambda (0 exports the stock model)")
@@ -55,10 +56,18 @@ class ExportConfig:
     force: bool = option(False, "replace an existing export folder written by pladis")
     seed: int = option(0, "seed of the random weights of built-in models")
     components: str = option("", "export only these components (comma list, e.g. unet); default: all")
+    config: str = option(
+        "",
+        "single-file checkpoints: a local diffusers folder with the architecture configs "
+        "(model_index.json, component configs, tokenizers, scheduler)",
+    )
+    lora: tuple[str, ...] = option(
+        (), "LoRA FILE[:SCALE] fused into the weights before export (scale 1.0 by default)", repeat=True
+    )
 
 
-def check_config(cfg: ExportConfig) -> None:
-    """Raise ValueError for settings that cannot work, before any model is loaded."""
+def check_config(cfg: ExportConfig) -> sources.Source:
+    """Raise ValueError for settings that cannot work, before any model is loaded; returns the model source."""
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {cfg.precision!r}")
     ops.check_params(cfg.lam, cfg.alpha)
@@ -74,22 +83,17 @@ def check_config(cfg: ExportConfig) -> None:
     for name in ("height", "width", "batch"):
         if getattr(cfg, name) < 0 or (name == "batch" and cfg.batch < 1):
             raise ValueError(f"{name} must be positive; got {getattr(cfg, name)}")
-    hub_id = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", cfg.model) is not None
-    if cfg.model not in models.BUILTINS and not hub_id and not Path(cfg.model).is_dir():
-        raise ValueError(
-            f"unknown model {cfg.model!r}: use a built-in ({', '.join(models.BUILTINS)}), a diffusers folder, "
-            "or a hub id of the form org/name"
-        )
-    local = [cfg.model] if cfg.model not in models.BUILTINS and Path(cfg.model).exists() else []
-    check_output_folder(cfg.out, "export", cfg.force, inputs=tuple(local))
+    local = [p for p in (cfg.model, cfg.config, *(x.rsplit(":", 1)[0] for x in cfg.lora)) if p and Path(p).exists()]
+    check_output_folder(cfg.out, "export", cfg.force, inputs=tuple(local))  # never the model source itself
+    return sources.resolve(cfg.model, cfg.config, cfg.lora)  # model, config and LoRAs, no weights loaded
 
 
 def export(cfg: ExportConfig) -> dict:
     """Export ``cfg.model`` to ``cfg.out``; returns the manifest (also written to ``cfg.out/manifest.json``)."""
-    check_config(cfg)
+    source = check_config(cfg)
     start = time.perf_counter()
     dtype = PRECISIONS[cfg.precision]
-    pipe = models.load(cfg.model, seed=cfg.seed, dtype=dtype)
+    pipe = sources.load(source, seed=cfg.seed, dtype=dtype)  # LoRAs fused before PLADIS is applied
     model = patch.denoiser_of(pipe)
     family = patch.family_of(model).name
     height, width = _size(cfg, pipe)
@@ -137,7 +141,7 @@ def export(cfg: ExportConfig) -> dict:
             cfg=asdict(cfg), pipe=pipe, family=family, report=report, dims=d, comps=comps, files=files,
             folder=tmp, validation=checks, config_hashes={c.name: config_hash(c.module) for c in comps},
             height=height, width=width, multiple=contracts.size_multiple(pipe, family),
-            seconds=time.perf_counter() - start,
+            seconds=time.perf_counter() - start, source=sources.record(source),
         )  # fmt: skip
         manifest = sealed(manifest)
         write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")

@@ -77,8 +77,9 @@ def pipeline_files(folder: Path) -> dict[str, str]:
 
 
 def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, validation, config_hashes, height,
-                   width, multiple, seconds) -> dict:  # fmt: skip
-    """The manifest dict; file hashes are computed from the files in ``folder``."""
+                   width, multiple, seconds, source: dict | None = None) -> dict:  # fmt: skip
+    """The manifest dict; file hashes are computed from the files in ``folder``. ``source``: the model's
+    record (``pladis.sources.record``: kind, absolute path, weight hashes, config hash, LoRAs)."""
     components = {}
     for comp in comps:
         f = files[comp.name]
@@ -101,7 +102,13 @@ def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, val
     vae = pipe.vae.config
     return {
         "format": FORMAT,
-        "model": {"source": cfg["model"], "seed": cfg["seed"], "pipeline_class": type(pipe).__name__, "family": family},
+        "model": {
+            "source": cfg["model"],
+            **(source or {}),
+            "seed": cfg["seed"],
+            "pipeline_class": type(pipe).__name__,
+            "family": family,
+        },
         "precision": cfg["precision"],
         "opset": cfg["opset"],
         "static": cfg["static"],

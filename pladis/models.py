@@ -13,6 +13,7 @@ import contextlib
 import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -288,7 +289,8 @@ def load(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
     # diffusers 0.42 renamed `torch_dtype` to `dtype` (the old name still works there, with a warning)
     dtype_kw = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(name_or_path, **{dtype_kw: dtype})
+        local = {"local_files_only": True} if Path(name_or_path).is_dir() else {}  # a folder never goes to the hub
+        pipe = diffusers.DiffusionPipeline.from_pretrained(name_or_path, **{dtype_kw: dtype}, **local)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"cannot load model {name_or_path!r}: not a built-in ({', '.join(BUILTINS)}) and from_pretrained "

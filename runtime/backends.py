@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+
 from pladis.runtime.engine import Engine, EngineError
 
 BACKENDS = ("torch", "ort", "aoti", "trt")
@@ -58,14 +59,14 @@ def load(engine: Engine, component: str, backend: str, device: str = "cpu") -> B
 @functools.lru_cache(maxsize=2)
 def eager_components(folder: str, device: str) -> dict:
     """The patched eager pipeline an engine folder was exported from, as export contract components."""
+    import pladis
+    from pladis import patch, sources
     from pladis.export import PRECISIONS, contracts
     from pladis.runtime.engine import open_engine
 
-    import pladis
-    from pladis import models, patch
-
     m = open_engine(folder, verify=False).manifest
-    pipe = models.load(m["model"]["source"], seed=m["model"]["seed"], dtype=PRECISIONS[m["precision"]])
+    # the same source, checked unchanged, with the same LoRAs fused (SourceChanged if moved or changed)
+    pipe = sources.load_recorded(m["model"], seed=m["model"]["seed"], dtype=PRECISIONS[m["precision"]])
     if m["pladis"]["patched"]:
         pladis.apply(pipe, lam=m["pladis"]["lam"], alpha=m["pladis"]["alpha"], layers=m["pladis"]["layer_selection"])
     comps = {c.name: c for c in contracts.components(pipe, patch.family_of(patch.denoiser_of(pipe)).name)}
