@@ -3,19 +3,40 @@
 ``register()`` runs when ``pladis.ops`` is imported and Triton is installed: it only tells the custom op
 which function serves CUDA tensors (no GPU query, no Triton import until a CUDA tensor arrives). That
 function runs the kernel where ``attention.supported`` says it applies (cross-attention, alpha 1.5 or 2,
-up to 512 keys) and the PyTorch operator otherwise, so CUDA calls are always served.
+up to 512 keys) and the PyTorch operator otherwise, so CUDA calls are always served. The TensorRT plugin
+(``pladis.plugins_trt``) compiles the same kernel ahead of time (``aot.compile_kernel``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+from pathlib import Path
+
+# The PTX ISA the ahead-of-time kernel is written in (aot.py): 8.0 = CUDA 12.0, which every driver of the
+# CUDA 12 line loads (Linux >= 525.60.13, Windows >= 527.41), the floor TensorRT 10's CUDA 12 builds have too.
+# Left to itself Triton would write its bundled ptxas's version (8.8 for ptxas 12.9: driver >= 575).
+PTX_VERSION = 80
+MIN_DRIVER = {"cuda": "12.0", "linux": "525.60.13", "windows": "527.41"}
+
+
+def source_hash() -> str:
+    """sha256 of the kernel's sources (the jit kernel, its tiles, the AOT compile step), read as files so that
+    no Triton import is needed."""
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
 
 
 def _cuda_impl(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
+    """lam: a float (the op before lam became a tensor) or a float32 tensor (B,) or (1,) on q's device."""
     from pladis import ops
     from pladis.kernels import attention as kernel
 
-    if lam != 0.0 and kernel.supported(q, k, v, attn_mask, alpha, text_len):
+    plain_sdpa = not hasattr(lam, "shape") and lam == 0.0  # a float 0 is vanilla attention: the operator's SDPA
+    if not plain_sdpa and kernel.supported(q, k, v, attn_mask, alpha, text_len):
         return kernel.attention(q, k, v, attn_mask, lam, alpha, scale)
     return ops.reference_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
 
