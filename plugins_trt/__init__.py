@@ -47,10 +47,10 @@ def check_environment() -> None:
         raise PluginUnavailable(
             f"this TensorRT ({tensorrt.__version__}) has no tensorrt.plugin.aot_impl; the plugin needs >= 10.9"
         )
-    from pladis.kernels import aot
+    from pladis import kernels
 
     try:
-        aot.check_triton()
+        kernels.check_triton()
     except ValueError as e:
         raise PluginUnavailable(str(e)) from None
     import torch

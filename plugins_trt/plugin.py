@@ -1,4 +1,5 @@
-"""The ``PladisAttention`` TensorRT plugin as plain functions: nothing here imports TensorRT at import time.
+"""The ``PladisAttention`` TensorRT plugin as plain functions: nothing here imports TensorRT (or Triton) at import
+time, so the engine builder can check nodes against ``ATTRIBUTES`` / ``check_attributes`` on any machine.
 
 ``pladis.plugins_trt.register()`` imports ``tensorrt.plugin`` (``trtp``), resolves the annotations below
 (written as TensorRT expects them, evaluated only then) and applies ``trtp.register`` / ``trtp.autotune`` /
@@ -17,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from pladis.kernels import aot
-from pladis.kernels import attention as kernel
-
 if TYPE_CHECKING:  # only for readers and type checkers; register() supplies the real module
     import tensorrt.plugin as trtp
+
+    from pladis.kernels import aot
+    from pladis.kernels import attention as kernel
 
 NAMESPACE = "pladis"
 NAME = "PladisAttention"
@@ -67,6 +68,9 @@ def plan(
 ) -> tuple[kernel.KernelConfig, aot.CompiledKernel]:
     """The kernel for one plugin instance: tiles from the profile's longest key row, the mask specialisation
     from the mask's fixed dims, compiled (memoised) for ``capability``. Raises ValueError naming the limit."""
+    from pladis.kernels import aot
+    from pladis.kernels import attention as kernel
+
     if len(q.static) != 4 or len(k.static) != 4 or len(v.static) != 4:
         raise ValueError("PladisAttention's q, k, v must have rank 4 (B, H, L, D)")
     cfg = kernel.kernel_config(
@@ -78,6 +82,8 @@ def plan(
 def launch_and_args(cfg, compiled, q_shape, k_shape, v_shape, mask_shape, lam_shape, *, cdiv=None, minimum=None):
     """Launch parameters and int32 extra arguments for shapes of ints or TensorRT shape expressions (pass
     ``cdiv=trtp.cdiv, minimum=trtp.min`` for expressions). The same arithmetic the PyTorch launcher uses."""
+    from pladis.kernels import attention as kernel
+
     ops = {name: f for name, f in (("cdiv", cdiv), ("minimum", minimum)) if f is not None}
     params = kernel.launch(q_shape[0], q_shape[1], q_shape[2], block_m=cfg.block_m, num_warps=compiled.num_warps,
                            shared_mem=compiled.shared_mem, **ops)  # fmt: skip

@@ -10,6 +10,7 @@ up to 512 keys) and the PyTorch operator otherwise, so CUDA calls are always ser
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 from pathlib import Path
 
@@ -18,6 +19,37 @@ from pathlib import Path
 # Left to itself Triton would write its bundled ptxas's version (8.8 for ptxas 12.9: driver >= 575).
 PTX_VERSION = 80
 MIN_DRIVER = {"cuda": "12.0", "linux": "525.60.13", "windows": "527.41"}
+
+
+MIN_TRITON = (3, 5)  # for the AOT compile: the first Triton whose metadata reports both hidden scratch buffers
+
+
+def triton_version() -> tuple[int, int]:
+    """The installed Triton's (major, minor), read without importing it; ImportError when it is absent."""
+    try:
+        text = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError("triton is not installed") from None
+    major, minor = text.split(".")[:2]
+    return int(major), int(minor)
+
+
+def check_triton() -> None:
+    """Raise ValueError when Triton cannot compile the TensorRT plugin's kernel ahead of time."""
+    need = f"{MIN_TRITON[0]}.{MIN_TRITON[1]}"
+    try:
+        version = triton_version()
+    except ImportError:
+        raise ValueError(
+            f"Triton is not installed: the TensorRT plugin compiles its kernel with it at build time "
+            f"(pip install 'triton>={need}')"
+        ) from None
+    if version < MIN_TRITON:
+        raise ValueError(
+            f"Triton {version[0]}.{version[1]} is too old for the TensorRT plugin: it needs >= {need} "
+            "(ASTSource with constexprs=, and both scratch sizes in the metadata, which must be 0 because "
+            "TensorRT passes null scratch pointers); upgrade triton"
+        )
 
 
 def source_hash() -> str:

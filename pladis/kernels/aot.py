@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import re
 
-from pladis.kernels import PTX_VERSION
+from pladis.kernels import PTX_VERSION, check_triton
 from pladis.kernels.attention import EXTRA_ARGS, SHARED_MEMORY_LIMIT, KernelConfig
 
 INPUTS = ("Q", "K", "V", "M", "LAM")
@@ -43,31 +43,6 @@ def signature(cfg: KernelConfig) -> dict[str, str]:
     t = "*" + _TRITON_TYPES[cfg.dtype]
     return {"Q": t, "K": t, "V": t, "M": "*" + _TRITON_TYPES[cfg.mask_dtype], "LAM": "*fp32",
             **dict.fromkeys(EXTRA_ARGS, "i32"), "OUT": t}  # fmt: skip
-
-
-MIN_TRITON = (3, 5)  # the first Triton whose metadata reports both hidden scratch buffers (global, profile)
-
-
-def triton_version() -> tuple[int, int]:
-    import triton
-
-    major, minor = triton.__version__.split(".")[:2]
-    return int(major), int(minor)
-
-
-def check_triton() -> None:
-    """Raise ValueError when this Triton cannot compile the plugin's kernel ahead of time."""
-    try:
-        version = triton_version()
-    except ImportError:
-        raise ValueError("Triton is not installed: the TensorRT plugin compiles its kernel with it at build time "
-                         f"(pip install 'triton>={MIN_TRITON[0]}.{MIN_TRITON[1]}')") from None  # fmt: skip
-    if version < MIN_TRITON:
-        raise ValueError(
-            f"Triton {version[0]}.{version[1]} is too old for the TensorRT plugin: it needs "
-            f">= {MIN_TRITON[0]}.{MIN_TRITON[1]} (ASTSource with constexprs=, and scratch sizes in the metadata, "
-            "which must be 0 because TensorRT passes null scratch pointers); upgrade triton"
-        )
 
 
 @functools.cache
