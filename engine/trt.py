@@ -70,7 +70,8 @@ def plugin_info() -> dict:
 
 def check_plugin_nodes(model: onnx.ModelProto, component: str) -> int:
     """How many PladisAttention nodes ``model`` has; ValueError naming the component when one of them is
-    something the plugin does not implement (joint attention, alpha other than 1.5/2, missing attributes)."""
+    something the plugin does not implement (joint attention, alpha other than 1.5/2) or an export older than
+    the plugin (lam as an attribute instead of the fifth input, missing attributes)."""
     from pladis.plugins_trt import plugin
 
     nodes = onnx_op.pladis_nodes(model)
@@ -84,6 +85,10 @@ def check_plugin_nodes(model: onnx.ModelProto, component: str) -> int:
             plugin.check_attributes(float(attrs["alpha"]), int(attrs["text_len"]))
         except ValueError as e:
             raise ValueError(f"{component}: {e}") from None
+        if len(node.input) != len(plugin.INPUTS):
+            raise ValueError(f"{component}: PladisAttention node {node.name!r} has {len(node.input)} inputs; the "
+                             f"TensorRT plugin takes {len(plugin.INPUTS)} ({', '.join(plugin.INPUTS)}: lam became a "
+                             "tensor input); re-export with this version of pladis")  # fmt: skip
     return len(nodes)
 
 

@@ -72,6 +72,10 @@ def register() -> None:
 
     from pladis.plugins_trt import plugin
 
+    # already defined in this process (e.g. this package imported under a second name): TensorRT refuses twice
+    if hasattr(getattr(trtp.op, plugin.NAMESPACE, None), plugin.NAME):
+        _registered = True
+        return
     trtp.register(plugin.PLUGIN_ID)(_typed(plugin.register_fn, trtp))
     trtp.autotune(plugin.PLUGIN_ID)(_typed(plugin.autotune_fn, trtp))
     trtp.aot_impl(plugin.PLUGIN_ID)(_typed(plugin.aot_impl_fn, trtp))

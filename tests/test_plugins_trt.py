@@ -112,7 +112,11 @@ def test_exported_nodes_carry_every_registered_attribute_with_its_type(sd15_onnx
         for name, typ in plugin.ATTRIBUTES.items():
             assert attrs.get(name) == kinds[typ], (node.name, name)
         assert {attrs.get("plugin_version"), attrs.get("plugin_namespace")} == {onnx.AttributeProto.STRING}
-    assert trt_engine.check_plugin_nodes(model, "unet") == len(nodes)
+    if all(len(n.input) == len(plugin.INPUTS) for n in nodes):
+        assert trt_engine.check_plugin_nodes(model, "unet") == len(nodes)
+    else:  # an exporter from before lam became the fifth input: the trt build asks for a re-export
+        with pytest.raises(ValueError, match="lam became a tensor input.*re-export"):
+            trt_engine.check_plugin_nodes(model, "unet")
 
 
 def test_autotune_types_keep_q_k_v_out_alike_and_lam_float32():
@@ -139,6 +143,10 @@ def test_the_trt_build_refuses_what_the_plugin_does_not_implement():
         trt_engine.check_plugin_nodes(_node(**{**ok, "alpha": 1.25}), "unet")
     with pytest.raises(ValueError, match=r"lacks the attributes \['scale'\]"):
         trt_engine.check_plugin_nodes(_node(alpha=1.5, text_len=0, text_first=0), "unet")
+    four = _node(**ok)
+    del four.graph.node[0].input[4]
+    with pytest.raises(ValueError, match="has 4 inputs.*takes 5 .*re-export"):
+        trt_engine.check_plugin_nodes(four, "unet")
 
 
 def test_plan_picks_the_kernel_from_the_profile_and_the_mask_shape():

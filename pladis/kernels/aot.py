@@ -58,11 +58,10 @@ def compile_kernel(cfg: KernelConfig, capability: int) -> CompiledKernel:
     check_triton()
     constexprs = cfg.constexprs()
     src = ASTSource(pladis_fwd, {**signature(cfg), **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs)
-    compiled = triton.compile(
-        src,
-        target=GPUTarget("cuda", capability, 32),
-        options={"num_warps": cfg.num_warps, "num_stages": 1, "num_ctas": 1, "ptx_version": PTX_VERSION},
-    )
+    # enable_fp_fusion stated, not left to the default (Triton 3.10 changes it): multiply-adds contract to FMA
+    options = {"num_warps": cfg.num_warps, "num_stages": 1, "num_ctas": 1, "ptx_version": PTX_VERSION,
+               "enable_fp_fusion": True}  # fmt: skip
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     md = compiled.metadata
     kernel = CompiledKernel(
         name=md.name, ptx=compiled.asm["ptx"], cubin=compiled.asm["cubin"], num_warps=md.num_warps,

@@ -57,8 +57,10 @@ def pladis_fwd(
     b, h = bh // H, bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    row_ok = offs_m < tl.where(bh_ok, LQ, 0)  # (not `& bh_ok`: Triton's interpreter mistypes tensor & scalar)
-    key_ok = offs_n < LK
+    # programs past B*H read and write nothing (`< where(...)`, not `& bh_ok`: Triton's interpreter mistypes
+    # tensor & scalar)
+    row_ok = offs_m < tl.where(bh_ok, LQ, 0)
+    key_ok = offs_n < tl.where(bh_ok, LK, 0)
     # 64-bit offsets of one (b, h) slab: batch x head x length x dim overflows int32 for long sequences
     q_ptr = Q + bh.to(tl.int64) * LQ * D
     k_ptr = K + bh.to(tl.int64) * LK * D
@@ -78,7 +80,7 @@ def pladis_fwd(
         smb = tl.where(MB == 1, 0, MH * MQ).to(tl.int64) * MK
         m_ptr = M + b.to(tl.int64) * smb + h.to(tl.int64) * smh
         if MASK_MODE == 1:  # one row of keys per sample (padding masks): loaded once, shared by the query rows
-            s += tl.load(m_ptr + offs_n * smk, mask=offs_n < tl.where(bh_ok, LK, 0), other=0.0).to(tl.float32)[None, :]
+            s += tl.load(m_ptr + offs_n * smk, mask=key_ok, other=0.0).to(tl.float32)[None, :]
         else:
             s += tl.load(m_ptr + offs_m[:, None] * smq + offs_n[None, :] * smk,
                          mask=row_ok[:, None] & key_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
