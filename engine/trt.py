@@ -52,19 +52,13 @@ def device_info(device: str, precision: str) -> dict:
 def plugin_info() -> dict:
     """What the PladisAttention plugin's engines depend on besides TensorRT and the GPU: the kernel's sources,
     the PTX ISA it is written in (hence the driver it needs) and the Triton that compiles it."""
-    import importlib.metadata
-
     from pladis import kernels
 
-    try:
-        triton_version = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        triton_version = None
     return {
         "kernel_sha256": kernels.source_hash(),
         "ptx_isa": f"{kernels.PTX_VERSION // 10}.{kernels.PTX_VERSION % 10}",
         "min_driver": dict(kernels.MIN_DRIVER),
-        "triton": triton_version,
+        "triton": kernels.triton_release(),
     }
 
 

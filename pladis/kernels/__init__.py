@@ -19,17 +19,24 @@ from pathlib import Path
 # Left to itself Triton would write its bundled ptxas's version (8.8 for ptxas 12.9: driver >= 575).
 PTX_VERSION = 80
 MIN_DRIVER = {"cuda": "12.0", "linux": "525.60.13", "windows": "527.41"}
-
-
 MIN_TRITON = (3, 5)  # for the AOT compile: the first Triton whose metadata reports both hidden scratch buffers
 
 
+def triton_release() -> str | None:
+    """The installed Triton's version string, read without importing it (None when absent)."""
+    for dist in ("triton", "pytorch-triton"):  # the release, or the build PyTorch's nightlies ship
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def triton_version() -> tuple[int, int]:
-    """The installed Triton's (major, minor), read without importing it; ImportError when it is absent."""
-    try:
-        text = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        raise ImportError("triton is not installed") from None
+    """The installed Triton's (major, minor); ImportError when it is absent."""
+    text = triton_release()
+    if text is None:
+        raise ImportError("triton is not installed")
     major, minor = text.split(".")[:2]
     return int(major), int(minor)
 
