@@ -162,6 +162,15 @@ def test_plan_picks_the_kernel_from_the_profile_and_the_mask_shape():
         plugin.plan(q, long, long, info((1, 1, 1, 1), (1, 1, 1, 1), "fp32"), 1.5, 0.1, 90)
 
 
+def test_engine_metadata_names_the_kernel_and_the_driver_it_needs():
+    # part of device_info, hence of the cache key and engine.json of every trt build
+    from pladis import kernels
+
+    info = trt_engine.plugin_info()
+    assert info["kernel_sha256"] == kernels.source_hash() and len(info["kernel_sha256"]) == 64
+    assert info["ptx_isa"] == "8.0" and info["min_driver"]["cuda"] == "12.0" and info["triton"]
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. register() and `pladis build --backend trt` say what is missing, without a traceback
 # --------------------------------------------------------------------------------------------------
