@@ -182,7 +182,8 @@ def kernel_config(
 ) -> KernelConfig:
     """Pick the kernel for one call site. max_keys: the longest key row it will see (a shape profile's max).
 
-    The (BLOCK_M, BLOCK_N) float32 score tile holds 8192 elements. What a dot stages in shared memory
+    The (BLOCK_M, BLOCK_N) float32 score tile holds 8192 elements, over 8 warps (4 would need more than 255
+    registers per thread at 128 keys and spill, per ``cuobjdump -res-usage``). What a dot stages in shared memory
     (BLOCK_N x BLOCK_K of k, BLOCK_M x BLOCK_N of P, BLOCK_N x BLOCK_DV of v) stays under the 48 KiB
     default; float32 at 512 keys would not (P alone is 32 KiB), so it forms ``P V`` a column at a time
     without staging. tests/test_kernels.py compiles each of these kernels for sm_80-sm_90 and checks.
@@ -195,7 +196,7 @@ def kernel_config(
     return KernelConfig(
         dtype=dtype, mask_dtype=mask_dtype, scale=float(scale), alpha=float(alpha), mask_mode=mask_mode,
         steps=newton_steps(float(alpha), block_n), block_m=8192 // block_n, block_n=block_n, block_k=chunk,
-        block_dv=chunk, pv_columns=dtype == "fp32" and block_n == 512, num_warps=4 if block_n == 128 else 8,
+        block_dv=chunk, pv_columns=dtype == "fp32" and block_n == 512, num_warps=8,
     )  # fmt: skip
 
 
