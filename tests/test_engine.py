@@ -5,11 +5,11 @@ import subprocess
 import sys
 
 import pytest
+
+from pladis import cli
 from pladis.engine import BuildConfig, build, cache, check, key_parts
 from pladis.export import ExportConfig, export
 from pladis.runtime import EngineError, Runtime, parity
-
-from pladis import cli
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +137,11 @@ def test_trt_without_tensorrt_fails_clearly(onnx_dirs, tmp_path, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_has_tensorrt_and_gpu() is not None, reason=str(_has_tensorrt_and_gpu()))
-def test_trt_build_of_components_without_pladis(onnx_dirs, tmp_path):
-    # Text encoders and the VAE build today; the denoiser needs the PladisAttention plugin (kernel issue).
-    with pytest.raises(ValueError, match="PladisAttention TensorRT plugin is not implemented yet"):
-        build(cfg(onnx_dirs["tiny-sd15"], tmp_path, backend="trt", device="cuda"))
+def test_trt_build_refuses_joint_attention_before_building(onnx_dirs, tmp_path):
+    # The plugin covers cross-attention; FLUX's joint nodes are refused by name before any component builds
+    # (the cross-attention build and its engine: tests/test_plugins_trt.py).
+    with pytest.raises(ValueError, match="no joint kernel"):
+        build(cfg(onnx_dirs["tiny-flux"], tmp_path, backend="trt", device="cuda"))
 
 
 def test_trt_builder_calls_match_polygraphy_signatures():

@@ -3,19 +3,79 @@
 ``register()`` runs when ``pladis.ops`` is imported and Triton is installed: it only tells the custom op
 which function serves CUDA tensors (no GPU query, no Triton import until a CUDA tensor arrives). That
 function runs the kernel where ``attention.supported`` says it applies (cross-attention, alpha 1.5 or 2,
-up to 512 keys) and the PyTorch operator otherwise, so CUDA calls are always served.
+up to 512 keys) and the PyTorch operator otherwise, so CUDA calls are always served. The TensorRT plugin
+(``pladis.plugins_trt``) compiles the same kernel ahead of time (``aot.compile_kernel``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
+from pathlib import Path
+
+# The PTX ISA the ahead-of-time kernel is written in (aot.py): 8.0 = CUDA 12.0, which every driver of the
+# CUDA 12 line loads (Linux >= 525.60.13, Windows >= 527.41), the floor TensorRT 10's CUDA 12 builds have too.
+# Left to itself Triton would write its bundled ptxas's version (8.8 for ptxas 12.9: driver >= 575).
+PTX_VERSION = 80
+MIN_DRIVER = {"cuda": "12.0", "linux": "525.60.13", "windows": "527.41"}
+MIN_TRITON = (3, 5)  # for the AOT compile: the first Triton whose metadata reports both hidden scratch buffers
+
+
+def triton_release() -> str | None:
+    """The installed Triton's version string, read without importing it (None when absent)."""
+    for dist in ("triton", "pytorch-triton"):  # the release, or the build PyTorch's nightlies ship
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def triton_version() -> tuple[int, int]:
+    """The installed Triton's (major, minor); ImportError when it is absent."""
+    text = triton_release()
+    if text is None:
+        raise ImportError("triton is not installed")
+    major, minor = text.split(".")[:2]
+    return int(major), int(minor)
+
+
+def check_triton() -> None:
+    """Raise ValueError when Triton cannot compile the TensorRT plugin's kernel ahead of time."""
+    need = f"{MIN_TRITON[0]}.{MIN_TRITON[1]}"
+    try:
+        version = triton_version()
+    except ImportError:
+        raise ValueError(
+            f"Triton is not installed: the TensorRT plugin compiles its kernel with it at build time "
+            f"(pip install 'triton>={need}')"
+        ) from None
+    if version < MIN_TRITON:
+        raise ValueError(
+            f"Triton {version[0]}.{version[1]} is too old for the TensorRT plugin: it needs >= {need} "
+            "(ASTSource with constexprs=, and both scratch sizes in the metadata, which must be 0 because "
+            "TensorRT passes null scratch pointers); upgrade triton"
+        )
+
+
+def source_hash() -> str:
+    """sha256 of the kernel's sources (the jit kernel, its tiles, the AOT compile step), read as files so that
+    no Triton import is needed."""
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
 
 
 def _cuda_impl(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
+    """lam: a float (the op before lam became a tensor) or a float32 tensor (B,) or (1,) on q's device."""
     from pladis import ops
     from pladis.kernels import attention as kernel
 
-    if lam != 0.0 and kernel.supported(q, k, v, attn_mask, alpha, text_len):
+    plain_sdpa = not hasattr(lam, "shape") and lam == 0.0  # a float 0 is vanilla attention: the operator's SDPA
+    if not plain_sdpa and kernel.supported(q, k, v, attn_mask, alpha, text_len):
         return kernel.attention(q, k, v, attn_mask, lam, alpha, scale)
     return ops.reference_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
 

@@ -1,16 +1,29 @@
-"""The fused PLADIS cross-attention kernel (Triton), forward only.
+"""The fused PLADIS cross-attention kernel (Triton), forward only: one source for every backend.
 
 One program per (batch x head, block of queries), the whole key row in one tile (Lk <= 512: CLIP 77, T5
-120-512): ``S = Q K^T * scale`` with float32 accumulation, the additive mask, row max, softmax, the
-alpha-entmax threshold in float32 registers (the same sort-free Newton + closed form as the ONNX body:
-alpha = 1.5 by Newton on ``||[s - t]_+|| / 2 - 1``, alpha = 2 by Michelot's iteration, no pow or exp in the
-solve), ``P = softmax + lam (entmax - softmax)``, one ``P V`` on tensor cores in the value dtype.
+120-512): ``S = Q K^T * scale`` with float32 accumulation (the head dim in chunks, so shared memory does not
+grow with it), the additive mask, row max, softmax, the alpha-entmax threshold in float32 registers (the same
+sort-free Newton + closed form as the ONNX body), ``P = softmax + lam[b] (entmax - softmax)``, then ``P V``
+in the value dtype (value columns in chunks).
 
-Written and checked in Triton's interpreter on a CPU (``TRITON_INTERPRET=1``, tests/test_kernels.py);
-its speed and its compilation for a GPU are measured by ``make gpu-check`` on a GPU machine.
+The argument order is the one TensorRT uses to launch an ahead-of-time compiled plugin kernel, so the
+PyTorch launcher (``attention``) and the TensorRT plugin (``pladis.plugins_trt``) launch the same function:
+
+    q, k, v, mask, lam                      input pointers (q, k, v, out contiguous (B, H, L, D); mask
+                                            contiguous in its own broadcastable shape; lam float32 (B,) or (1,))
+    B, H, LQ, LK, D, DV, MB, MH, MQ, MK, NL int32 sizes (``extra_args``): batch, heads, query and key lengths,
+                                            head dims of q/k and v, the mask's four dims, lam's length
+    out                                     output pointer
+    SCALE, SPARSEMAX, STEPS, MASK_MODE,     tl.constexpr: logit scale, alpha (2: sparsemax), Newton steps,
+    BLOCK_*, PV_COLUMNS, DOT_PRECISION      mask specialisation, tiles, how P V is formed, float32 products
+
+Strides are derived from the sizes (a mask dim of size 1 broadcasts), so no stride is an argument. The grid
+(``launch``) is ``(cdiv(LQ, BLOCK_M), min(B*H, 65535), cdiv(B*H, 65535))``; programs past ``B*H`` do nothing.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -19,46 +32,72 @@ import triton.language as tl
 from pladis.ops import MASKED, newton_steps
 
 MAX_KEYS = 512  # one tile holds the whole key row; longer rows (joint attention) use the PyTorch operator
+MAX_HEAD_DIM = 256
+GRID_YZ_MAX = 65535  # CUDA's limit on grid y and z
+SHARED_MEMORY_LIMIT = 48 * 1024  # the default dynamic shared memory a launch may use without an opt-in
+MASK_NONE, MASK_KEYS, MASK_FULL = 0, 1, 2  # constexpr MASK_MODE
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXTRA_ARGS = ("B", "H", "LQ", "LK", "D", "DV", "MB", "MH", "MQ", "MK", "NL")  # the int32 sizes, in kernel order
 _MASKED = tl.constexpr(MASKED)  # a global used in a jit function must be constexpr
+_GRID_YZ_MAX = tl.constexpr(GRID_YZ_MAX)
 
 
 @triton.jit
-def _pladis_fwd(
-    Q, K, V, M, Out,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn, sob, soh, som, sod,
-    H, LQ, LK, scale, lam,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPARSEMAX: tl.constexpr, HAS_MASK: tl.constexpr, STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def pladis_fwd(
+    Q, K, V, M, LAM,
+    B, H, LQ, LK, D, DV, MB, MH, MQ, MK, NL,
+    OUT,
+    SCALE: tl.constexpr, SPARSEMAX: tl.constexpr, STEPS: tl.constexpr,
+    MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PV_COLUMNS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(2) * _GRID_YZ_MAX + tl.program_id(1)
+    bh_ok = bh < B * H
+    b, h = bh // H, bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok, key_ok, d_ok = offs_m < LQ, offs_n < LK, offs_d < D
-    # 64-bit offsets: batch x head strides of long sequences overflow int32
-    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-    k = tl.load(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-    s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision=DOT_PRECISION) * scale  # (BM, BN) float32
-    if HAS_MASK:
-        s += tl.load(M + b.to(tl.int64) * smb + h.to(tl.int64) * smh + offs_m[:, None] * smm + offs_n[None, :] * smn,
-                     mask=row_ok[:, None] & key_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    # programs past B*H read and write nothing (`< where(...)`, not `& bh_ok`: Triton's interpreter mistypes
+    # tensor & scalar)
+    row_ok = offs_m < tl.where(bh_ok, LQ, 0)
+    key_ok = offs_n < tl.where(bh_ok, LK, 0)
+    # 64-bit offsets of one (b, h) slab: batch x head x length x dim overflows int32 for long sequences
+    q_ptr = Q + bh.to(tl.int64) * LQ * D
+    k_ptr = K + bh.to(tl.int64) * LK * D
+    s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):  # the head dim in chunks: shared memory independent of D
+        offs_d = d0 + tl.arange(0, BLOCK_K)
+        d_ok = offs_d < D
+        q = tl.load(q_ptr + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_ptr + offs_n[:, None] * D + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), s, input_precision=DOT_PRECISION)
+    s = s * SCALE
+    if MASK_MODE != 0:
+        # a mask dim of size 1 broadcasts (stride 0); otherwise it equals the attention dim (contiguous)
+        smk = tl.where(MK == 1, 0, 1).to(tl.int64)
+        smq = tl.where(MQ == 1, 0, MK).to(tl.int64)
+        smh = tl.where(MH == 1, 0, MQ * MK).to(tl.int64)
+        smb = tl.where(MB == 1, 0, MH * MQ).to(tl.int64) * MK
+        m_ptr = M + b.to(tl.int64) * smb + h.to(tl.int64) * smh
+        if MASK_MODE == 1:  # one row of keys per sample (padding masks): loaded once, shared by the query rows
+            s += tl.load(m_ptr + offs_n * smk, mask=key_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            s += tl.load(m_ptr + offs_m[:, None] * smq + offs_n[None, :] * smk,
+                         mask=row_ok[:, None] & key_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
     s = tl.where(key_ok[None, :], tl.maximum(s, _MASKED), _MASKED)  # padding keys and -inf: finite, far below
     smax = tl.max(s, 1)
     e = tl.exp(s - smax[:, None])
     dense = e / tl.sum(e, 1)[:, None]
     if SPARSEMAX:  # tau += (sum r - 1) / |support|, from max - 1
         tau = smax - 1.0
-        for _ in tl.static_range(STEPS):
+        for _ in range(STEPS):
             r = tl.maximum(s - tau[:, None], 0.0)
             count = tl.sum(tl.where(s > tau[:, None], 1.0, 0.0), 1)
             tau += (tl.sum(r, 1) - 1.0) / tl.maximum(count, 1.0)
         sparse = tl.maximum(s - tau[:, None], 0.0)
     else:  # entmax15 in units of s (t = 2 tau): Newton on ||r|| / 2 - 1 from max - 2, then the closed form
         t = smax - 2.0
-        for _ in tl.static_range(STEPS):
+        for _ in range(STEPS):
             r = tl.maximum(s - t[:, None], 0.0)
             norm = tl.sqrt(tl.sum(r * r, 1))
             t += (norm - 2.0) * norm / tl.maximum(tl.sum(r, 1), 1e-30)
@@ -68,45 +107,218 @@ def _pladis_fwd(
         t += (s1 - tl.sqrt(tl.maximum(s1 * s1 - k_sup * (s2 - 4.0), 0.0))) / k_sup
         r = tl.maximum(s - t[:, None], 0.0)
         sparse = r * r * 0.25
+    lam = tl.load(LAM + tl.minimum(b, NL - 1))  # lam (B,) one per sample, or (1,); in bounds for any program
     p = dense + lam * (sparse - dense)
     p = tl.where((smax > _MASKED / 10)[:, None], p, 0.0)  # a row whose keys are all masked gives zeros
-    v = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-    o = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision=DOT_PRECISION)
-    tl.store(Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-             o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+    p = p.to(V.dtype.element_ty)
+    v_ptr = V + bh.to(tl.int64) * LK * DV
+    o_ptr = OUT + bh.to(tl.int64) * LQ * DV
+    if PV_COLUMNS:  # one value column at a time: nothing staged in shared memory (float32 at 512 keys)
+        for j in range(0, DV):
+            v = tl.load(v_ptr + offs_n * DV + j, mask=key_ok, other=0.0)
+            o = tl.sum(p * v[None, :], 1)
+            tl.store(o_ptr + offs_m * DV + j, o.to(OUT.dtype.element_ty), mask=row_ok)
+    else:
+        for j0 in range(0, DV, BLOCK_DV):  # value columns in chunks, each stored when done
+            offs_j = j0 + tl.arange(0, BLOCK_DV)
+            j_ok = offs_j < DV
+            v = tl.load(v_ptr + offs_n[:, None] * DV + offs_j[None, :], mask=key_ok[:, None] & j_ok[None, :],
+                        other=0.0)  # fmt: skip
+            o = tl.dot(p, v, input_precision=DOT_PRECISION)
+            tl.store(o_ptr + offs_m[:, None] * DV + offs_j[None, :], o.to(OUT.dtype.element_ty),
+                     mask=row_ok[:, None] & j_ok[None, :])  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# What to compile and how to launch it: plain functions shared by the PyTorch launcher and the plugin
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Everything that makes one compiled kernel: pointer types, constexprs, warps. Head dims and lengths are
+    run-time sizes, so one kernel serves every head dim and every key length up to ``block_n``.
+
+    dtype: q/k/v/out type ("fp32", "fp16", "bf16"); mask_dtype: the additive mask's type; block_n: the key
+    tile (``KEY_TILES``); steps: Newton steps for up to ``block_n`` keys.
+    """
+
+    dtype: str
+    mask_dtype: str
+    scale: float
+    alpha: float
+    mask_mode: int
+    steps: int
+    block_m: int
+    block_n: int
+    block_k: int
+    block_dv: int
+    pv_columns: bool
+    num_warps: int
+
+    def constexprs(self) -> dict:
+        """The kernel's tl.constexpr arguments, by name."""
+        return {
+            "SCALE": self.scale, "SPARSEMAX": self.alpha == 2.0, "STEPS": self.steps, "MASK_MODE": self.mask_mode,
+            "BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "BLOCK_DV": self.block_dv,
+            "PV_COLUMNS": self.pv_columns,
+            # float32 inputs keep float32 products (tensor cores would round them to tf32's 10-bit mantissa)
+            "DOT_PRECISION": "ieee" if self.dtype == "fp32" else "tf32",
+        }  # fmt: skip
+
+
+KEY_TILES = (128, 512)  # the key tile: the smallest that holds the call site's longest key row
+
+
+def kernel_config(
+    dtype: str,
+    mask_dtype: str,
+    head_dim: int,
+    value_dim: int,
+    max_keys: int,
+    alpha: float,
+    scale: float,
+    mask_mode: int,
+) -> KernelConfig:
+    """Pick the kernel for one call site. max_keys: the longest key row it will see (a shape profile's max).
+
+    The (BLOCK_M, BLOCK_N) float32 score tile holds 8192 elements, over 8 warps (4 would need more than 255
+    registers per thread at 128 keys and spill, per ``cuobjdump -res-usage``). What a dot stages in shared memory
+    (BLOCK_N x BLOCK_K of k, BLOCK_M x BLOCK_N of P, BLOCK_N x BLOCK_DV of v) stays under the 48 KiB
+    default; float32 at 512 keys would not (P alone is 32 KiB), so it forms ``P V`` a column at a time
+    without staging. tests/test_kernels.py compiles each of these kernels for sm_80-sm_90 and checks.
+    """
+    check_supported(dtype, head_dim, value_dim, max_keys, alpha, mask_mode)
+    if mask_dtype not in DTYPES:
+        raise KernelUnsupported(f"the mask must be fp32, fp16 or bf16; got {mask_dtype}")
+    block_n = next(n for n in KEY_TILES if max_keys <= n)
+    chunk = 32 if dtype != "fp32" and block_n == 128 else 16  # head-dim / value-column chunk of the dots
+    return KernelConfig(
+        dtype=dtype, mask_dtype=mask_dtype, scale=float(scale), alpha=float(alpha), mask_mode=mask_mode,
+        steps=newton_steps(float(alpha), block_n), block_m=8192 // block_n, block_n=block_n, block_k=chunk,
+        block_dv=chunk, pv_columns=dtype == "fp32" and block_n == 512, num_warps=8,
+    )  # fmt: skip
+
+
+class KernelUnsupported(ValueError):
+    """The fused kernel does not cover these shapes or parameters."""
+
+
+def check_supported(dtype: str, head_dim: int, value_dim: int, max_keys: int, alpha: float, mask_mode: int) -> None:
+    """Raise KernelUnsupported naming what the kernel cannot do (the PyTorch operator covers the rest)."""
+    if dtype not in DTYPES:
+        raise KernelUnsupported(f"the fused kernel takes fp32, fp16 or bf16 q/k/v; got {dtype}")
+    if alpha not in (1.5, 2.0):
+        raise KernelUnsupported(f"the fused kernel is exact for alpha 1.5 and 2 only; got alpha={alpha}")
+    if not (1 <= max_keys <= MAX_KEYS):
+        raise KernelUnsupported(
+            f"the fused kernel holds at most {MAX_KEYS} keys in one tile; this call site has up to {max_keys} "
+            "(export with a shorter text length, or use --backend ort/aoti)"
+        )
+    if not (1 <= head_dim <= MAX_HEAD_DIM and 1 <= value_dim <= MAX_HEAD_DIM):
+        raise KernelUnsupported(f"the fused kernel takes head dims up to {MAX_HEAD_DIM}; got {head_dim}/{value_dim}")
+    if mask_mode not in (MASK_NONE, MASK_KEYS, MASK_FULL):
+        raise KernelUnsupported(f"unknown mask mode {mask_mode}")
+
+
+def mask_mode(mask_shape) -> int:
+    """The mask specialisation from the mask's 4 dims (an int, or None for a dim only known at run time).
+
+    (1, 1, 1, 1): a constant shift of every logit, which neither softmax nor entmax sees (the exporter's
+    "no mask" zero): not read. A query dim of 1 ((B, 1, 1, Lk) padding): one key row per program. Else full.
+    """
+    if len(mask_shape) != 4:
+        raise KernelUnsupported(f"the mask must have rank 4 (broadcastable to (B, H, Lq, Lk)); got {len(mask_shape)}")
+    if all(d == 1 for d in mask_shape):
+        return MASK_NONE
+    return MASK_KEYS if mask_shape[2] == 1 else MASK_FULL
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Grid (x, y, z), block (x, y, z) and dynamic shared memory of one launch (ints or TensorRT expressions)."""
+
+    grid: tuple
+    block: tuple
+    shared_mem: object
+
+
+def launch(batch, heads, q_len, *, block_m: int, num_warps: int, shared_mem: int, cdiv=_cdiv, minimum=min) -> Launch:
+    """The launch of ``pladis_fwd`` for sizes that are ints (PyTorch) or TensorRT shape expressions (plugin:
+    ``cdiv=trtp.cdiv, minimum=trtp.min``). Only ``*``, ``cdiv`` and ``minimum`` are applied to the sizes, so
+    the same arithmetic is valid for both; no Python branch depends on a size."""
+    bh = batch * heads
+    return Launch(
+        grid=(cdiv(q_len, block_m), minimum(bh, GRID_YZ_MAX), cdiv(bh, GRID_YZ_MAX)),
+        block=(num_warps * 32, 1, 1),
+        shared_mem=shared_mem,
+    )
+
+
+def extra_args(q_shape, k_shape, v_shape, mask_shape, lam_shape) -> list:
+    """The int32 size arguments, in kernel order (``EXTRA_ARGS``), from the input shapes (ints or expressions)."""
+    return [q_shape[0], q_shape[1], q_shape[2], k_shape[2], q_shape[3], v_shape[3], *mask_shape, lam_shape[0]]
+
+
+# --------------------------------------------------------------------------------------------------
+# The PyTorch launcher: the CUDA implementation of pladis::attention
+# --------------------------------------------------------------------------------------------------
+
+_TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
 
 
 def supported(q, k, v, attn_mask, alpha: float, text_len: int) -> bool:
     """Whether the kernel covers this call (else the PyTorch operator runs)."""
-    return (
-        text_len == 0 and alpha in (1.5, 2.0) and q.dim() == 4 and k.shape[-2] <= MAX_KEYS
-        and q.shape[-1] == v.shape[-1] <= 256 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    )  # fmt: skip
+    if text_len != 0 or q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.dtype not in _TORCH_DTYPES:
+        return False
+    try:
+        check_supported(_TORCH_DTYPES[q.dtype], q.shape[-1], v.shape[-1], k.shape[-2], alpha, MASK_NONE)
+    except KernelUnsupported:
+        return False
+    return attn_mask is None or attn_mask.dim() <= 4
 
 
-def attention(q, k, v, attn_mask, lam: float, alpha: float, scale: float) -> torch.Tensor:
-    """Launch the kernel. q: (B, H, Lq, D), k/v: (B, H, Lk, D) (broadcastable batch/head dims, any strides);
-    attn_mask: bool or additive, broadcastable to (B, H, Lq, Lk), or None. Returns (B, H, Lq, D) in q's dtype."""
+def _lam_tensor(lam, batch: int, device) -> torch.Tensor:
+    """lam as the kernel reads it: float32 (B,) or (1,) on q's device, from a float or such a tensor."""
+    if not isinstance(lam, torch.Tensor):
+        return torch.full((1,), float(lam), dtype=torch.float32, device=device)
+    lam = lam.to(device=device, dtype=torch.float32).reshape(-1).contiguous()
+    if lam.numel() not in (1, batch):
+        raise ValueError(f"lam must hold 1 or B={batch} values (one per batch sample); got shape {tuple(lam.shape)}")
+    return lam
+
+
+def _mask4(attn_mask, b: int, h: int, lq: int, lk: int, device) -> torch.Tensor:
+    """The mask as the kernel reads it: additive, rank 4, each dim 1 or the full size, contiguous."""
+    if attn_mask is None:
+        return torch.zeros((1, 1, 1, 1), device=device)
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros((), device=device).masked_fill(~attn_mask, float("-inf"))
+    m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    full = (b, h, lq, lk)
+    return m.expand(*(1 if m.shape[i] == 1 else full[i] for i in range(4))).contiguous()
+
+
+def attention(q, k, v, attn_mask, lam, alpha: float, scale: float) -> torch.Tensor:
+    """Launch the kernel. q: (B, H, Lq, D), k: (B, H, Lk, D), v: (B, H, Lk, Dv) (broadcastable batch/head dims,
+    any strides: made contiguous); attn_mask: bool or additive, broadcastable to (B, H, Lq, Lk), or None; lam:
+    a float or a float32 tensor (B,) or (1,). Returns (B, H, Lq, Dv) in q's dtype."""
     b, h = (max(x) for x in zip(q.shape[:2], k.shape[:2], v.shape[:2], strict=True))
-    lq, lk, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    q, k, v = (t.expand(b, h, *t.shape[2:]) for t in (q, k, v))  # stride 0 on broadcast dims: no copies
-    out = torch.empty((b, h, lq, d), device=q.device, dtype=q.dtype)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros((), device=q.device).masked_fill(~attn_mask, float("-inf"))
-        attn_mask = attn_mask.expand(b, h, lq, lk)
-    mask = attn_mask if attn_mask is not None else out  # a placeholder pointer when there is no mask
-    mstrides = attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)
-    block_n = max(16, triton.next_power_of_2(lk))
-    block_d = max(16, triton.next_power_of_2(d))
-    block_m = 64 if block_n * block_d <= 128 * 128 else 32  # keep the tiles in registers
-    grid = (triton.cdiv(lq, block_m), b * h)
-    _pladis_fwd[grid](
-        q, k, v, mask, out, *q.stride(), *k.stride(), *v.stride(), *mstrides, *out.stride(),
-        h, lq, lk, float(scale), float(lam), D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        SPARSEMAX=alpha == 2.0, HAS_MASK=attn_mask is not None, STEPS=newton_steps(alpha, lk),
-        # float32 inputs keep float32 products (tensor cores would round them to tf32's 10-bit mantissa)
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )  # fmt: skip
+    lq, lk, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    q, k, v = (t.expand(b, h, *t.shape[2:]).contiguous() for t in (q, k, v))
+    mask = _mask4(attn_mask, b, h, lq, lk, q.device)
+    lam_t = _lam_tensor(lam, b, q.device)
+    cfg = kernel_config(
+        _TORCH_DTYPES[q.dtype], _TORCH_DTYPES.get(mask.dtype, "fp32"), d, dv, lk, alpha, scale, mask_mode(mask.shape)
+    )
+    if mask.dtype not in _TORCH_DTYPES:
+        mask = mask.float()
+    out = torch.empty((b, h, lq, dv), device=q.device, dtype=q.dtype)
+    grid = launch(b, h, lq, block_m=cfg.block_m, num_warps=cfg.num_warps, shared_mem=0).grid
+    sizes = extra_args(q.shape, k.shape, v.shape, mask.shape, lam_t.shape)
+    pladis_fwd[grid](q, k, v, mask, lam_t, *sizes, out, **cfg.constexprs(), num_warps=cfg.num_warps)
     return out

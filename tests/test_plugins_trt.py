@@ -1,0 +1,219 @@
+"""The PladisAttention TensorRT plugin and the TensorRT build, as far as a machine without TensorRT proves them:
+the plugin functions follow TensorRT's rules (checked on the undecorated functions), the node's attributes
+are the ones the plugin registers, ``register()`` and ``pladis build --backend trt`` say what is missing.
+The build and the engine under TensorRT on a GPU are the ``gpu`` tests at the end (skipped here)."""
+
+import ast
+import inspect
+import subprocess
+import sys
+
+import onnx
+import pytest
+from onnx import helper
+
+from pladis.engine import trt as trt_engine
+from pladis.export import ExportConfig, export, onnx_op
+from pladis.plugins_trt import plugin
+
+TRTP_NAMES = {"TensorDesc", "AutoTuneCombination", "KernelLaunchParams", "SymIntExprs"}  # in tensorrt.plugin
+
+
+@pytest.fixture(scope="module")
+def sd15_onnx(tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "tiny-sd15"
+    export(ExportConfig(model="tiny-sd15", out=str(out), validate=False))
+    return out
+
+
+def _tensorrt_missing() -> str | None:
+    try:
+        import tensorrt
+    except ImportError:
+        return "TensorRT is not installed (its libraries are not on PyPI)"
+    if tuple(int(x) for x in tensorrt.__version__.split(".")[:2]) < (10, 9):
+        return f"TensorRT {tensorrt.__version__} < 10.9 (no AOT plugins)"
+    import torch
+
+    return None if torch.cuda.is_available() else "no CUDA GPU"
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. The plugin functions follow TensorRT's rules
+# --------------------------------------------------------------------------------------------------
+
+
+def _params(fn):
+    return list(inspect.signature(fn).parameters.values())
+
+
+def _check_annotation(text: str) -> None:
+    """A deferred annotation register() can evaluate: Python syntax naming builtins and tensorrt.plugin only."""
+    tree = ast.parse(text, mode="eval")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            assert isinstance(node.value, ast.Name) and node.value.id == "trtp" and node.attr in TRTP_NAMES, text
+        elif isinstance(node, ast.Name):
+            assert node.id in {"trtp", "tuple", "list", "str", "bytes", "int", "float"}, text
+
+
+def test_plugin_module_does_not_import_tensorrt():
+    code = "import sys, pladis.plugins_trt, pladis.plugins_trt.plugin; print('tensorrt' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["register", "autotune", "aot_impl"])
+def test_plugin_functions_follow_tensorrt_rules(kind):
+    fn = plugin.FUNCTIONS[kind]
+    params = _params(fn)
+    tail = {"register": [], "autotune": ["outputs"], "aot_impl": ["outputs", "tactic"]}[kind]
+    # tensor descriptors first, then every attribute in register order (TensorRT passes all of them to
+    # aot_impl by position), then the reserved trailing arguments
+    assert [p.name for p in params] == [*plugin.INPUTS, *plugin.ATTRIBUTES, *tail]
+    for p in params:
+        assert p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is inspect.Parameter.empty, p
+        assert isinstance(p.annotation, str), f"{p.name} is not annotated"
+        _check_annotation(p.annotation)
+    for p in params[: len(plugin.INPUTS)]:
+        assert p.annotation == "trtp.TensorDesc"
+    attrs = params[len(plugin.INPUTS) : len(plugin.INPUTS) + len(plugin.ATTRIBUTES)]
+    assert [p.annotation for p in attrs] == [t.__name__ for t in plugin.ATTRIBUTES.values()]
+    assert not set(plugin.ATTRIBUTES) & set(plugin.RESERVED)
+    if tail:
+        assert params[len(plugin.INPUTS) + len(plugin.ATTRIBUTES)].annotation == "tuple[trtp.TensorDesc]"
+    if kind == "aot_impl":
+        assert params[-1].annotation == "int"
+    ret = inspect.signature(fn).return_annotation
+    _check_annotation(ret)
+    assert (
+        ret
+        == {
+            "register": "trtp.TensorDesc",
+            "autotune": "list[trtp.AutoTuneCombination]",
+            "aot_impl": "tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]",
+        }[kind]
+    )
+
+
+def test_plugin_id_is_what_the_onnx_parser_looks_up():
+    # op_type = plugin name, plugin_namespace attribute (and, from TensorRT 10.10, the domain) = namespace
+    assert plugin.PLUGIN_ID == f"{onnx_op.DOMAIN}::{onnx_op.OP_TYPE}" and onnx_op.PLUGIN_VERSION == "1"
+    assert "." not in plugin.NAMESPACE and plugin.NAMESPACE not in {"", "trt", "tensorrt", "std"}
+
+
+def test_exported_nodes_carry_every_registered_attribute_with_its_type(sd15_onnx):
+    model = onnx.load(str(sd15_onnx / "unet.onnx"), load_external_data=False)
+    nodes = onnx_op.pladis_nodes(model)
+    kinds = {float: onnx.AttributeProto.FLOAT, int: onnx.AttributeProto.INT}
+    assert nodes
+    for node in nodes:
+        attrs = {a.name: a.type for a in node.attribute}
+        for name, typ in plugin.ATTRIBUTES.items():
+            assert attrs.get(name) == kinds[typ], (node.name, name)
+        assert {attrs.get("plugin_version"), attrs.get("plugin_namespace")} == {onnx.AttributeProto.STRING}
+    if all(len(n.input) == len(plugin.INPUTS) for n in nodes):
+        assert trt_engine.check_plugin_nodes(model, "unet") == len(nodes)
+    else:  # an exporter from before lam became the fifth input: the trt build asks for a re-export
+        with pytest.raises(ValueError, match="lam became a tensor input.*re-export"):
+            trt_engine.check_plugin_nodes(model, "unet")
+
+
+def test_autotune_types_keep_q_k_v_out_alike_and_lam_float32():
+    types = [t.strip() for t in plugin.io_types(bf16=True).split(",")]
+    assert len(types) == len(plugin.INPUTS) + 1  # inputs, then the one output
+    assert types[0] == types[1] == types[2] == types[5] == "FP32|FP16|BF16"  # dependent: one type for all four
+    assert types[3] == "FP32*FP16*BF16" and types[4] == "FP32"  # the mask's type is free; lam is float32
+    assert "BF16" not in plugin.io_types(bf16=False)
+
+
+def _node(**attrs):
+    node = helper.make_node("PladisAttention", ["q", "k", "v", "mask", "lam"], ["out"], domain="pladis", name="n0",
+                            **{"plugin_version": "1", "plugin_namespace": "pladis", **attrs})  # fmt: skip
+    graph = helper.make_graph([node], "g", [], [])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("pladis", 1)])
+
+
+def test_the_trt_build_refuses_what_the_plugin_does_not_implement():
+    ok = dict(alpha=1.5, scale=0.125, text_len=0, text_first=0)
+    assert trt_engine.check_plugin_nodes(_node(**ok), "unet") == 1
+    with pytest.raises(ValueError, match="transformer: .*joint .*no joint kernel.*--backend ort"):
+        trt_engine.check_plugin_nodes(_node(**{**ok, "text_len": 77, "text_first": 1}), "transformer")
+    with pytest.raises(ValueError, match="alpha 1.5 and 2 only"):
+        trt_engine.check_plugin_nodes(_node(**{**ok, "alpha": 1.25}), "unet")
+    with pytest.raises(ValueError, match=r"lacks the attributes \['scale'\]"):
+        trt_engine.check_plugin_nodes(_node(alpha=1.5, text_len=0, text_first=0), "unet")
+    four = _node(**ok)
+    del four.graph.node[0].input[4]
+    with pytest.raises(ValueError, match="has 4 inputs.*takes 5 .*re-export"):
+        trt_engine.check_plugin_nodes(four, "unet")
+
+
+def test_plan_picks_the_kernel_from_the_profile_and_the_mask_shape():
+    def info(static, upper, dtype="fp16"):
+        return plugin.TensorInfo(dtype, static, upper)
+
+    q = info((None, 16, None, 72), (8, 16, 4096, 72))
+    k = info((None, 16, None, 72), (8, 16, 300, 72))
+    cfg, ck = plugin.plan(q, k, k, info((None, 1, 1, None), (8, 1, 1, 300)), 1.5, 72**-0.5, 90)
+    assert cfg.block_n == 512 and cfg.mask_mode == 1 and ck.capability == 90 and ck.shared_mem <= 48 * 1024
+    long = info((None, 16, None, 72), (8, 16, 600, 72))
+    with pytest.raises(ValueError, match="at most 512 keys"):
+        plugin.plan(q, long, long, info((1, 1, 1, 1), (1, 1, 1, 1), "fp32"), 1.5, 0.1, 90)
+
+
+def test_engine_metadata_names_the_kernel_and_the_driver_it_needs():
+    # part of device_info, hence of the cache key and engine.json of every trt build
+    from pladis import kernels
+
+    info = trt_engine.plugin_info()
+    assert info["kernel_sha256"] == kernels.source_hash() and len(info["kernel_sha256"]) == 64
+    assert info["ptx_isa"] == "8.0" and info["min_driver"]["cuda"] == "12.0" and info["triton"]
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. register() and `pladis build --backend trt` say what is missing, without a traceback
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(_tensorrt_missing() is None, reason="TensorRT >= 10.9 and a GPU are present")
+def test_register_says_what_is_missing():
+    from pladis import plugins_trt
+
+    with pytest.raises(plugins_trt.PluginUnavailable, match="TensorRT|10.9|GPU|Triton"):
+        plugins_trt.register()
+
+
+@pytest.mark.skipif(_tensorrt_missing() is None, reason="TensorRT >= 10.9 and a GPU are present")
+def test_pladis_build_trt_stops_at_the_tensorrt_check_with_exit_2(sd15_onnx, tmp_path):
+    cmd = ["build", "--onnx", str(sd15_onnx), "--backend", "trt", "--out", str(tmp_path / "e"),
+           "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    code = f"import sys; from pladis import cli; sys.exit(cli.main({cmd!r}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "pladis build: error:" in proc.stderr and ("TensorRT" in proc.stderr or "GPU" in proc.stderr)
+    assert not (tmp_path / "e").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# With TensorRT >= 10.9 and a GPU (make gpu-check on such a machine): the real build and the engine
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_tensorrt_missing() is not None, reason=str(_tensorrt_missing()))
+def test_trt_build_of_a_pladis_export_runs_the_plugin(sd15_onnx, tmp_path):
+    import json
+
+    from pladis.engine import BuildConfig, build
+    from pladis.runtime import parity
+
+    out = tmp_path / "engine"
+    meta = build(BuildConfig(onnx=str(sd15_onnx), backend="trt", out=str(out), cache_dir=str(tmp_path / "c"),
+                             device="cuda"))  # fmt: skip
+    assert meta["device"]["plugin"]["ptx_isa"] and meta["device"]["capability"]
+    assert meta["components"]["unet"]["pladis_plugin_layers"] > 0
+    assert json.loads((out / "engine.json").read_text())["key"] == meta["key"]
+    report = parity.run(out, "trt", steps=2)  # the engine in the scheduler loop vs eager PyTorch
+    assert report.ok, report.table()
