@@ -78,22 +78,27 @@ def _denoiser(name: str, size: int, repeats: int, device: str) -> dict:
                                 components="unet", validate=False))  # fmt: skip
         stock, patched = models.load(name).unet, models.load(name).unet
         pladis.apply(patched)
-        comp = next(c for c in contracts.components(models.load(name, device="meta"), "unet") if c.name == "unet")
+        meta = models.load(name, device="meta")
+        comp = next(c for c in contracts.components(meta, "unet") if c.name == "unet")  # stock contract
+        pladis.apply(meta)
+        comp_p = next(c for c in contracts.components(meta, "unet") if c.name == "unet")  # + pladis_scale input
         dims = {k: tuple(v) for k, v in open_engine(f"{tmp}/0.0").manifest["dims"].items()}
         tensors = contracts.sample_inputs(comp, dims, torch.float32)
         inputs = dict(zip([i.name for i in comp.inputs], tensors, strict=True))
+        # lam is a runtime input of the PLADIS graph: the default strength for every sample
+        inputs_p = {**inputs, "pladis_scale": torch.full((dims["cfg_batch"][1],), 2.0)}
         ort = {lam: OrtBackend(open_engine(f"{tmp}/{lam}"), "unet", device) for lam in (0.0, 2.0)}
 
-        def eager(model):
+        def eager(model, c, x):
             def run():
                 with torch.no_grad():
-                    comp.forward(model, **inputs)
+                    c.forward(model, **x)
 
             return run
 
-        variants = {"torch stock": eager(stock), "torch PLADIS": eager(patched),
+        variants = {"torch stock": eager(stock, comp, inputs), "torch PLADIS": eager(patched, comp_p, inputs_p),
                     "ORT stock": lambda: ort[0.0].run(inputs),
-                    "ORT PLADIS": lambda: ort[2.0].run(inputs)}  # fmt: skip
+                    "ORT PLADIS": lambda: ort[2.0].run(inputs_p)}  # fmt: skip
         # tiny models run in milliseconds, where scheduling noise dominates: more rounds for them
         rounds = repeats if size >= 256 else max(repeats, 30)
         samples = harness.interleaved(variants, warmup=3, repeats=rounds, timer=_timer(device))
