@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from pladis.serve.app import ServeConfig, create_app
+from pladis.serve.app import create_app
+from pladis.serve.config import ServeConfig
 
 
 def deployment(cfg: ServeConfig):
