@@ -345,8 +345,8 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
                                          return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         finally:
             gone.cancel()
-            if not waiter.done():  # deadline, disconnect or cancellation: the worker drops or stops it
-                job.abandoned = True
+            if not waiter.done():  # deadline, disconnect or cancellation: out of the queue, or stopped if it runs
+                state["worker"].discard(job)
                 waiter.cancel()
         if waiter not in done:
             if gone in done:

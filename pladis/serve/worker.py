@@ -39,7 +39,7 @@ class WorkerDied(RuntimeError):
     """The worker thread ended while this request's batch ran (the supervisor restarts it)."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a job is found in the queue as itself
 class Job:
     """One request: ``n`` images of one prompt, with its seeds and sampling settings."""
 
@@ -105,6 +105,15 @@ class Worker:
             self.jobs.append(job)
             self.cond.notify()
         return job.future
+
+    def discard(self, job: Job) -> None:
+        """The client no longer waits for ``job`` (deadline, disconnect): leave the queue now (its place is free
+        at once), or, if it runs, let the running batch stop once none of its requests is still wanted."""
+        job.abandoned = True
+        with self.cond:
+            if job in self.jobs:
+                self.jobs.remove(job)
+        job.future.cancel()  # pending: cancelled; running: no effect, the worker settles it
 
     def drain(self) -> None:
         """Stop taking work and answer everything queued with ShuttingDown; the running batch goes on."""
