@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import httpx
@@ -548,6 +549,54 @@ def test_package_imports_without_the_serve_extra():
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
     assert all(f.metadata.get("help") for f in __import__("dataclasses").fields(ServeConfig))  # the CLI's help
+
+
+class _Conn:
+    """A uvicorn connection as the sweeper sees it: ``cycle`` (the request in progress) and a transport."""
+
+    def __init__(self, busy: bool):
+        self.cycle = types.SimpleNamespace(response_complete=False) if busy else None
+        self.transport, self.closed = self, False
+
+    def is_closing(self):
+        return self.closed
+
+    def close(self):
+        self.closed = True
+
+
+def test_sweeper_limits_connections_and_bounds_shutdown():
+    """The sweeper's rules on a fake clock: idle/slow-header limit, a request that holds its connection too
+    long (a client that never reads its answer), and the shutdown sequence."""
+    from pladis.serve.server import request_limit_s, sweep_once
+
+    cfg = ServeConfig(header_timeout_s=2, body_timeout_s=5, timeout_s=10, shutdown_s=3)
+    idle, busy, renewed = _Conn(False), _Conn(True), _Conn(True)
+    calls = []
+    server = types.SimpleNamespace(
+        should_exit=False, server_state=types.SimpleNamespace(connections={idle, busy, renewed})
+    )
+    app = types.SimpleNamespace(state=types.SimpleNamespace(drain=lambda: calls.append("drain"),
+                                                            abort=lambda: calls.append("abort")))  # fmt: skip
+    memo = {"idle": {}, "busy": {}, "shutdown_at": None}
+    limit = request_limit_s(cfg)
+    for now in (0.0, 1.9, 2.1, limit - 0.1, limit + 0.1):
+        renewed.cycle = types.SimpleNamespace(response_complete=False)  # a keep-alive client's next request
+        sweep_once(server, app, cfg, memo, now)
+        if now == 1.9:
+            assert not idle.closed
+        if now == 2.1:
+            assert idle.closed and not busy.closed
+    assert busy.closed and not renewed.closed and calls == []
+    late, fresh = _Conn(True), _Conn(False)
+    server.server_state.connections = {late, fresh}
+    server.should_exit, t0 = True, 1000.0
+    sweep_once(server, app, cfg, memo, t0)
+    assert calls == ["drain"] and fresh.closed and not late.closed  # queue drained, no new request accepted
+    sweep_once(server, app, cfg, memo, t0 + 3.0)
+    assert calls == ["drain", "abort"] and not late.closed  # the running batch is stopped at shutdown_s
+    sweep_once(server, app, cfg, memo, t0 + 4.1)
+    assert late.closed  # and a connection still open a second later is closed
 
 
 def _raw(port: int, data: bytes) -> socket.socket:

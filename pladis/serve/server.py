@@ -50,34 +50,54 @@ def uvicorn_server(app, cfg: ServeConfig, log_level: str = "info"):
     return uvicorn.Server(config)
 
 
+def request_limit_s(cfg: ServeConfig) -> float:
+    """Longest a request may hold its connection: its body, its deadline, as long again as the body for a
+    client to take the answer, and 30 s for one last slow step. Past it the client is not reading: closed."""
+    return cfg.body_timeout_s * 2 + cfg.timeout_s + 30
+
+
 async def sweep(server, app, cfg: ServeConfig) -> None:
-    """Close connections idle past ``header_timeout_s``; run the bounded shutdown once uvicorn starts one."""
-    idle_since: dict = {}
-    shutdown_at = None
-    aborted = False
+    """Every ``SWEEP_S``: ``sweep_once`` (connection limits, bounded shutdown)."""
+    memo: dict = {"idle": {}, "busy": {}, "shutdown_at": None}
     while True:
         await asyncio.sleep(SWEEP_S)
-        now = time.monotonic()
-        if server.should_exit and shutdown_at is None:
-            shutdown_at = now
-            app.state.drain()
-        late = shutdown_at is not None and now - shutdown_at >= cfg.shutdown_s
-        if late and not aborted:
-            aborted = True
-            app.state.abort()
-        connections = list(server.server_state.connections)
-        for conn in connections:
-            cycle = getattr(conn, "cycle", None)
-            if cycle is not None and not cycle.response_complete:  # a request in progress: its own limits apply
-                idle_since.pop(conn, None)
-                close = late and now - shutdown_at >= cfg.shutdown_s + 1.0  # still open past the shutdown limit
-            else:  # new, idle, or sending its headers
-                close = shutdown_at is not None or now - idle_since.setdefault(conn, now) > cfg.header_timeout_s
-            transport = getattr(conn, "transport", None)
-            if close and transport is not None and not transport.is_closing():
-                transport.close()
-        for conn in set(idle_since) - set(connections):
-            del idle_since[conn]
+        sweep_once(server, app, cfg, memo, time.monotonic())
+
+
+def sweep_once(server, app, cfg: ServeConfig, memo: dict, now: float) -> None:
+    """Close connections idle past ``header_timeout_s`` or holding one request past ``request_limit_s``; once
+    uvicorn begins a shutdown (``server.should_exit``): drain at once, abort the running batch after
+    ``shutdown_s``, close every connection still open a second later. ``memo`` carries what was seen before:
+    idle: connection -> since when it has had no request in progress; busy: connection -> (its request,
+    since when); shutdown_at."""
+    idle, busy = memo["idle"], memo["busy"]
+    if server.should_exit and memo["shutdown_at"] is None:
+        memo["shutdown_at"] = now
+        app.state.drain()
+    shutdown_at = memo["shutdown_at"]
+    late = shutdown_at is not None and now - shutdown_at >= cfg.shutdown_s
+    if late:
+        app.state.abort()
+    connections = list(server.server_state.connections)
+    for conn in connections:
+        cycle = getattr(conn, "cycle", None)
+        if cycle is not None and not cycle.response_complete:  # a request in progress
+            idle.pop(conn, None)
+            if busy.get(conn, (None,))[0] is not cycle:
+                busy[conn] = (cycle, now)
+            close = now - busy[conn][1] > request_limit_s(cfg) or (
+                late and now - shutdown_at >= cfg.shutdown_s + 1.0  # still open past the shutdown limit
+            )
+        else:  # new, idle, or sending its headers
+            busy.pop(conn, None)
+            close = shutdown_at is not None or now - idle.setdefault(conn, now) > cfg.header_timeout_s
+        transport = getattr(conn, "transport", None)
+        if close and transport is not None and not transport.is_closing():
+            transport.close()
+    for gone in set(idle) - set(connections):
+        del idle[gone]
+    for gone in set(busy) - set(connections):
+        del busy[gone]
 
 
 async def serve_with_sweeper(server, sock: socket.socket, app, cfg: ServeConfig) -> None:
