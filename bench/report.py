@@ -147,7 +147,8 @@ def _soak_section(data: dict) -> list[str]:
         f"Server's own counts (`pladis_requests_total`; 499: client went away): {server}. Unexplained 5xx "
         f"(anything but the deadline's 504): {c['unexplained_5xx']}; answers outside the documented ones: "
         f"{c['unexpected'] or 'none'}. Server RSS: {rss['after_warmup']:.0f} MiB after warm-up, "
-        f"{rss['after_soak']:.0f} MiB after the soak, peak {rss['peak']:.0f} MiB. `/healthz` afterwards: "
+        f"{rss['after_soak']:.0f} MiB after the soak, peak {rss['peak']:.0f} MiB (every 30 s: "
+        f"{', '.join(f'{m:.0f}' for _, m in rss.get('every_30_s', [])) or 'not sampled'}). `/healthz` afterwards: "
         f"{'200' if c['healthy_after'] else 'not 200'}; SIGTERM to exit: {c['sigterm_exit_s']:.1f} s "
         f"(exit code {c['exit_code']}). Machine: {_stamp(c)}. Reproduce: `{data['command']}`.",
         "",

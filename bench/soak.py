@@ -134,6 +134,11 @@ def soak(minutes: float, concurrency: int, engine: str) -> dict:
         t0 = time.monotonic()
         for t in threads:
             t.start()
+        timeline = []  # (seconds, server RSS MiB) every 30 s: does memory level off?
+        while any(t.is_alive() for t in threads):
+            threads[0].join(1.0)
+            if time.monotonic() - t0 >= 30 * (len(timeline) + 1):
+                timeline.append((round(time.monotonic() - t0), round(rss_mib(proc.pid), 1)))
         for t in threads:
             t.join()
         elapsed = time.monotonic() - t0
@@ -160,7 +165,7 @@ def soak(minutes: float, concurrency: int, engine: str) -> dict:
         "server_counts": counts, "server_5xx": five_xx,
         "unexplained_5xx": sum(n for s, n in five_xx.items() if s != "504"),
         "rss_mib": {"after_warmup": round(rss_before, 1), "after_soak": round(rss_after, 1),
-                    "peak": round(rss_peak, 1)},
+                    "peak": round(rss_peak, 1), "every_30_s": timeline},
         "healthy_after": healthy, "sigterm_exit_s": round(sigterm_s, 2), "exit_code": exit_code,
     }  # fmt: skip
 
