@@ -394,6 +394,34 @@ def test_a_dead_worker_thread_is_restarted(server, hooks):
     assert [post(server, seed=i).status_code for i in range(3)] == [200] * 3
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_readiness_is_503_while_the_worker_is_down(engine):
+    """The supervisor's restart held back: readiness says the worker is down, liveness that it can recover."""
+    from fastapi.testclient import TestClient
+
+    from pladis.serve import create_app
+
+    hooks = {"step": None}
+    app = create_app(ServeConfig(engine=str(engine)), _hooked_runtime(engine, hooks))
+    with TestClient(app) as client:
+        worker = app.state.pladis["worker"]
+        start, worker.start = worker.start, lambda: None
+
+        def die_once():
+            hooks["step"] = None
+            raise _Die()
+
+        hooks["step"] = die_once
+        assert client.post("/v1/images/generations", json={"prompt": "x", "steps": 2}).status_code == 500
+        wait_for(lambda: client.get("/healthz").status_code == 503, "readiness turns 503", 10)
+        assert client.get("/healthz").json()["status"] == "worker down (restarting)"
+        assert client.post("/v1/images/generations", json={"prompt": "x", "steps": 2}).status_code == 503
+        assert client.get("/livez").status_code == 200
+        worker.start = start
+        wait_for(lambda: client.get("/healthz").status_code == 200, "the supervisor restarts the worker", 10)
+        assert client.post("/v1/images/generations", json={"prompt": "x", "steps": 2}).status_code == 200
+
+
 def test_queue_full_is_429_and_the_sdk_rate_limit_error(server, gate):
     openai = pytest.importorskip("openai")
     started, release = gate

@@ -4,7 +4,8 @@ graceful shutdown.
 uvicorn closes idle keep-alive connections (``keep_alive_s``) but has no limit for a client that sends its
 headers slowly, and by default waits forever for open connections on shutdown. A sweeper task next to the
 server closes every connection that has had no request in progress for ``header_timeout_s`` (new, idle, or
-still sending headers), and on shutdown: drains the queue at once (503), lets the running batch go on for
+still sending headers) or has held one request past ``request_limit_s`` (a client that does not read its
+answer), and on shutdown: drains the queue at once (503), lets the running batch go on for
 ``shutdown_s``, then stops it (503) and closes what is still open, so the process exits within about
 ``shutdown_s`` + 2 s whatever its clients do.
 """
@@ -12,14 +13,12 @@ still sending headers), and on shutdown: drains the queue at once (503), lets th
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import threading
 import time
 
 from pladis.serve.config import ServeConfig, validate
 
-log = logging.getLogger("pladis.serve")
 SWEEP_S = 0.25
 
 
