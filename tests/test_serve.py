@@ -422,6 +422,27 @@ def test_readiness_is_503_while_the_worker_is_down(engine):
         assert client.post("/v1/images/generations", json={"prompt": "x", "steps": 2}).status_code == 200
 
 
+def test_liveness_is_503_while_a_batch_hangs(engine, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from pladis.serve import app as app_module
+
+    monkeypatch.setattr(app_module, "stall_limit_s", lambda cfg: 0.5)  # instead of 2 x timeout_s + 30 s
+    hooks, started, release = {"step": None}, threading.Event(), threading.Event()
+    app = app_module.create_app(ServeConfig(engine=str(engine)), _hooked_runtime(engine, hooks))
+    with TestClient(app) as client, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert client.get("/livez").status_code == 200
+        hooks["step"] = lambda: (started.set(), release.wait(30))
+        answer = pool.submit(client.post, "/v1/images/generations", json={"prompt": "x", "steps": 2})
+        assert started.wait(30)
+        wait_for(lambda: client.get("/livez").status_code == 503, "liveness turns 503", 10)
+        assert client.get("/healthz").json()["status"] == "stalled"
+        hooks["step"] = None
+        release.set()
+        assert answer.result(timeout=30).status_code == 200
+        assert client.get("/livez").status_code == 200 and client.get("/healthz").status_code == 200
+
+
 def test_queue_full_is_429_and_the_sdk_rate_limit_error(server, gate):
     openai = pytest.importorskip("openai")
     started, release = gate

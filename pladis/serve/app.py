@@ -176,7 +176,7 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
     key = api_key(cfg)
     metrics = Metrics()
     state: dict = {"ready": False, "draining": False, "worker": None, "runtime": runtime}
-    stall_s = 2 * cfg.timeout_s + 30  # a batch stops at its first step past every deadline; this is stuck
+    stall_s = stall_limit_s(cfg)
 
     def generate(jobs: list[Job], check):
         from pladis.runtime.pipeline import step_generators
@@ -369,6 +369,12 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
                       "background": "opaque"})  # fmt: skip
 
     return app
+
+
+def stall_limit_s(cfg: ServeConfig) -> float:
+    """How long a batch may run before liveness calls it stuck: it stops at its first step past every deadline
+    (at most ``timeout_s`` after it started), so twice that plus 30 s for one slow step means it hangs."""
+    return 2 * cfg.timeout_s + 30
 
 
 def _timeout(cfg: ServeConfig) -> ApiError:
