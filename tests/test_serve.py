@@ -294,8 +294,9 @@ def test_chunked_oversize_body_is_413_with_bounded_memory(server):
     sampler = threading.Thread(target=sample)
     sampler.start()
     answer, sent = b"", 0
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        reader = concurrent.futures.ThreadPoolExecutor(1).submit(lambda: sock.recv(4096))
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock, pool:
+        reader = pool.submit(lambda: sock.recv(4096))
         sock.sendall(f"POST /v1/images/generations HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
                      "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())  # fmt: skip
         chunk = b"%x\r\n%s\r\n" % (1 << 20, b'{"prompt": "' + b"a" * ((1 << 20) - 12))
