@@ -238,9 +238,9 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
             state["worker"].drain()
 
     def abort():
-        """The shutdown limit passed: stop the running batch at its next step (its requests get 503)."""
+        """The shutdown limit passed: the running batch's requests get 503 now; the batch stops at its next step."""
         if state["worker"] is not None:
-            state["worker"].abort = True
+            state["worker"].abort_running()
 
     app.state.pladis, app.state.drain, app.state.abort = state, drain, abort
 

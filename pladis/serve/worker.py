@@ -123,11 +123,19 @@ class Worker:
                 settle(self.jobs.popleft().future, error=ShuttingDown("the server shut down before this request ran"))
             self.cond.notify_all()
 
+    def abort_running(self) -> None:
+        """The shutdown limit passed: answer the running batch's requests now (ShuttingDown) and stop the batch
+        at its next step, however long that step takes."""
+        self.abort = True
+        for job in list(self.batch):
+            settle(job.future, error=ShuttingDown("the server shut down while this request ran"))
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Drain, stop the running batch at its next step, end the thread (joined up to ``timeout``)."""
+        """Drain, stop the running batch, end the thread (joined up to ``timeout``)."""
         self.drain()
+        self.abort_running()
         with self.cond:
-            self.abort, self.running = True, False
+            self.running = False
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout)
@@ -192,14 +200,16 @@ class Worker:
                 self.metrics.batch_size.observe(sum(len(j.seeds) for j in live))
             self.batch, self.batch_started = live, time.monotonic()
             try:
-                images = self.generate(live, self._check)
-                i = 0
-                for job in live:
-                    settle(job.future, images[i : i + len(job.seeds)])
-                    i += len(job.seeds)
+                images, error = self.generate(live, self._check), None
             except Exception as err:  # noqa: BLE001 - every failure goes back to its batch, the worker lives on
+                images, error = None, err
                 if not isinstance(err, Expired | ShuttingDown):
                     log.exception("batch of %d request(s) failed", len(live))
-                for job in live:
-                    settle(job.future, error=err)
-            self.batch, self.batch_started = [], None
+            self.batch, self.batch_started = [], None  # before any answer: whoever gets one sees the worker idle
+            i = 0
+            for job in live:
+                if error is not None:
+                    settle(job.future, error=error)
+                else:
+                    settle(job.future, images[i : i + len(job.seeds)])
+                    i += len(job.seeds)
