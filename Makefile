@@ -10,7 +10,7 @@ EXTRAS ?= $(if $(TORCH_PIN),cpu,gpu),serve,ray,dev
 STAMP  := $(VENV)/.installed
 REPORT  = $(BIN)/python -m pladis.bench.report --results bench/results --doc docs/PERFORMANCE.md
 
-.PHONY: setup test demo lint export engine gpu-check bench bench-export bench-report clean
+.PHONY: setup test demo lint export engine gpu-check bench bench-export bench-report soak clean
 MODEL ?= tiny-sdxl
 BACKEND ?= ort
 PRECISION ?= fp32
@@ -59,6 +59,11 @@ bench: setup
 # Export benchmarks (CPU: ~2 min for the denoiser case, ~15 min and ~10 GB RAM for full-size SDXL fp16)
 bench-export: setup
 	$(BIN)/python -m pladis.bench.export_bench --out bench/results
+	$(REPORT)
+
+# A bounded soak of the server (2 minutes of mixed valid, invalid, cancelled and slow requests)
+soak: setup
+	$(BIN)/python -m pladis.bench.soak --minutes 2 --out bench/results
 	$(REPORT)
 
 bench-report: setup

@@ -128,6 +128,32 @@ def _suite_section(data: dict) -> list[str]:
     return out
 
 
+def _soak_section(data: dict) -> list[str]:
+    c = data["results"]["soak"]
+    rows = [[kind, ", ".join(f"{status} × {n}" for status, n in statuses.items())]
+            for kind, statuses in c["by_kind"].items()]  # fmt: skip
+    server = ", ".join(f"{s} × {n:g}" for s, n in c["server_counts"].items() if s.isdigit())
+    rss = c["rss_mib"]
+    return [
+        "## Soak (`python -m pladis.bench.soak`)",
+        "",
+        f"{c['engine']}, {c['minutes']:g} minutes, {c['concurrency']} client threads on 127.0.0.1, server settings "
+        f"{', '.join(f'{k}={v}' for k, v in c['settings'].items())}: {c['requests']} requests. Client-side "
+        'statuses by kind ("gone": the client hung up first; "closed": the server hung up):',
+        "",
+        markdown_table(["kind", "statuses"], rows),
+        "",
+        f"Server's own counts (`pladis_requests_total`; 499: client went away): {server}. Unexplained 5xx "
+        f"(anything but the deadline's 504): {c['unexplained_5xx']}; answers outside the documented ones: "
+        f"{c['unexpected'] or 'none'}. Server RSS: {rss['after_warmup']:.0f} MiB after warm-up, "
+        f"{rss['after_soak']:.0f} MiB after the soak, peak {rss['peak']:.0f} MiB (every 30 s: "
+        f"{', '.join(f'{m:.0f}' for _, m in rss.get('every_30_s', [])) or 'not sampled'}). `/healthz` afterwards: "
+        f"{'200' if c['healthy_after'] else 'not 200'}; SIGTERM to exit: {c['sigterm_exit_s']:.1f} s "
+        f"(exit code {c['exit_code']}). Machine: {_stamp(c)}. Reproduce: `{data['command']}`.",
+        "",
+    ]
+
+
 def render(results: Path) -> str:
     """The markdown report from the JSON files in ``results``."""
     lines = [
@@ -141,6 +167,9 @@ def render(results: Path) -> str:
     suite = results / "suite.json"
     if suite.exists():
         lines += _suite_section(json.loads(suite.read_text()))
+    soak = results / "soak.json"
+    if soak.exists():
+        lines += _soak_section(json.loads(soak.read_text()))
     export = results / "export.json"
     if export.exists():
         lines += _export_section(json.loads(export.read_text()))

@@ -37,7 +37,7 @@ COMMANDS = {
     "cache": ("list, verify or clean the engine cache", "pladis.engine.cache:CacheConfig",
               "pladis.engine.cache:run_cache", "check"),
     "serve": ("serve an engine over HTTP (OpenAI images API shape); --ray for Ray Serve",
-              "pladis.serve:ServeConfig", "pladis.serve:serve", "none"),
+              "pladis.serve.config:ServeConfig", "pladis.serve:serve", "none"),
 }  # fmt: skip
 
 

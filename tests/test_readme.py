@@ -35,7 +35,7 @@ def blocks() -> list[tuple[str, str, str | None, int]]:
 def test_every_block_is_runnable_or_says_why_not():
     found = blocks()
     assert sum(1 for *_, skip, _ in found if skip is None) >= 5
-    for lang, code, skip, line in found:
+    for _lang, code, skip, line in found:
         if skip is None:
             assert not re.search(r"^\s*make\b|\[--", code, re.M), f"README line {line}: mark it or make it runnable"
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from pladis.serve.app import ServeConfig, create_app
+from pladis.serve.app import create_app
+from pladis.serve.config import ServeConfig, api_key
 
 
 def deployment(cfg: ServeConfig):
@@ -25,7 +26,8 @@ def deployment(cfg: ServeConfig):
                                          "target_ongoing_requests": 4}  # fmt: skip
     else:
         options["num_replicas"] = cfg.replicas
-    settings = dataclasses.asdict(cfg) | {"ray": False}
+    # the key is resolved here: replicas may not see this process's environment or files
+    settings = dataclasses.asdict(cfg) | {"ray": False, "api_key": api_key(cfg), "api_key_file": ""}
 
     @serve.deployment(name="pladis", **options)
     @serve.ingress(create_app(ServeConfig(**settings)))

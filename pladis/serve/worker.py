@@ -1,17 +1,26 @@
-"""The GPU worker: one thread owns the runtime; a bounded queue feeds it batches of compatible requests.
+"""The engine worker: one thread owns the runtime; a bounded queue feeds it batches of compatible requests.
 
 Requests that share every sampling setting (size, steps, scheduler, guidance, negative prompt) are batched
 up to the engine's maximum within a short window. Each image has its own seed, so a batched image equals
-the image the same request gets alone. Expired or abandoned requests are dropped before they run.
+the image the same request gets alone.
+
+Nothing a request does can stop the worker: a request whose future was cancelled, that expired or whose
+client went away is dropped before it runs; a running batch is stopped between denoising steps once all
+its requests are past their deadline or abandoned (or the server's shutdown limit passed); any exception
+in a batch goes to that batch's requests only. If the thread dies anyway, ``alive()`` says so and the
+app's supervisor calls ``start()`` again on the same queue.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+
+log = logging.getLogger("pladis.serve")
 
 
 class QueueFull(Exception):
@@ -19,23 +28,49 @@ class QueueFull(Exception):
 
 
 class ShuttingDown(Exception):
-    """The server is stopping and does not take (or finish queuing) work."""
+    """The server is stopping and does not take (or finish) this work."""
 
 
-@dataclass
+class Expired(TimeoutError):
+    """The request passed its deadline or was abandoned by its client before its images were made."""
+
+
+class WorkerDied(RuntimeError):
+    """The worker thread ended while this request's batch ran (the supervisor restarts it)."""
+
+
+@dataclass(eq=False)  # identity: a job is found in the queue as itself
 class Job:
     """One request: ``n`` images of one prompt, with its seeds and sampling settings."""
 
     key: tuple  # (height, width, steps, scheduler, guidance, negative_prompt): what must match to batch
     prompt: str
     seeds: list[int]
-    deadline: float
+    deadline: float  # time.monotonic()
     future: Future = field(default_factory=Future)
     abandoned: bool = False  # set by the HTTP side on timeout or client disconnect
 
+    def dead(self, now: float) -> bool:
+        return self.abandoned or now > self.deadline
+
+
+def settle(future: Future, result=None, error: BaseException | None = None) -> None:
+    """Set a future's outcome unless it already has one (cancelled by its client): never raises."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
 
 class Worker:
-    """Runs ``generate(prompts, seeds, key)`` batches on one thread."""
+    """Runs ``generate(jobs, check)`` on one thread; ``check()`` raises once the batch should stop.
+
+    ``generate`` returns the images of all jobs in order (``len(job.seeds)`` each) and calls ``check``
+    between its steps.
+    """
 
     def __init__(self, generate, max_batch: int, max_queue: int, window_s: float, metrics=None):
         self.generate, self.max_batch, self.max_queue, self.window_s = generate, max_batch, max_queue, window_s
@@ -43,8 +78,19 @@ class Worker:
         self.jobs: deque[Job] = deque()
         self.cond = threading.Condition()
         self.accepting, self.running = True, True
-        self.thread = threading.Thread(target=self._loop, name="pladis-worker", daemon=True)
+        self.abort = False  # set when the shutdown limit passed: the running batch stops at its next step
+        self.batch: list[Job] = []  # the batch now running
+        self.batch_started: float | None = None
+        self.thread: threading.Thread | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start (or, after it died, restart) the worker thread."""
+        self.thread = threading.Thread(target=self._run, name="pladis-worker", daemon=True)
         self.thread.start()
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
 
     def depth(self) -> int:
         with self.cond:
@@ -53,22 +99,46 @@ class Worker:
     def submit(self, job: Job) -> Future:
         with self.cond:
             if not self.accepting:
-                raise ShuttingDown("the server is shutting down")
+                raise ShuttingDown("the server is shutting down; retry on another replica or later")
             if len(self.jobs) >= self.max_queue:
-                raise QueueFull(f"queue is full ({self.max_queue} requests waiting)")
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry shortly")
             self.jobs.append(job)
             self.cond.notify()
         return job.future
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking work, reject what is queued, let the running batch finish, join the thread."""
+    def discard(self, job: Job) -> None:
+        """The client no longer waits for ``job`` (deadline, disconnect): leave the queue now (its place is free
+        at once), or, if it runs, let the running batch stop once none of its requests is still wanted."""
+        job.abandoned = True
+        with self.cond:
+            if job in self.jobs:
+                self.jobs.remove(job)
+        job.future.cancel()  # pending: cancelled; running: no effect, the worker settles it
+
+    def drain(self) -> None:
+        """Stop taking work and answer everything queued with ShuttingDown; the running batch goes on."""
         with self.cond:
             self.accepting = False
             while self.jobs:
-                self.jobs.popleft().future.set_exception(ShuttingDown("the server shut down before this request ran"))
+                settle(self.jobs.popleft().future, error=ShuttingDown("the server shut down before this request ran"))
+            self.cond.notify_all()
+
+    def abort_running(self) -> None:
+        """The shutdown limit passed: answer the running batch's requests now (ShuttingDown) and stop the batch
+        at its next step, however long that step takes."""
+        self.abort = True
+        for job in list(self.batch):
+            settle(job.future, error=ShuttingDown("the server shut down while this request ran"))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain, stop the running batch, end the thread (joined up to ``timeout``)."""
+        self.drain()
+        self.abort_running()
+        with self.cond:
             self.running = False
             self.cond.notify_all()
-        self.thread.join(timeout)
+        if self.thread is not None:
+            self.thread.join(timeout)
 
     def _take_batch(self) -> list[Job]:
         """Wait for a job, then gather compatible ones for up to ``window_s``, at most ``max_batch`` images."""
@@ -95,28 +165,51 @@ class Worker:
                 self.cond.wait(remaining)
             return batch
 
+    def _check(self) -> None:
+        """Raise when the running batch should stop: shutdown limit passed, or no request still wants it."""
+        if self.abort:
+            raise ShuttingDown("the server shut down while this request ran")
+        now = time.monotonic()
+        if all(job.dead(now) for job in self.batch):
+            raise Expired("every request of this batch passed its deadline or was abandoned")
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:  # only reached on the way out: a dying thread leaves no request waiting forever
+            for job in self.batch:
+                settle(job.future, error=WorkerDied("the worker stopped while this request ran; retry"))
+            self.batch, self.batch_started = [], None
+
     def _loop(self) -> None:
         while self.running:
             batch = self._take_batch()
             now = time.monotonic()
             live = []
             for job in batch:
-                if job.abandoned or now > job.deadline:
-                    job.future.set_exception(TimeoutError("request expired before it ran"))
+                # RUNNING from here on: the HTTP side can no longer cancel it, only mark it abandoned
+                if not job.future.set_running_or_notify_cancel():
+                    continue
+                if job.dead(now):
+                    settle(job.future, error=Expired("the request expired or was abandoned before it ran"))
                 else:
                     live.append(job)
             if not live:
                 continue
             if self.metrics:
                 self.metrics.batch_size.observe(sum(len(j.seeds) for j in live))
+            self.batch, self.batch_started = live, time.monotonic()
             try:
-                images = self.generate([j.prompt for j in live for _ in j.seeds], [s for j in live for s in j.seeds],
-                                       live[0].key)  # fmt: skip
-            except Exception as err:  # noqa: BLE001 - every failure goes back to its requests, the worker lives on
-                for job in live:
-                    job.future.set_exception(err)
-                continue
+                images, error = self.generate(live, self._check), None
+            except Exception as err:  # noqa: BLE001 - every failure goes back to its batch, the worker lives on
+                images, error = None, err
+                if not isinstance(err, Expired | ShuttingDown):
+                    log.exception("batch of %d request(s) failed", len(live))
+            self.batch, self.batch_started = [], None  # before any answer: whoever gets one sees the worker idle
             i = 0
             for job in live:
-                job.future.set_result(images[i : i + len(job.seeds)])
-                i += len(job.seeds)
+                if error is not None:
+                    settle(job.future, error=error)
+                else:
+                    settle(job.future, images[i : i + len(job.seeds)])
+                    i += len(job.seeds)
