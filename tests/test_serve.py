@@ -178,7 +178,9 @@ HUGE = "9" * 5000
     (dict(response_format="url"), "response_format"),
     (dict(output_format="svg"), "output_format"),
     (dict(stream=True), "stream"),
-    (dict(lam=3.0), "lam"),
+    (dict(lam=10.5), "lam"),  # lam is a runtime input: any value in the engine's range [0, 10]
+    (dict(lam=-1), "lam"),
+    (dict(alpha=2.0), "alpha"),  # alpha selects the graph's algorithm: fixed at export
     (dict(colour="red"), "colour"),
     (dict(prompt=""), "prompt"),
     (dict(prompt="x" * 2001), "prompt"),
@@ -458,6 +460,38 @@ def test_queue_full_is_429_and_the_sdk_rate_limit_error(server, gate):
             openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0).images.generate(prompt="x")
         release.set()
         assert [f.result().status_code for f in [running, *queued]] == [200] * 9
+
+
+def test_requests_with_different_lam_share_a_batch_and_equal_their_solo_images(server, engine, gate):
+    started, release = gate
+    before = _batch_sizes(server)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        running = pool.submit(post, server, seed=1)
+        assert started.wait(30)  # the worker is busy: the next two requests wait in the queue together
+        a, b = pool.submit(post, server, seed=21, lam=0.0), pool.submit(post, server, seed=22, lam=3.0)
+        wait_for(lambda: health(server)["queue_depth"] == 2, "2 requests queued")
+        release.set()
+        results = [f.result() for f in (running, a, b)]
+    assert [r.status_code for r in results] == [200] * 3
+    assert _batch_sizes(server).get("2.0", 0) > before.get("2.0", 0)  # the lam 0 and lam 3 requests: one batch
+    rt = Runtime(engine, "ort")
+    for r, seed, lam in ((results[1], 21, 0.0), (results[2], 22, 3.0)):
+        alone = np.asarray(rt.generate("a red cube", steps=2, seed=seed, lam=lam, progress=False).images[0], float)
+        # same seed and lam; only BLAS blocking differs with the batch size: one uint8 step at most
+        assert np.abs(decode(r.json()["data"][0]).astype(float) - alone).max() <= 1
+    solo = [np.asarray(rt.generate("a red cube", steps=2, seed=22, lam=x, progress=False).images[0], float)
+            for x in (0.0, 3.0)]  # fmt: skip
+    assert np.abs(solo[0] - solo[1]).max() > 1  # lam reaches the image: the test can tell the two apart
+
+
+def _batch_sizes(url) -> dict[str, float]:
+    """Cumulative ``pladis_batch_size`` histogram buckets by upper bound."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        m = re.match(r'pladis_batch_size_bucket\{le="([\d.]+)"\} (\S+)', line)
+        if m:
+            out[m[1]] = float(m[2])
+    return {k: v - out.get(str(float(k) - 1.0), 0.0) for k, v in out.items()}
 
 
 def test_client_disconnect_drops_the_request_and_is_counted(server, gate):

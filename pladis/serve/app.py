@@ -183,9 +183,13 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
 
         rt = state["runtime"]
         height, width, steps, scheduler, guidance, negative = jobs[0].key
+        # lam is a runtime input: requests with different strengths share a batch, one value per image
+        default = rt.engine.manifest["pladis"]["lam"]
+        lams = None if all(j.lam is None for j in jobs) else \
+            [default if j.lam is None else j.lam for j in jobs for _ in j.seeds]  # fmt: skip
         s = rt.settings([j.prompt for j in jobs for _ in j.seeds], negative_prompt=negative, steps=steps,
                         guidance=guidance, scheduler=scheduler, seed=[x for j in jobs for x in j.seeds],
-                        height=height, width=width)  # fmt: skip
+                        height=height, width=width, lam=lams)  # fmt: skip
         # Runtime.generate's loop, with a check between steps so abandoned work stops early
         cond, sched, latents = rt.prepare(s)
         g = step_generators(s)
@@ -331,7 +335,7 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
         seed = random.randrange(2**31) if body.seed is None else body.seed
         seeds = [seed + i for i in range(body.n or 1)]
         key = (height, width, body.steps, body.scheduler, body.guidance, body.negative_prompt)
-        job = Job(key, body.prompt, seeds, deadline=time.monotonic() + cfg.timeout_s)
+        job = Job(key, body.prompt, seeds, deadline=time.monotonic() + cfg.timeout_s, lam=body.lam)
         try:
             future = state["worker"].submit(job)
         except QueueFull as err:
@@ -500,10 +504,12 @@ def check(body: ImageRequest, rt, cfg: ServeConfig) -> tuple[int, int, str]:
     if body.scheduler is not None and body.scheduler not in names:
         raise bad("scheduler", f"unknown scheduler {_short(body.scheduler)}; choose one of {', '.join(names)}")
     pl = rt.engine.manifest["pladis"]
-    for name in ("lam", "alpha"):
-        value = getattr(body, name)
-        if value is not None and value != pl[name] and pl["patched"]:
-            raise bad(name, f"this engine was exported with {name}={pl[name]}; re-export it to serve another value")
+    if body.alpha is not None and body.alpha != pl["alpha"] and pl["patched"]:  # alpha selects the graph's algorithm
+        raise bad("alpha", f"this engine was exported with alpha={pl['alpha']}; re-export it to serve another alpha")
+    try:  # lam is a runtime input: any value in the engine's range, per request
+        rt.check_lam(body.lam, 1)
+    except ValueError as err:
+        raise bad("lam", str(err)) from None
     try:  # the runtime's own checks (CFG batch, negative prompt without CFG, ...), without running anything
         rt.settings(body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.guidance,
                     scheduler=body.scheduler, batch=n, height=height, width=width)  # fmt: skip

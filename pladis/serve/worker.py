@@ -47,6 +47,7 @@ class Job:
     prompt: str
     seeds: list[int]
     deadline: float  # time.monotonic()
+    lam: float | None = None  # PLADIS strength of this request's images (None: the engine's default); not in key
     future: Future = field(default_factory=Future)
     abandoned: bool = False  # set by the HTTP side on timeout or client disconnect
 
