@@ -1,7 +1,7 @@
 """AOTInductor engines: the PLADIS-patched denoiser through ``torch.export`` (``pladis::attention`` stays one
 node) and ``torch._inductor.aoti_compile_and_package`` into a ``.pt2``; the other components as ONNX
 Runtime engines. On a CPU the op compiles to its PyTorch implementation; on a GPU the CUDA kernel
-registered for the op (kernel issue) is what Inductor calls.
+registered for the op (``pladis/kernels``) is what Inductor calls.
 """
 
 from __future__ import annotations

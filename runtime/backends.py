@@ -5,8 +5,9 @@
   contract's own forward, so both sides of a parity check call the same function.
 - ``ort``: ONNX Runtime on the exported file. CPU provider by default; with ``onnxruntime-gpu`` the CUDA
   (or TensorRT) execution provider with I/O binding, so tensors stay on the device.
-- ``trt``: TensorRT engines from ``pladis build --backend trt`` (engine issue); until they exist this
-  backend says so.
+- ``aoti``: a ``.pt2`` package from ``pladis build --backend aoti``.
+- ``trt``: TensorRT engines from ``pladis build --backend trt`` (TensorRT 10 tensor API on CUDA tensors;
+  written against TensorRT's documented API, not run in CI).
 """
 
 from __future__ import annotations

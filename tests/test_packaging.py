@@ -128,3 +128,15 @@ def test_export_folder_is_readable_by_others(tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "e").rglob("*")}
     assert stat.S_IMODE((tmp_path / "e").stat().st_mode) == 0o755
     assert all(m in (0o644, 0o755) for m in modes.values()), modes
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    from pladis import patch
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(patch, "layers", interrupted)
+    assert cli.main(["layers", "--model", "tiny-sd15"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "pladis layers: error: interrupted" and "Traceback" not in err
