@@ -6,10 +6,10 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from pladis.export import ExportConfig, export
-from pladis.runtime import EngineError, Runtime, parity
 
 from pladis import cli, models
+from pladis.export import ExportConfig, export
+from pladis.runtime import EngineError, Runtime, parity
 
 TINY = [n for n in models.BUILTINS if n.startswith("tiny-")]
 
