@@ -230,7 +230,7 @@ def fast_path_applies(dtype: torch.dtype, alpha: float) -> bool:
     return dtype in _FAST_DTYPES and float(alpha) in NEWTON_STEPS
 
 
-def entmax_newton(s: Tensor, alpha: float, steps: int) -> tuple[Tensor, float]:
+def entmax_newton(s: Tensor, alpha: float, steps: int, inplace: bool = True) -> tuple[Tensor, float]:
     """Sort-free alpha-entmax (alpha 1.5 or 2) along the last axis of finite float32 logits, as ``(u, c)``
     with ``entmax(s) = c * u`` (the caller folds c into its blend).
 
@@ -242,39 +242,47 @@ def entmax_newton(s: Tensor, alpha: float, steps: int) -> tuple[Tensor, float]:
     Newton runs on ``z = s - max s`` (exact near the max), so the support's values keep full float32
     resolution whatever the logit magnitude. A row of only ``MASKED`` entries gives a uniform u (its
     callers weight or zero it). Error at float32 rounding of the threshold (against the float64 oracle).
+    inplace=False: functional ops only (for tracing into a graph, ``fused_form``); same values.
     """
+
+    def pos(x: Tensor) -> Tensor:  # [x]_+ of a fresh temporary
+        return x.clamp_(min=0) if inplace else x.clamp(min=0)
+
     s = s - s.amax(-1, keepdim=True)
     if alpha == 2.0:
         tau = torch.full_like(s[..., :1], -1.0)
         for _ in range(steps):  # tau += (sum r - 1) / |support|
-            r = (s - tau).clamp_(min=0)
-            count = r.sign().sum(-1, keepdim=True).clamp_(min=1.0)  # |support| (r >= 0; sign is a fast pass)
+            r = pos(s - tau)
+            count = r.sign().sum(-1, keepdim=True).clamp(min=1.0)  # |support| (r >= 0; sign is a fast pass)
             tau = tau + (r.sum(-1, keepdim=True) - 1.0) / count
-        return (s - tau).clamp_(min=0), 1.0
+        return pos(s - tau), 1.0
     t = torch.full_like(s[..., :1], -2.0)
     for _ in range(steps):  # t += (||r|| - 2) ||r|| / sum r
-        r = (s - t).clamp_(min=0)
+        r = pos(s - t)
         norm = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
-        t = t + (norm - 2.0) * norm / r.sum(-1, keepdim=True).clamp_(min=1e-30)
+        t = t + (norm - 2.0) * norm / r.sum(-1, keepdim=True).clamp(min=1e-30)
     # closed form on K = {s > t}: sum_K (r - d)^2 = 4  ->  k d^2 - 2 s1 d + s2 - 4 = 0, smaller root
-    r = (s - t).clamp_(min=0)
+    r = pos(s - t)
     k = r.sign().sum(-1, keepdim=True)  # |support|
     s1, s2 = r.sum(-1, keepdim=True), torch.linalg.vecdot(r, r).unsqueeze(-1)
-    disc = (s1 * s1 - k * (s2 - 4.0)).clamp_(min=0)
+    disc = (s1 * s1 - k * (s2 - 4.0)).clamp(min=0)
     t = t + (s1 - disc.sqrt()) / k.clamp(min=1.0)
-    r = (s - t).clamp_(min=0)
-    return r.mul_(r), 0.25
+    r = pos(s - t)
+    return (r.mul_(r) if inplace else r * r), 0.25
 
 
-def _fast_logits(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: float) -> tuple[Tensor, bool]:
+def _fast_logits(
+    q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: float, inplace: bool = True
+) -> tuple[Tensor, bool]:
     """(..., Lq, Lk) float32 logits with masked keys at ``MASKED`` (finite: no inf - inf anywhere), and
     whether a mask was applied."""
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    s = s.mul_(scale) if inplace else s * scale
     if attn_mask is None:
         return s, False
     if attn_mask.dtype == torch.bool:
-        return s.masked_fill_(~attn_mask, MASKED), True
-    return (s + attn_mask.float()).clamp_(min=MASKED), True
+        return (s.masked_fill_ if inplace else s.masked_fill)(~attn_mask, MASKED), True
+    return (s + attn_mask.float()).clamp(min=MASKED), True
 
 
 def _blend(dense: Tensor, u: Tensor, c: float, lam: float | Tensor) -> Tensor:
@@ -454,13 +462,47 @@ def _attention_fake(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
     return q.new_empty((*batch, q.shape[-2], v.shape[-1]))
 
 
-def _register_cuda_kernel() -> None:
+def fused_form(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
+    """``pladis::attention`` as plain tensor code for Inductor to fuse (torch.compile, AOTInductor), or
+    ``NotImplemented`` where the op itself should run: float64 and other alpha (the exact solver), joint
+    attention (whose op avoids the (L x L) map), CUDA tensors when the fused Triton kernel serves them.
+
+    The math of ``fast_attention`` without its Python tiling (Inductor fuses the passes instead):
+    q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> (B, H, Lq, Dv) in q's dtype. torch.export and the
+    ONNX exporters do not use Inductor's decomposition table, so they still see one node.
+    """
+    if text_len != 0 or not fast_path_applies(q.dtype, alpha) or (q.is_cuda and _CUDA_KERNEL):
+        return NotImplemented
+    s, masked = _fast_logits(q, k, attn_mask, scale, inplace=False)
+    u, c = entmax_newton(s, alpha, newton_steps(float(alpha), k.shape[-2]), inplace=False)
+    lam_v = lam.to(s.dtype).reshape(-1, *[1] * (s.dim() - 1))
+    p = (1.0 - lam_v) * torch.softmax(s, -1) + (lam_v * c) * u
+    if masked:
+        p = p * (s.amax(-1, keepdim=True) > MASKED / 10)
+    return torch.matmul(p.to(v.dtype), v)
+
+
+def inductor_fusion(enabled: bool = True) -> None:
+    """Opt in (or back out) of Inductor fusing the op: with it, torch.compile and AOTInductor replace
+    ``pladis::attention`` by ``fused_form`` (plain tensor code) where that applies; torch.export and the
+    ONNX exporters still see one node. Off by default: on the CPU measured here (docs/PERFORMANCE.md) the
+    code Inductor generates for it is slower than the op's cache-tiled eager path."""
+    from torch._inductor.decomposition import decompositions, register_decomposition
+
+    op = torch.ops.pladis.attention.default
+    if enabled:
+        register_decomposition(op)(fused_form)
+    else:
+        decompositions.pop(op, None)
+
+
+def _register_cuda_kernel() -> bool:
     from pladis import kernels  # the Triton kernel serves CUDA tensors when Triton is installed
 
-    kernels.register()
+    return kernels.register()
 
 
-_register_cuda_kernel()
+_CUDA_KERNEL = _register_cuda_kernel()
 
 
 # --------------------------------------------------------------------------------------------------
