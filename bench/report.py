@@ -81,6 +81,14 @@ def _timing_table(summary: dict) -> str:
     return markdown_table(["variant", "median ms", "min–max ms"], rows)
 
 
+def _ratio_line(case: dict) -> list[str]:
+    if "ratios" not in case:
+        return []
+    ratios = ", ".join(f"{k} = {v:.2f}" for k, v in case["ratios"].items())
+    threads = f" ({case['threads']} threads)" if "threads" in case else ""
+    return [f"Ratios (medians){threads}: {ratios}.", ""]
+
+
 def _suite_section(data: dict) -> list[str]:
     res = data["results"]
     out = ["## Suite (`make bench`)", ""]
@@ -89,8 +97,15 @@ def _suite_section(data: dict) -> list[str]:
         for name, case in _entries(res["operator"]).items():
             shape = tuple(case["shape"])
             out += [f"`{name}`, (B, H, Lq, Lk, D) = {shape}, fp32, {data.get('device', 'cpu')}:", "",
-                    _timing_table(case["summary_s"]), ""]  # fmt: skip
+                    _timing_table(case["summary_s"]), "", *_ratio_line(case)]  # fmt: skip
         out += [f"Machine: {_stamp(res['operator'])}.", ""]
+    if "joint" in res:
+        out += ["### Joint attention operator", ""]
+        for name, case in _entries(res["joint"]).items():
+            shape = tuple(case["shape"])
+            out += [f"`{name}`, (B, H, text, image, D) = {shape}, text first, fp32, {data.get('device', 'cpu')}:",
+                    "", _timing_table(case["summary_s"]), "", *_ratio_line(case)]  # fmt: skip
+        out += [f"Machine: {_stamp(res['joint'])}.", ""]
     if "denoiser" in res:
         out += ["### Denoiser call (batch 2, CFG), fp32", ""]
         for name, case in _entries(res["denoiser"]).items():
