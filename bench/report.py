@@ -85,7 +85,10 @@ def _ratio_line(case: dict) -> list[str]:
     if "ratios" not in case:
         return []
     ratios = ", ".join(f"{k} = {v:.2f}" for k, v in case["ratios"].items())
-    threads = f" ({case['threads']} threads)" if "threads" in case else ""
+    threads = f" ({case['threads']} threads" if "threads" in case else ""
+    if threads:
+        load = case.get("load_avg_1min")
+        threads += f", 1-min load average {load} on the machine)" if load is not None else ")"
     return [f"Ratios (medians){threads}: {ratios}.", ""]
 
 

@@ -17,6 +17,7 @@ Cases, each comparing its variants interleaved in one process on the same inputs
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -52,6 +53,12 @@ def _compiled_fused(fn):
     return run
 
 
+def _load() -> dict:
+    """Threads used and the machine's 1-minute load average right after the measurement: on a shared CPU,
+    other processes stall the many short parallel regions of the eager op far more than SDPA's one."""
+    return {"threads": torch.get_num_threads(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
 def _ratios(summary: dict, base: str = "SDPA") -> dict:
     return {f"{k} / {base}": v["median"] / summary[base]["median"] for k, v in summary.items() if k != base}
 
@@ -81,7 +88,7 @@ def _operator(shape: tuple[int, ...], repeats: int, device: str) -> dict:
                 "eager port": eager_port}  # fmt: skip
     samples = harness.interleaved(variants, warmup=1, repeats=repeats, timer=_timer(device))
     summary = {name: harness.summary(x) for name, x in samples.items()}
-    return {"shape": list(shape), "threads": torch.get_num_threads(), "summary_s": summary, "ratios": _ratios(summary)}
+    return {"shape": list(shape), **_load(), "summary_s": summary, "ratios": _ratios(summary)}
 
 
 JOINT_SHAPES = {  # (B, H, text, image, D): FLUX-like double-stream block at 512² (1024 image tokens), T5 512
@@ -109,7 +116,7 @@ def _joint(shape: tuple[int, ...], repeats: int, device: str) -> dict:
                     q, k, v, None, lam, 1.5, d**-0.5, text, True)}  # fmt: skip
     samples = harness.interleaved(variants, warmup=1, repeats=repeats, timer=_timer(device))
     summary = {name: harness.summary(x) for name, x in samples.items()}
-    return {"shape": list(shape), "threads": torch.get_num_threads(), "summary_s": summary, "ratios": _ratios(summary)}
+    return {"shape": list(shape), **_load(), "summary_s": summary, "ratios": _ratios(summary)}
 
 
 def _timer(device: str):
