@@ -33,12 +33,31 @@ OPERATOR_SHAPES = {  # (B, H, Lq, Lk, D): SD 1.5 and SDXL at 512²/1024² latent
 }
 
 
+def _thread_counts(device: str) -> list[int]:
+    """CPU: 1 thread and all of them. The eager op runs ~40 short parallel regions per tile, which another
+    process on a shared machine stalls far more than SDPA's one: both rows are recorded, side by side."""
+    return sorted({1, torch.get_num_threads()}) if device == "cpu" else [torch.get_num_threads()]
+
+
+def _per_thread_count(measure, shapes: dict, repeats: int, device: str) -> dict:
+    out, default = {}, torch.get_num_threads()
+    try:
+        for n in _thread_counts(device):
+            torch.set_num_threads(n)
+            for name, shape in shapes.items():
+                out[f"{name}, {n} thread{'s' if n > 1 else ''}"] = measure(shape, repeats, device)
+    finally:
+        torch.set_num_threads(default)
+    return out
+
+
 def operator_case(repeats: int, device: str) -> dict:
-    return {name: _operator(shape, repeats, device) for name, shape in OPERATOR_SHAPES.items()}
+    return _per_thread_count(_operator, OPERATOR_SHAPES, repeats, device)
 
 
 def _compiled_fused(fn):
-    """``fn`` under torch.compile with Inductor fusing the op (``ops.inductor_fusion``), compiled on first use."""
+    """``fn`` under torch.compile with Inductor fusing the op (``ops.inductor_fusion``), compiled on first use
+    (Inductor fixes the thread count of its kernels when it compiles them)."""
     from pladis import ops
 
     compiled = torch.compile(fn, fullgraph=True)
@@ -97,7 +116,7 @@ JOINT_SHAPES = {  # (B, H, text, image, D): FLUX-like double-stream block at 512
 
 
 def joint_case(repeats: int, device: str) -> dict:
-    return {name: _joint(shape, repeats, device) for name, shape in JOINT_SHAPES.items()}
+    return _per_thread_count(_joint, JOINT_SHAPES, repeats, device)
 
 
 def _joint(shape: tuple[int, ...], repeats: int, device: str) -> dict:
