@@ -485,8 +485,8 @@ def fused_form(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
 def inductor_fusion(enabled: bool = True) -> None:
     """Opt in (or back out) of Inductor fusing the op: with it, torch.compile and AOTInductor replace
     ``pladis::attention`` by ``fused_form`` (plain tensor code) where that applies; torch.export and the
-    ONNX exporters still see one node. Off by default: on the CPU measured here (docs/PERFORMANCE.md) the
-    code Inductor generates for it is slower than the op's cache-tiled eager path."""
+    ONNX exporters still see one node. Off by default: it also changes what AOTInductor engines compile,
+    not yet verified end to end; speed on the measured CPU is in docs/PERFORMANCE.md."""
     from torch._inductor.decomposition import decompositions, register_decomposition
 
     op = torch.ops.pladis.attention.default
