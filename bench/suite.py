@@ -2,8 +2,11 @@
 ``bench/results/suite.json``; ``docs/PERFORMANCE.md`` is regenerated from it.
 
 Cases, each comparing its variants interleaved in one process on the same inputs:
-- ``operator``: PLADIS op (PyTorch implementation here; the fused kernel on a GPU once it exists) vs
-  SDPA vs the eager form of the public ports (softmax + the ``entmax`` package on fp32 logits).
+- ``operator``: PLADIS op (the sort-free fast path here; the fused kernel on a GPU), the same under
+  torch.compile with Inductor fusing it, the exact sort solver, SDPA, and the eager form of the public
+  ports (softmax + the ``entmax`` package on fp32 logits).
+- ``joint``: joint (MMDiT) attention at a FLUX-like shape: the PLADIS joint op vs SDPA vs the exact
+  sort solver.
 - ``denoiser``: one denoiser call, eager PyTorch and ONNX Runtime, stock attention and PLADIS, for
   ``tiny-sdxl`` and the full-size random-weight ``sd15`` (at 256² on a CPU), batch 2 (CFG).
 - ``e2e``: ``generate`` for 4 steps with each backend, split into encode / per step / decode.
@@ -14,6 +17,7 @@ Cases, each comparing its variants interleaved in one process on the same inputs
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -29,8 +33,53 @@ OPERATOR_SHAPES = {  # (B, H, Lq, Lk, D): SD 1.5 and SDXL at 512²/1024² latent
 }
 
 
+def _thread_counts(device: str) -> list[int]:
+    """CPU: 1 thread and all of them. The eager op runs ~40 short parallel regions per tile, which another
+    process on a shared machine stalls far more than SDPA's one: both rows are recorded, side by side."""
+    return sorted({1, torch.get_num_threads()}) if device == "cpu" else [torch.get_num_threads()]
+
+
+def _per_thread_count(measure, shapes: dict, repeats: int, device: str) -> dict:
+    out, default = {}, torch.get_num_threads()
+    try:
+        for n in _thread_counts(device):
+            torch.set_num_threads(n)
+            for name, shape in shapes.items():
+                out[f"{name}, {n} thread{'s' if n > 1 else ''}"] = measure(shape, repeats, device)
+    finally:
+        torch.set_num_threads(default)
+    return out
+
+
 def operator_case(repeats: int, device: str) -> dict:
-    return {name: _operator(shape, repeats, device) for name, shape in OPERATOR_SHAPES.items()}
+    return _per_thread_count(_operator, OPERATOR_SHAPES, repeats, device)
+
+
+def _compiled_fused(fn):
+    """``fn`` under torch.compile with Inductor fusing the op (``ops.inductor_fusion``), compiled on first use
+    (Inductor fixes the thread count of its kernels when it compiles them)."""
+    from pladis import ops
+
+    compiled = torch.compile(fn, fullgraph=True)
+
+    def run():
+        ops.inductor_fusion(True)
+        try:
+            return compiled()
+        finally:
+            ops.inductor_fusion(False)
+
+    return run
+
+
+def _load() -> dict:
+    """Threads used and the machine's 1-minute load average right after the measurement: on a shared CPU,
+    other processes stall the many short parallel regions of the eager op far more than SDPA's one."""
+    return {"threads": torch.get_num_threads(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+def _ratios(summary: dict, base: str = "SDPA") -> dict:
+    return {f"{k} / {base}": v["median"] / summary[base]["median"] for k, v in summary.items() if k != base}
 
 
 def _operator(shape: tuple[int, ...], repeats: int, device: str) -> dict:
@@ -38,10 +87,12 @@ def _operator(shape: tuple[int, ...], repeats: int, device: str) -> dict:
     from entmax import entmax15
 
     import pladis
+    from pladis import ops
 
     b, h, lq, lk, d = shape
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(b, h, n, d, generator=g, device=device) for n in (lq, lk, lk))
+    lam = torch.full((1,), 2.0, device=device)
 
     def eager_port():  # SDPA's dense map + entmax15 on fp32 logits, blended: the public ports' form
         s = (q.float() @ k.float().transpose(-1, -2)) * d**-0.5
@@ -49,9 +100,42 @@ def _operator(shape: tuple[int, ...], repeats: int, device: str) -> dict:
         return ((dense + 2.0 * (entmax15(s, dim=-1) - dense)).to(v.dtype)) @ v
 
     variants = {"SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
-                "PLADIS op": lambda: pladis.attention(q, k, v), "eager port": eager_port}  # fmt: skip
+                "PLADIS op": lambda: pladis.attention(q, k, v),
+                "PLADIS op, torch.compile (fused)": _compiled_fused(lambda: pladis.attention(q, k, v)),
+                "exact sort solver (float64 path, here fp32)": lambda: ops.reference_attention(
+                    q, k, v, None, lam, 1.5, d**-0.5),
+                "eager port": eager_port}  # fmt: skip
     samples = harness.interleaved(variants, warmup=1, repeats=repeats, timer=_timer(device))
-    return {"shape": list(shape), "summary_s": {name: harness.summary(x) for name, x in samples.items()}}
+    summary = {name: harness.summary(x) for name, x in samples.items()}
+    return {"shape": list(shape), **_load(), "summary_s": summary, "ratios": _ratios(summary)}
+
+
+JOINT_SHAPES = {  # (B, H, text, image, D): FLUX-like double-stream block at 512² (1024 image tokens), T5 512
+    "flux-like 512 text + 1024 image": (1, 24, 512, 1024, 128),
+}
+
+
+def joint_case(repeats: int, device: str) -> dict:
+    return _per_thread_count(_joint, JOINT_SHAPES, repeats, device)
+
+
+def _joint(shape: tuple[int, ...], repeats: int, device: str) -> dict:
+    import torch.nn.functional as F
+
+    import pladis
+    from pladis import ops
+
+    b, h, text, image, d = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(b, h, text + image, d, generator=g, device=device) for _ in range(3))
+    lam = torch.full((1,), 2.0, device=device)
+    variants = {"SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
+                "PLADIS joint op": lambda: pladis.joint_attention(q, k, v, text_len=text, text_first=True),
+                "exact sort solver (float64 path, here fp32)": lambda: ops.reference_attention(
+                    q, k, v, None, lam, 1.5, d**-0.5, text, True)}  # fmt: skip
+    samples = harness.interleaved(variants, warmup=1, repeats=repeats, timer=_timer(device))
+    summary = {name: harness.summary(x) for name, x in samples.items()}
+    return {"shape": list(shape), **_load(), "summary_s": summary, "ratios": _ratios(summary)}
 
 
 def _timer(device: str):
@@ -175,8 +259,8 @@ def serve_case(repeats: int, device: str, requests: int = 200, concurrency: int 
     }}  # fmt: skip
 
 
-CASES = {"operator": operator_case, "denoiser": denoiser_case, "e2e": e2e_case, "build": build_case,
-         "serve": serve_case}  # fmt: skip
+CASES = {"operator": operator_case, "joint": joint_case, "denoiser": denoiser_case, "e2e": e2e_case,
+         "build": build_case, "serve": serve_case}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -214,6 +214,220 @@ def reference_attention(
 
 
 # --------------------------------------------------------------------------------------------------
+# 2b. The sort-free fast path (float16 / bfloat16 / float32, alpha 1.5 and 2)
+# --------------------------------------------------------------------------------------------------
+
+_FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Elements per query chunk of the fast path: small enough that a chunk's logits and their Newton
+# temporaries stay in the CPU caches between passes (measured on the suite shapes), large enough that
+# Python overhead per chunk is noise.
+_FAST_CHUNK_ELEMENTS = 1 << 20
+
+
+def fast_path_applies(dtype: torch.dtype, alpha: float) -> bool:
+    """Whether ``pladis::attention`` runs the sort-free path: fp16/bf16/fp32 inputs and alpha 1.5 or 2.
+    float64 and other alpha run the exact sort / bisection solver (``reference_attention``)."""
+    return dtype in _FAST_DTYPES and float(alpha) in NEWTON_STEPS
+
+
+def entmax_newton(s: Tensor, alpha: float, steps: int, inplace: bool = True) -> tuple[Tensor, float]:
+    """Sort-free alpha-entmax (alpha 1.5 or 2) along the last axis of finite float32 logits, as ``(u, c)``
+    with ``entmax(s) = c * u`` (the caller folds c into its blend).
+
+    s: (..., L) float32, masked keys already at ``MASKED``. The same algorithm as the ONNX function body
+    (export/onnx_op.py ``_entmax``) and the Triton kernel, so ``NEWTON_STEPS`` holds for all three:
+    alpha 1.5: Newton from ``t = max z - 2`` on ``||[z - t]_+|| / 2 - 1``, then the closed form on the
+    support it found; ``u = [z - t]_+^2``, ``c = 1/4``. alpha 2: Michelot's iteration from ``max z - 1``
+    (its last step is the closed form); ``u = [z - tau]_+``, ``c = 1``.
+    Newton runs on ``z = s - max s`` (exact near the max), so the support's values keep full float32
+    resolution whatever the logit magnitude. A row of only ``MASKED`` entries gives a uniform u (its
+    callers weight or zero it). Error at float32 rounding of the threshold (against the float64 oracle).
+    inplace=False: functional ops only (for tracing into a graph, ``fused_form``); same values.
+    """
+
+    def pos(x: Tensor) -> Tensor:  # [x]_+ of a fresh temporary
+        return x.clamp_(min=0) if inplace else x.clamp(min=0)
+
+    s = s - s.amax(-1, keepdim=True)
+    if alpha == 2.0:
+        tau = torch.full_like(s[..., :1], -1.0)
+        for _ in range(steps):  # tau += (sum r - 1) / |support|
+            r = pos(s - tau)
+            count = r.sign().sum(-1, keepdim=True).clamp(min=1.0)  # |support| (r >= 0; sign is a fast pass)
+            tau = tau + (r.sum(-1, keepdim=True) - 1.0) / count
+        return pos(s - tau), 1.0
+    t = torch.full_like(s[..., :1], -2.0)
+    for _ in range(steps):  # t += (||r|| - 2) ||r|| / sum r
+        r = pos(s - t)
+        norm = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
+        t = t + (norm - 2.0) * norm / r.sum(-1, keepdim=True).clamp(min=1e-30)
+    # closed form on K = {s > t}: sum_K (r - d)^2 = 4  ->  k d^2 - 2 s1 d + s2 - 4 = 0, smaller root
+    r = pos(s - t)
+    k = r.sign().sum(-1, keepdim=True)  # |support|
+    s1, s2 = r.sum(-1, keepdim=True), torch.linalg.vecdot(r, r).unsqueeze(-1)
+    disc = (s1 * s1 - k * (s2 - 4.0)).clamp(min=0)
+    t = t + (s1 - disc.sqrt()) / k.clamp(min=1.0)
+    r = pos(s - t)
+    return (r.mul_(r) if inplace else r * r), 0.25
+
+
+def _fast_logits(
+    q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: float, inplace: bool = True
+) -> tuple[Tensor, bool]:
+    """(..., Lq, Lk) float32 logits with masked keys at ``MASKED`` (finite: no inf - inf anywhere), and
+    whether a mask was applied."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    s = s.mul_(scale) if inplace else s * scale
+    if attn_mask is None:
+        return s, False
+    if attn_mask.dtype == torch.bool:
+        return (s.masked_fill_ if inplace else s.masked_fill)(~attn_mask, MASKED), True
+    return (s + attn_mask.float()).clamp(min=MASKED), True
+
+
+def _blend(dense: Tensor, u: Tensor, c: float, lam: float | Tensor) -> Tensor:
+    """``(1 - lam) dense + lam c u`` in place in dense; lam a number or a (B, 1, ..., 1) view."""
+    if isinstance(lam, Tensor):
+        return dense.mul_(1.0 - lam).addcmul_(u, lam * c)
+    return dense.mul_(1.0 - lam).add_(u, alpha=lam * c)
+
+
+def _fast_map(
+    s: Tensor, lam: float | Tensor, alpha: float, steps: int, masked: bool, text_len: int, text_first: bool, row0: int
+) -> Tensor:
+    """The PLADIS map (float32) for fast-path logits s: (..., rows, Lk) whose first row is query row0."""
+    dense = torch.softmax(s, -1)
+    if text_len == 0:
+        u, c = entmax_newton(s, alpha, steps)
+        p = _blend(dense, u, c, lam)
+    else:
+        text_start, text_end = text_span(s.shape[-1], text_len, text_first)
+        dense_t = dense[..., text_start:text_end]
+        u, c = entmax_newton(s[..., text_start:text_end].contiguous(), alpha, steps)
+        block = _blend(dense_t.clone(), u.mul_(dense_t.sum(-1, keepdim=True)), c, lam)
+        rows = torch.arange(row0, row0 + s.shape[-2], device=s.device).unsqueeze(-1)
+        is_image_row = (rows < text_start) | (rows >= text_end)
+        p = dense.clone()
+        p[..., text_start:text_end] = torch.where(is_image_row, block, dense_t)
+    if masked:  # a row with no key left gives zeros (its logits are all MASKED)
+        p = p.mul_(s.amax(-1, keepdim=True) > MASKED / 10)
+    return p
+
+
+def fast_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor],
+    lam: float | Tensor,
+    alpha: float,
+    scale: float,
+    text_len: int = 0,
+    text_first: bool = False,
+) -> Tensor:
+    """PLADIS attention by the sort-free path; arguments and result as ``reference_attention``.
+
+    For fp16/bf16/fp32 inputs and alpha 1.5 or 2 (``fast_path_applies``). Logits, softmax and threshold in
+    float32; the map is cast to v's dtype for the final ``P V`` (fp16/bf16). Joint attention uses the dense
+    kernel's log-sum-exp where one exists (``_joint_with_lse``): no (L x L) float32 map at all; elsewhere
+    the query-chunked form below, whose chunks hold at most ``_FAST_CHUNK_ELEMENTS`` logits.
+    """
+    if not isinstance(lam, Tensor) and lam == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    if text_len > 0:
+        out = _joint_with_lse(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
+        if out is not None:
+            return out
+    lq, lk = q.shape[-2], k.shape[-2]
+    steps = newton_steps(float(alpha), text_len or lk)
+    if q.dim() != 4 or not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):  # broadcast heads, rank 3
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        q, k, v = q.expand(*batch, *q.shape[-2:]), k.expand(*batch, *k.shape[-2:]), v.expand(*batch, *v.shape[-2:])
+        squeeze = q.dim() == 3
+        if squeeze:
+            q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+            attn_mask = None if attn_mask is None else attn_mask.unsqueeze(-3)
+        out = fast_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
+        return out.squeeze(1) if squeeze else out
+    # Tiles of (one sample, a group of heads, a range of rows): each tile's output is a contiguous slice of
+    # ``out`` that its P V writes directly, and its logits fit ``_FAST_CHUNK_ELEMENTS``.
+    n_batch, n_heads = q.shape[:2]
+    heads = max(1, min(n_heads, _FAST_CHUNK_ELEMENTS // (lq * lk)))
+    rows = lq if heads > 1 else max(1, min(lq, _FAST_CHUNK_ELEMENTS // lk))
+    mask4 = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + attn_mask.shape)
+    out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+    for b in range(n_batch):
+        lam_b = lam[b : b + 1] if isinstance(lam, Tensor) and lam.shape[0] > 1 else lam
+        for h0 in range(0, n_heads, heads):
+            h1 = min(n_heads, h0 + heads)
+            for r0 in range(0, lq, rows):
+                r1 = min(lq, r0 + rows)
+                tile = (slice(b, b + 1), slice(h0, h1), slice(r0, r1))
+                mask = None if mask4 is None else mask4[_broadcast_index(tile, mask4.shape)]
+                s, masked = _fast_logits(q[tile], k[b : b + 1, h0:h1], mask, scale)
+                p = _fast_map(s, _lam_view(lam_b, s), alpha, steps, masked, text_len, text_first, r0)
+                torch.matmul(p.to(v.dtype), v[b : b + 1, h0:h1], out=out[tile])
+    return out
+
+
+def _broadcast_index(index: tuple[slice, ...], shape: torch.Size) -> tuple[slice, ...]:
+    """index into a tensor that broadcasts: a dim of size 1 is taken whole."""
+    return tuple(ix if n > 1 else slice(None) for ix, n in zip(index, shape, strict=False))
+
+
+def _sdpa_with_lse(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scale: float):
+    """Dense attention and its log-sum-exp (B, H, Lq) float32 from a kernel that returns both, or None
+    where none applies (then the caller uses the chunked form). CPU: the flash kernel for CPU."""
+    same = q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and q.shape[-1] == v.shape[-1]  # the kernel's limits
+    if q.device.type != "cpu" or q.dim() != 4 or not same:
+        return None
+    if attn_mask is not None:
+        if attn_mask.dim() != 4:
+            return None
+        attn_mask = (
+            torch.zeros(attn_mask.shape, dtype=q.dtype).masked_fill_(~attn_mask, -math.inf)
+            if attn_mask.dtype == torch.bool
+            else attn_mask.to(q.dtype)
+        )
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=attn_mask, scale=scale)
+
+
+def _joint_with_lse(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first) -> Optional[Tensor]:
+    """Joint PLADIS as dense attention plus a correction on the image-query x text-key block only:
+    ``out = SDPA(q, k, v) + lam (m c u - P_t) V_t`` on image rows, with ``P_t = exp(S_t - lse)`` the dense
+    weights of the text keys and ``m = sum P_t`` their mass. None where no lse-returning kernel applies."""
+    got = _sdpa_with_lse(q, k, v, attn_mask, scale)
+    if got is None:
+        return None
+    out, lse = got
+    length = q.shape[-2]
+    t0, t1 = text_span(length, text_len, text_first)
+    i0, i1 = (t1, length) if text_first else (0, t0)
+    if attn_mask is not None:  # a query row with no key left gives zeros, whatever the kernel gives
+        keep = attn_mask if attn_mask.dtype == torch.bool else attn_mask > MASKED / 10
+        out = out.masked_fill(~keep.any(-1, keepdim=True), 0.0)
+    if i1 <= i0:
+        return out
+    lse = torch.where(lse > -math.inf, lse, math.inf)  # exp(s - inf) = 0 for a row without keys
+    k_t, v_t = k[..., t0:t1, :], v[..., t0:t1, :].float()
+    steps = newton_steps(float(alpha), text_len)
+    rows_per_chunk = max(1, _FAST_CHUNK_ELEMENTS // max(1, q.shape[0] * q.shape[1] * text_len))
+    for r0 in range(i0, i1, rows_per_chunk):
+        r1 = min(i1, r0 + rows_per_chunk)
+        mask = attn_mask
+        if mask is not None:
+            mask = mask[..., r0:r1, :] if mask.shape[-2] != 1 else mask
+            mask = mask[..., t0:t1] if mask.shape[-1] != 1 else mask
+        s, _ = _fast_logits(q[..., r0:r1, :], k_t, mask, scale)
+        p_t = torch.exp(s - lse[..., r0:r1, None])
+        u, c = entmax_newton(s, alpha, steps)
+        lam_v = _lam_view(lam, s)
+        corr = u.mul_(p_t.sum(-1, keepdim=True) * c).sub_(p_t).mul_(lam_v)  # lam (m c u - P_t)
+        out[..., r0:r1, :] = (out[..., r0:r1, :].float() + torch.matmul(corr, v_t)).to(out.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # 3. The custom op and its fake twin
 # --------------------------------------------------------------------------------------------------
 
@@ -237,6 +451,8 @@ def attention_op(
     is joint attention with that many text tokens, first or last. The text range is stored as a length, not
     as indices, so one exported graph serves every image size.
     """
+    if fast_path_applies(q.dtype, alpha):
+        return fast_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
     return reference_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
 
 
@@ -246,13 +462,47 @@ def _attention_fake(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
     return q.new_empty((*batch, q.shape[-2], v.shape[-1]))
 
 
-def _register_cuda_kernel() -> None:
+def fused_form(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
+    """``pladis::attention`` as plain tensor code for Inductor to fuse (torch.compile, AOTInductor), or
+    ``NotImplemented`` where the op itself should run: float64 and other alpha (the exact solver), joint
+    attention (whose op avoids the (L x L) map), CUDA tensors when the fused Triton kernel serves them.
+
+    The math of ``fast_attention`` without its Python tiling (Inductor fuses the passes instead):
+    q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> (B, H, Lq, Dv) in q's dtype. torch.export and the
+    ONNX exporters do not use Inductor's decomposition table, so they still see one node.
+    """
+    if text_len != 0 or not fast_path_applies(q.dtype, alpha) or (q.is_cuda and _CUDA_KERNEL):
+        return NotImplemented
+    s, masked = _fast_logits(q, k, attn_mask, scale, inplace=False)
+    u, c = entmax_newton(s, alpha, newton_steps(float(alpha), k.shape[-2]), inplace=False)
+    lam_v = lam.to(s.dtype).reshape(-1, *[1] * (s.dim() - 1))
+    p = (1.0 - lam_v) * torch.softmax(s, -1) + (lam_v * c) * u
+    if masked:
+        p = p * (s.amax(-1, keepdim=True) > MASKED / 10)
+    return torch.matmul(p.to(v.dtype), v)
+
+
+def inductor_fusion(enabled: bool = True) -> None:
+    """Opt in (or back out) of Inductor fusing the op: with it, torch.compile and AOTInductor replace
+    ``pladis::attention`` by ``fused_form`` (plain tensor code) where that applies; torch.export and the
+    ONNX exporters still see one node. Off by default: it also changes what AOTInductor engines compile,
+    not yet verified end to end; speed on the measured CPU is in docs/PERFORMANCE.md."""
+    from torch._inductor.decomposition import decompositions, register_decomposition
+
+    op = torch.ops.pladis.attention.default
+    if enabled:
+        register_decomposition(op)(fused_form)
+    else:
+        decompositions.pop(op, None)
+
+
+def _register_cuda_kernel() -> bool:
     from pladis import kernels  # the Triton kernel serves CUDA tensors when Triton is installed
 
-    kernels.register()
+    return kernels.register()
 
 
-_register_cuda_kernel()
+_CUDA_KERNEL = _register_cuda_kernel()
 
 
 # --------------------------------------------------------------------------------------------------

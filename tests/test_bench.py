@@ -41,11 +41,13 @@ def test_smallest_suite_cases_run_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # results go to the working directory by default, never into the package
     monkeypatch.setattr(suite, "OPERATOR_SHAPES", {"small": (1, 2, 64, 77, 16)})
-    assert suite.main(["--cases", "operator,e2e", "--repeats", "1", "--device", "cpu"]) == 0
+    monkeypatch.setattr(suite, "JOINT_SHAPES", {"small": (1, 2, 7, 45, 16)})
+    assert suite.main(["--cases", "operator,joint,e2e", "--repeats", "1", "--device", "cpu"]) == 0
     saved = json.loads((tmp_path / "suite.json").read_text())["results"]
-    assert saved["operator"]["small"]["summary_s"]["PLADIS op"]["n"] == 1
+    assert saved["operator"]["small, 1 thread"]["summary_s"]["PLADIS op"]["n"] == 1
+    assert "PLADIS op, torch.compile (fused) / SDPA" in saved["operator"]["small, 1 thread"]["ratios"]
+    assert saved["joint"]["small, 1 thread"]["summary_s"]["PLADIS joint op"]["n"] == 1
     assert set(saved["e2e"]["tiny-sdxl, 4 steps, CFG"]) == {"torch", "ort"}
     assert report.main(["--results", str(tmp_path), "--doc", str(tmp_path / "perf.md")]) == 0
-    assert (
-        "### Operator" in (tmp_path / "perf.md").read_text() and "### End to end" in (tmp_path / "perf.md").read_text()
-    )
+    doc = (tmp_path / "perf.md").read_text()
+    assert "### Operator" in doc and "### Joint attention operator" in doc and "### End to end" in doc

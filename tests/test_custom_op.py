@@ -63,3 +63,24 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(_Cross(), backend="aot_eager", fullgraph=True)
     # aot_eager runs the same eager kernels after tracing through the fake twin: identical results.
     assert torch.equal(compiled(q, k, v), pladis.attention(q, k, v))
+
+
+def test_inductor_fusion_opt_in_fuses_under_compile_and_keeps_one_export_node(monkeypatch):
+    q, k, v, m, lam, *_ = _args(mask=True)
+    calls = []
+    eager = ops.fast_attention
+    monkeypatch.setattr(ops, "fast_attention", lambda *a: calls.append(1) or eager(*a))
+    expected = pladis.attention(q.double(), k.double(), v.double(), attn_mask=m, lam=lam)
+    ops.inductor_fusion(True)
+    try:
+        torch._dynamo.reset()
+        fn = torch.compile(lambda q, k, v, m, lam: pladis.attention(q, k, v, attn_mask=m, lam=lam), fullgraph=True)
+        out = fn(q, k, v, m, lam)
+        assert calls == []  # Inductor ran the fused tensor code, not the op
+        # float32 vs float64 on O(1) scores: as test_ops.TOL_FP32
+        torch.testing.assert_close(out.double(), expected, rtol=2e-5, atol=2e-5)
+        ep = torch.export.export(_Cross(), (q, k, v))
+        assert [str(n.target) for n in _pladis_nodes(ep.graph)] == ["pladis.attention.default"]
+    finally:
+        ops.inductor_fusion(False)
+        torch._dynamo.reset()

@@ -337,3 +337,102 @@ def test_lam_tensor_of_the_wrong_length_is_refused():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="lam has 3 values for a batch of 2"):
         pladis.attention(q, k, v, lam=torch.ones(3))
+
+
+# --------------------------------------------------------------------------------------------------
+# The sort-free fast path (fp16/bf16/fp32, alpha 1.5 and 2) against the exact float64 operator
+# --------------------------------------------------------------------------------------------------
+
+
+def test_fast_path_runs_where_documented():
+    assert ops.fast_path_applies(torch.float32, 1.5) and ops.fast_path_applies(torch.bfloat16, 2.0)
+    assert not ops.fast_path_applies(torch.float64, 1.5)  # float64: the exact sort solver (the oracle)
+    assert not ops.fast_path_applies(torch.float32, 1.25)  # other alpha: bisection
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+@pytest.mark.parametrize("lk", [1, 77, 300, 301, 1000, 1001])  # both sides of each newton_steps boundary
+def test_entmax_newton_matches_oracle(alpha, lk):
+    # Logit scales 0.1-30 (the range NEWTON_STEPS was measured on), float32 in, float64 oracle on the same
+    # (rounded) logits: error at float32 rounding of outputs <= 1 (a few ulps; 1000-term sums).
+    s = torch.cat([rand(8, lk, scale=sc, seed=lk) for sc in (0.1, 1.0, 5.0, 30.0)])
+    u, c = ops.entmax_newton(s, alpha, ops.newton_steps(alpha, lk))
+    assert_close(c * u, ORACLE[alpha](s.double(), dim=-1), rtol=0, atol=2e-6)
+
+
+def _joint_inputs(b, h, text, image, d, dtype, seed=0):
+    n = text + image
+    return tuple(rand(b, h, n, d, dtype=dtype, seed=seed + i, scale=1.5 if i < 2 else 1.0) for i in range(3))
+
+
+def _joint_masks(b, n, text_first, text, kind):
+    """Padding over keys: sample 0 pads half its text (at least one real token), sample 1's text block is
+    fully masked when there is more than one sample; kind "bool" or "additive" (-inf)."""
+    t0, t1 = ops.text_span(n, text, text_first)
+    keep = torch.ones(b, 1, 1, n, dtype=torch.bool)
+    keep[0, ..., t0 + max(1, text // 2) : t1] = False
+    if b > 1:
+        keep[1, ..., t0:t1] = False
+    return keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, -math.inf)
+
+
+@pytest.mark.parametrize("path", ["lse", "chunked"])
+@pytest.mark.parametrize("text_first", [True, False], ids=["flux", "sd3"])
+@pytest.mark.parametrize("text, image", [(1, 37), (77, 203), (512, 131)])
+@pytest.mark.parametrize("mask", [None, "bool", "additive"])
+def test_joint_fast_path_matches_float64_operator(path, text_first, text, image, mask, monkeypatch):
+    # "lse": SDPA with its log-sum-exp + the image x text correction; "chunked": the fallback where no
+    # lse-returning kernel exists. Image lengths are odd so no chunk or block size divides them.
+    if path == "chunked":
+        monkeypatch.setattr(ops, "_sdpa_with_lse", lambda *a: None)
+        monkeypatch.setattr(ops, "_FAST_CHUNK_ELEMENTS", 2 * 3 * (text + image) * 17)  # ragged row chunks
+    q, k, v = _joint_inputs(2, 3, text, image, 16, torch.float32)
+    m = None if mask is None else _joint_masks(2, text + image, text_first, text, mask)
+    lam = torch.tensor([2.0, 1.5])  # one strength per sample
+    kw = dict(text_len=text, text_first=text_first, lam=lam)
+    out = pladis.joint_attention(q, k, v, attn_mask=m, **kw)
+    m64 = m if m is None or m.dtype == torch.bool else m.double()
+    expected = pladis.joint_attention(q.double(), k.double(), v.double(), attn_mask=m64, **kw)
+    assert not out.isnan().any()
+    # float32 logits/threshold on O(1) scores vs exact float64: a few float32 ulps, amplified by lam and by
+    # sums over up to 643 keys (same bound as cross-attention's TOL_FP32).
+    assert_close(out, expected, **TOL_FP32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("text_first", [True, False], ids=["flux", "sd3"])
+def test_joint_fast_path_half_precision(dtype, text_first):
+    q, k, v = _joint_inputs(2, 2, 77, 181, 32, dtype)
+    m = _joint_masks(2, 258, text_first, 77, "bool")
+    kw = dict(text_len=77, text_first=text_first, lam=torch.tensor([2.0, 3.0]), attn_mask=m)
+    out = pladis.joint_attention(q, k, v, **kw)
+    assert out.dtype == dtype
+    # Same inputs in float64: only the operator's own rounding (dense output and correction rounded to the
+    # input dtype), as TOL_HALF explains.
+    assert_close(out, pladis.joint_attention(q.double(), k.double(), v.double(), **kw), **TOL_HALF[dtype])
+
+
+def test_joint_fast_path_fully_masked_query_row_gives_zeros():
+    q, k, v = _joint_inputs(1, 2, 7, 13, 8, torch.float32)
+    keep = torch.ones(1, 2, 20, 20, dtype=torch.bool)
+    keep[0, 1, 15] = False  # an image query row that sees no key
+    keep[0, 0, 3] = False  # a text query row that sees no key
+    out = pladis.joint_attention(q, k, v, text_len=7, text_first=True, attn_mask=keep)
+    assert not out.isnan().any()
+    assert (out[0, 1, 15] == 0).all() and (out[0, 0, 3] == 0).all()
+    expected = pladis.joint_attention(q.double(), k.double(), v.double(), text_len=7, text_first=True,
+                                      attn_mask=keep)  # fmt: skip
+    assert_close(out, expected, **TOL_FP32)  # the other rows as in the test above
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_cross_fast_path_masks_and_per_sample_lam(alpha):
+    q, k, v = qkv(b=3, lk=120)
+    keep = torch.ones(3, 1, 1, 120, dtype=torch.bool)
+    keep[0, ..., 30:] = False
+    keep[2] = False  # a sample whose keys are all masked: zero rows
+    lam = torch.tensor([2.0, 0.0, 3.0])
+    out = pladis.attention(q, k, v, alpha=alpha, attn_mask=keep, lam=lam)
+    expected = pladis.attention(q.double(), k.double(), v.double(), alpha=alpha, attn_mask=keep, lam=lam)
+    assert (out[2] == 0).all()
+    assert_close(out, expected, **TOL_FP32)  # float32 vs float64 on O(1) scores, as TOL_FP32 says
