@@ -9,16 +9,9 @@ from pathlib import Path
 
 from pladis import ops
 from pladis.export import contracts, onnx_op
+from pladis.files import sha256  # noqa: F401  (re-exported: the export, engine and runtime stages hash with it)
 
 FORMAT = "pladis-onnx/2"  # 2: lam is the runtime input pladis_scale (1: lam was a node attribute)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 SEAL = "self_sha256"  # a JSON record's hash of itself (without this key): an edit by hand is detected

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from pladis import models
+from pladis.files import sha256
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")  # what diffusers' from_single_file reads
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".gguf")
@@ -105,14 +106,6 @@ class Source:
 # --------------------------------------------------------------------------------------------------
 # Hashes
 # --------------------------------------------------------------------------------------------------
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_weight(path: Path) -> bool:
