@@ -90,8 +90,9 @@ def _operator(shape: tuple[int, ...], repeats: int, device: str) -> dict:
     from pladis import ops
 
     b, h, lq, lk, d = shape
+    dtype = torch.float32 if device == "cpu" else torch.float16  # what each device's deployments run
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(b, h, n, d, generator=g, device=device) for n in (lq, lk, lk))
+    q, k, v = (torch.randn(b, h, n, d, generator=g, device=device).to(dtype) for n in (lq, lk, lk))
     lam = torch.full((1,), 2.0, device=device)
 
     def eager_port():  # SDPA's dense map + entmax15 on fp32 logits, blended: the public ports' form
@@ -105,9 +106,26 @@ def _operator(shape: tuple[int, ...], repeats: int, device: str) -> dict:
                 "exact sort solver (float64 path, here fp32)": lambda: ops.reference_attention(
                     q, k, v, None, lam, 1.5, d**-0.5),
                 "eager port": eager_port}  # fmt: skip
+    if device != "cpu":  # there the op is the Triton kernel; the PyTorch path is its fallback
+        variants["PLADIS PyTorch path (no kernel)"] = lambda: ops.pytorch_attention(q, k, v, None, lam, 1.5, d**-0.5)
+    variants, failed = _runnable(variants)
     samples = harness.interleaved(variants, warmup=1, repeats=repeats, timer=_timer(device))
     summary = {name: harness.summary(x) for name, x in samples.items()}
-    return {"shape": list(shape), **_load(), "summary_s": summary, "ratios": _ratios(summary)}
+    return {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), **_load(), "summary_s": summary,
+            "ratios": _ratios(summary), **({"failed": failed} if failed else {})}  # fmt: skip
+
+
+def _runnable(variants: dict) -> tuple[dict, dict]:
+    """The variants whose first call succeeds, and {name: error} for the others (a compiler that fails on
+    one device should cost its row, not the whole suite)."""
+    ok, failed = {}, {}
+    for name, fn in variants.items():
+        try:
+            fn()
+            ok[name] = fn
+        except Exception as e:  # noqa: BLE001 - recorded in the results
+            failed[name] = f"{type(e).__name__}: {str(e)[:300]}"
+    return ok, failed
 
 
 JOINT_SHAPES = {  # (B, H, text, image, D): FLUX-like double-stream block at 512² (1024 image tokens), T5 512

@@ -377,8 +377,12 @@ def _broadcast_index(index: tuple[slice, ...], shape: torch.Size) -> tuple[slice
 
 def _sdpa_with_lse(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scale: float):
     """Dense attention and its log-sum-exp (B, H, Lq) float32 from a kernel that returns both, or None
-    where none applies (then the caller uses the chunked form). CPU: the flash kernel for CPU."""
-    same = q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and q.shape[-1] == v.shape[-1]  # the kernel's limits
+    where none applies (then the caller uses the chunked form). CPU: the flash kernel for CPU; CUDA: the
+    memory-efficient kernel (any float dtype), without a mask."""
+    same = q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and q.shape[-1] == v.shape[-1]  # the kernels' limits
+    if q.device.type == "cuda" and attn_mask is None and q.dim() == 4 and same:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
+        return out, lse[..., : q.shape[-2]].float()  # some versions pad the lse's rows to a multiple of 32
     if q.device.type != "cpu" or q.dim() != 4 or not same:
         return None
     if attn_mask is not None:
@@ -451,6 +455,12 @@ def attention_op(
     is joint attention with that many text tokens, first or last. The text range is stored as a length, not
     as indices, so one exported graph serves every image size.
     """
+    return pytorch_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
+
+
+def pytorch_attention(q, k, v, attn_mask, lam, alpha, scale, text_len=0, text_first=False) -> Tensor:
+    """The op in PyTorch on any device: the sort-free path where it applies, else the exact solver. Also
+    the CUDA implementation's fallback for what the Triton kernel does not cover (joint attention, long keys)."""
     if fast_path_applies(q.dtype, alpha):
         return fast_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
     return reference_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)

@@ -77,7 +77,7 @@ def _cuda_impl(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
     plain_sdpa = not hasattr(lam, "shape") and lam == 0.0  # a float 0 is vanilla attention: the operator's SDPA
     if not plain_sdpa and kernel.supported(q, k, v, attn_mask, alpha, text_len):
         return kernel.attention(q, k, v, attn_mask, lam, alpha, scale)
-    return ops.reference_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
+    return ops.pytorch_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
 
 
 def register() -> bool:
