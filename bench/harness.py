@@ -86,7 +86,19 @@ def machine() -> dict[str, object]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()}
+    info = {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()}
+    import torch
+
+    if torch.cuda.is_available():
+        import importlib.metadata
+
+        try:
+            triton = importlib.metadata.version("triton")
+        except importlib.metadata.PackageNotFoundError:
+            triton = None
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, triton=triton,
+                    torch_build=torch.__version__)  # fmt: skip
+    return info
 
 
 def add_out_argument(parser) -> None:

@@ -108,11 +108,32 @@ def _operator(shape: tuple[int, ...], repeats: int, device: str) -> dict:
                 "eager port": eager_port}  # fmt: skip
     if device != "cpu":  # there the op is the Triton kernel; the PyTorch path is its fallback
         variants["PLADIS PyTorch path (no kernel)"] = lambda: ops.pytorch_attention(q, k, v, None, lam, 1.5, d**-0.5)
+        # GPU time alone, launch overhead removed (CUDA graph replay): what a captured or CPU-ahead loop sees
+        variants["SDPA, CUDA graph"] = _graphed(lambda: F.scaled_dot_product_attention(q, k, v))
+        variants["PLADIS op, CUDA graph"] = _graphed(lambda: pladis.attention(q, k, v, lam=lam))
     variants, failed = _runnable(variants)
     samples = harness.interleaved(variants, warmup=1, repeats=repeats, timer=_timer(device))
     summary = {name: harness.summary(x) for name, x in samples.items()}
     return {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), **_load(), "summary_s": summary,
             "ratios": _ratios(summary), **({"failed": failed} if failed else {})}  # fmt: skip
+
+
+def _graphed(fn):
+    """``fn`` captured once in a CUDA graph; the returned function replays it. Capture happens on first
+    call (``_runnable`` makes that call), so a capture failure costs only this variant."""
+    graph = []
+
+    def replay():
+        if not graph:
+            fn()  # warm-up outside capture: Triton compiles, allocators settle
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            graph.append(g)
+        graph[0].replay()
+
+    return replay
 
 
 def _runnable(variants: dict) -> tuple[dict, dict]:
@@ -124,7 +145,7 @@ def _runnable(variants: dict) -> tuple[dict, dict]:
             fn()
             ok[name] = fn
         except Exception as e:  # noqa: BLE001 - recorded in the results
-            failed[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            failed[name] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
     return ok, failed
 
 
@@ -154,6 +175,74 @@ def _joint(shape: tuple[int, ...], repeats: int, device: str) -> dict:
     samples = harness.interleaved(variants, warmup=1, repeats=repeats, timer=_timer(device))
     summary = {name: harness.summary(x) for name, x in samples.items()}
     return {"shape": list(shape), **_load(), "summary_s": summary, "ratios": _ratios(summary)}
+
+
+UNET_STEP = {"sdxl 1024x1024, batch 2 (CFG), fp16": (2, 128, 77)}  # (cfg batch, latent size, text tokens)
+
+
+def unet_case(repeats: int, device: str) -> dict:
+    """GPU only: one full-size SDXL U-Net call (random weights, built on the GPU in fp16): stock SDPA
+    attention, PLADIS with the fused kernel, and PLADIS through the PyTorch path (kernel disabled)."""
+    if device == "cpu":
+        return {"skipped": "GPU only (the full-size SDXL U-Net at 1024² takes minutes per call on a CPU)"}
+    return {name: _unet_step(shape, repeats, device) for name, shape in UNET_STEP.items()}
+
+
+def _unet_step(shape: tuple[int, int, int], repeats: int, device: str) -> dict:
+    from unittest import mock
+
+    from diffusers import UNet2DConditionModel
+
+    import pladis
+    from pladis import models
+    from pladis.kernels import attention as kernel
+
+    batch, size, tokens = shape
+    dtype = torch.float16
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            unet = UNet2DConditionModel(**models.sdxl_unet_config()).eval()
+        finally:
+            torch.set_default_dtype(prev)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, 4, size, size, generator=g, device=device, dtype=dtype)
+    ctx = torch.randn(batch, tokens, 2048, generator=g, device=device, dtype=dtype)
+    time_ids = [[1024.0, 1024, 0, 0, 1024, 1024]] * batch  # SDXL's size conditioning: original, crop, target
+    added = {"text_embeds": torch.randn(batch, 1280, generator=g, device=device, dtype=dtype),
+             "time_ids": torch.tensor(time_ids, device=device, dtype=dtype)}  # fmt: skip
+    t = torch.tensor(500, device=device)
+    stock = dict(unet.attn_processors)
+    pladis.apply(unet)
+    patched = dict(unet.attn_processors)
+    variants = {"stock (SDPA)": (stock, False), "PLADIS, fused kernel": (patched, False),
+                "PLADIS, PyTorch path (no kernel)": (patched, True)}  # fmt: skip
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    outs = {}
+    for round_ in range(2 + max(5, repeats // 2)):  # 2 warm-up rounds, then timed rounds, variants interleaved
+        for name, (procs, no_kernel) in variants.items():
+            unet.set_attn_processor(dict(procs))  # a copy: diffusers pops from it. Untimed: ~140 modules
+            torch.cuda.synchronize()
+            with torch.no_grad(), mock.patch.object(kernel, "supported", lambda *a: False) if no_kernel else _null():
+                dt = harness.cuda_timer(lambda name=name: outs.__setitem__(name, unet(
+                    x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample))  # fmt: skip
+            if round_ >= 2:
+                samples[name].append(dt)
+    summary = {name: harness.summary(v) for name, v in samples.items()}
+    ref = outs["PLADIS, PyTorch path (no kernel)"].float()
+    kernel_vs_path = ((outs["PLADIS, fused kernel"].float() - ref).norm() / ref.norm()).item()
+    return {"shape": list(shape), "summary_s": summary, "ratios": _ratios(summary, "stock (SDPA)"),
+            "outputs_finite": all(bool(torch.isfinite(v).all()) for v in outs.values()),
+            "kernel vs PyTorch path rel-L2": kernel_vs_path,
+            "memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)}  # fmt: skip
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def _timer(device: str):
@@ -277,7 +366,7 @@ def serve_case(repeats: int, device: str, requests: int = 200, concurrency: int 
     }}  # fmt: skip
 
 
-CASES = {"operator": operator_case, "joint": joint_case, "denoiser": denoiser_case, "e2e": e2e_case,
+CASES = {"operator": operator_case, "joint": joint_case, "unet": unet_case, "denoiser": denoiser_case, "e2e": e2e_case,
          "build": build_case, "serve": serve_case}  # fmt: skip
 
 
@@ -294,9 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         results[case] = CASES[case](args.repeats, args.device)
         print(f"{case}: {time.perf_counter() - t0:.0f} s")
-    path = harness.save(
-        "suite", {"command": "make bench", "device": args.device, "results": results}, args.out, merge=True
-    )
+    # GPU results go to their own file (suite-cuda.json): CPU and GPU rows of one case never overwrite each other
+    name, command = ("suite", "make bench") if args.device == "cpu" else (f"suite-{args.device}", "make gpu-check")
+    path = harness.save(name, {"command": command, "device": args.device, "results": results}, args.out, merge=True)
     print(f"wrote {path}")
     return 0
 

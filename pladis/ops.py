@@ -222,6 +222,13 @@ _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # temporaries stay in the CPU caches between passes (measured on the suite shapes), large enough that
 # Python overhead per chunk is noise.
 _FAST_CHUNK_ELEMENTS = 1 << 20
+# On a GPU each pass is a kernel launch (~10 us) over memory at TB/s: few, large chunks (256 MB of
+# float32 logits per chunk at most).
+_FAST_CHUNK_ELEMENTS_GPU = 1 << 26
+
+
+def _chunk_elements(device: torch.device) -> int:
+    return _FAST_CHUNK_ELEMENTS if device.type == "cpu" else _FAST_CHUNK_ELEMENTS_GPU
 
 
 def fast_path_applies(dtype: torch.dtype, alpha: float) -> bool:
@@ -352,8 +359,9 @@ def fast_attention(
     # Tiles of (one sample, a group of heads, a range of rows): each tile's output is a contiguous slice of
     # ``out`` that its P V writes directly, and its logits fit ``_FAST_CHUNK_ELEMENTS``.
     n_batch, n_heads = q.shape[:2]
-    heads = max(1, min(n_heads, _FAST_CHUNK_ELEMENTS // (lq * lk)))
-    rows = lq if heads > 1 else max(1, min(lq, _FAST_CHUNK_ELEMENTS // lk))
+    chunk = _chunk_elements(q.device)
+    heads = max(1, min(n_heads, chunk // (lq * lk)))
+    rows = lq if heads > 1 else max(1, min(lq, chunk // lk))
     mask4 = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + attn_mask.shape)
     out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
     for b in range(n_batch):
@@ -415,7 +423,7 @@ def _joint_with_lse(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
     lse = torch.where(lse > -math.inf, lse, math.inf)  # exp(s - inf) = 0 for a row without keys
     k_t, v_t = k[..., t0:t1, :], v[..., t0:t1, :].float()
     steps = newton_steps(float(alpha), text_len)
-    rows_per_chunk = max(1, _FAST_CHUNK_ELEMENTS // max(1, q.shape[0] * q.shape[1] * text_len))
+    rows_per_chunk = max(1, _chunk_elements(q.device) // max(1, q.shape[0] * q.shape[1] * text_len))
     for r0 in range(i0, i1, rows_per_chunk):
         r1 = min(i1, r0 + rows_per_chunk)
         mask = attn_mask
@@ -498,10 +506,13 @@ def inductor_fusion(enabled: bool = True) -> None:
     ONNX exporters still see one node. Off by default: it also changes what AOTInductor engines compile,
     not yet verified end to end; speed on the measured CPU is in docs/PERFORMANCE.md."""
     from torch._inductor.decomposition import decompositions, register_decomposition
+    from torch._inductor.lowering import lowerings, make_fallback
 
     op = torch.ops.pladis.attention.default
     if enabled:
         register_decomposition(op)(fused_form)
+        if op not in lowerings:  # where fused_form declines, the op stays and Inductor calls it as it is
+            make_fallback(op, warn=False, override_decomp=True)
     else:
         decompositions.pop(op, None)
 

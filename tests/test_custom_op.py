@@ -84,3 +84,19 @@ def test_inductor_fusion_opt_in_fuses_under_compile_and_keeps_one_export_node(mo
     finally:
         ops.inductor_fusion(False)
         torch._dynamo.reset()
+
+
+def test_inductor_fusion_keeps_the_op_where_the_fused_form_declines():
+    # joint attention: fused_form returns NotImplemented, so the op stays in the graph and Inductor must call
+    # it as a fallback (it used to assert "both a fallback and a decomp"; first seen on CUDA, where the kernel
+    # makes fused_form decline for every call)
+    q = torch.randn(1, 2, 24, 16)
+    eager = pladis.joint_attention(q, q, q, text_len=8, text_first=True)
+    ops.inductor_fusion(True)
+    try:
+        torch._dynamo.reset()
+        fn = torch.compile(lambda q: pladis.joint_attention(q, q, q, text_len=8, text_first=True), fullgraph=True)
+        assert torch.equal(fn(q), eager)  # the same op on the same inputs: identical
+    finally:
+        ops.inductor_fusion(False)
+        torch._dynamo.reset()
