@@ -220,6 +220,8 @@ def _gpu_section(data: dict) -> list[str]:
         out += [f"### SDXL U-Net step: `{name}`", "", _timing_table(entry["summary_s"]), "", *_ratio_line(entry),
                 f"Kernel vs PyTorch path, rel-L2 of the U-Net output: {entry['kernel vs PyTorch path rel-L2']:.2e}; "
                 f"outputs finite: {entry['outputs_finite']}; peak memory {entry['memory_gb']} GiB.", ""]  # fmt: skip
+        if entry.get("failed"):
+            out += ["Variants that did not run: " + "; ".join(f"{k}: {e}" for k, e in entry["failed"].items()), ""]
     return out
 
 

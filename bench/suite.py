@@ -217,17 +217,34 @@ def _unet_step(shape: tuple[int, int, int], repeats: int, device: str) -> dict:
     stock = dict(unet.attn_processors)
     pladis.apply(unet)
     patched = dict(unet.attn_processors)
-    variants = {"stock (SDPA)": (stock, False), "PLADIS, fused kernel": (patched, False),
-                "PLADIS, PyTorch path (no kernel)": (patched, True)}  # fmt: skip
+
+    def forward(no_kernel: bool = False):
+        with torch.no_grad(), mock.patch.object(kernel, "supported", lambda *a: False) if no_kernel else _null():
+            return unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+
+    # name: (processors to set before the call or None, the call returning the output)
+    variants = {"stock (SDPA)": (stock, forward), "PLADIS, fused kernel": (patched, forward),
+                "PLADIS, PyTorch path (no kernel)": (patched, lambda: forward(no_kernel=True))}  # fmt: skip
+    failed = {}
+    for name, procs in (("stock (SDPA), CUDA graph", stock), ("PLADIS, fused kernel, CUDA graph", patched)):
+        try:  # the whole U-Net captured once and replayed: GPU time without Python launch overhead
+            unet.set_attn_processor(dict(procs))
+            forward()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = forward()
+            variants[name] = (None, lambda graph=graph, out=static_out: graph.replay() or out)
+        except Exception as e:  # noqa: BLE001 - recorded in the results
+            failed[name] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
     samples: dict[str, list[float]] = {name: [] for name in variants}
     outs = {}
     for round_ in range(2 + max(5, repeats // 2)):  # 2 warm-up rounds, then timed rounds, variants interleaved
-        for name, (procs, no_kernel) in variants.items():
-            unet.set_attn_processor(dict(procs))  # a copy: diffusers pops from it. Untimed: ~140 modules
+        for name, (procs, fn) in variants.items():
+            if procs is not None:
+                unet.set_attn_processor(dict(procs))  # a copy: diffusers pops from it. Untimed: ~140 modules
             torch.cuda.synchronize()
-            with torch.no_grad(), mock.patch.object(kernel, "supported", lambda *a: False) if no_kernel else _null():
-                dt = harness.cuda_timer(lambda name=name: outs.__setitem__(name, unet(
-                    x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample))  # fmt: skip
+            dt = harness.cuda_timer(lambda name=name, fn=fn: outs.__setitem__(name, fn()))
             if round_ >= 2:
                 samples[name].append(dt)
     summary = {name: harness.summary(v) for name, v in samples.items()}
@@ -235,7 +252,7 @@ def _unet_step(shape: tuple[int, int, int], repeats: int, device: str) -> dict:
     kernel_vs_path = ((outs["PLADIS, fused kernel"].float() - ref).norm() / ref.norm()).item()
     return {"shape": list(shape), "summary_s": summary, "ratios": _ratios(summary, "stock (SDPA)"),
             "outputs_finite": all(bool(torch.isfinite(v).all()) for v in outs.values()),
-            "kernel vs PyTorch path rel-L2": kernel_vs_path,
+            "kernel vs PyTorch path rel-L2": kernel_vs_path, **({"failed": failed} if failed else {}),
             "memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)}  # fmt: skip
 
 

@@ -14,6 +14,7 @@ solve are computed in float32 for fp16/bf16/fp32 inputs (float64 for float64); t
 the value dtype only for the final ``A V``.
 """
 
+import functools
 import math
 from typing import Optional
 
@@ -584,10 +585,23 @@ def joint_attention(
 
 
 def _lam_tensor(lam: float | Tensor, q: Tensor) -> Tensor:
-    """The op's lam argument: a float32 tensor on q's device, (1,) for a number."""
+    """The op's lam argument: a float32 tensor on q's device, (1,) for a number (one cached tensor per
+    value and device: no allocation and fill per layer call; never written to)."""
     if isinstance(lam, Tensor):
         return lam.to(device=q.device, dtype=torch.float32)
-    return torch.full((1,), float(lam), dtype=torch.float32, device=q.device)
+    if capturing(q.device):  # a fill recorded in a CUDA graph runs only on replay: never cache its result
+        return torch.full((1,), float(lam), dtype=torch.float32, device=q.device)
+    return _constant(float(lam), q.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, device: torch.device) -> Tensor:
+    return torch.full((1,), value, dtype=torch.float32, device=device)
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream is capturing a graph (then tensors made now are filled on replay)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def check_params(lam: float | Tensor, alpha: float) -> None:
@@ -601,6 +615,14 @@ def check_params(lam: float | Tensor, alpha: float) -> None:
         raise ValueError(f"lam must be a finite number (paper default 2.0, useful range 1-3); got {lam!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (1.0 < alpha <= 2.0):
         raise ValueError(f"alpha must be a number in (1, 2] (1.5 = entmax15, 2 = sparsemax); got {alpha!r}")
+
+
+def _batch_dims(q: Tensor, k: Tensor, v: Tensor) -> torch.Size:
+    """The broadcast batch/head dims of q, k, v; the common case (all equal) without torch.broadcast_shapes,
+    which costs tens of microseconds per call: on a GPU that is more than the kernel it guards."""
+    if q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:
+        return q.shape[:-2]
+    return torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
 
 
 def _check(q, k, v, lam, alpha, attn_mask, scale) -> float:
@@ -624,7 +646,7 @@ def _check(q, k, v, lam, alpha, attn_mask, scale) -> float:
     if k.shape[-2] == 0:
         raise ValueError("k has no keys (key length 0)")
     try:
-        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        batch = _batch_dims(q, k, v)
     except RuntimeError:
         raise ValueError(
             f"batch/head dims of q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not broadcast"

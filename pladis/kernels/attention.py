@@ -24,12 +24,13 @@ Strides are derived from the sizes (a mask dim of size 1 broadcasts), so no stri
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from pladis.ops import MASKED, newton_steps
+from pladis.ops import MASKED, capturing, newton_steps
 
 MAX_KEYS = 512  # one tile holds the whole key row; longer rows (joint attention) use the PyTorch operator
 MAX_HEAD_DIM = 256
@@ -170,6 +171,7 @@ class KernelConfig:
 KEY_TILES = (128, 512)  # the key tile: the smallest that holds the call site's longest key row
 
 
+@functools.lru_cache(maxsize=256)
 def kernel_config(
     dtype: str,
     mask_dtype: str,
@@ -295,12 +297,19 @@ def _lam_tensor(lam, batch: int, device) -> torch.Tensor:
 def _mask4(attn_mask, b: int, h: int, lq: int, lk: int, device) -> torch.Tensor:
     """The mask as the kernel reads it: additive, rank 4, each dim 1 or the full size, contiguous."""
     if attn_mask is None:
-        return torch.zeros((1, 1, 1, 1), device=device)
+        device = torch.device(device)
+        return torch.zeros((1, 1, 1, 1), device=device) if capturing(device) else _no_mask(device)
     if attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros((), device=device).masked_fill(~attn_mask, float("-inf"))
     m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     full = (b, h, lq, lk)
     return m.expand(*(1 if m.shape[i] == 1 else full[i] for i in range(4))).contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _no_mask(device: torch.device) -> torch.Tensor:
+    """The (1, 1, 1, 1) zero mask the kernel reads when there is none: one per device, never written to."""
+    return torch.zeros((1, 1, 1, 1), device=device)
 
 
 def attention(q, k, v, attn_mask, lam, alpha: float, scale: float) -> torch.Tensor:
