@@ -600,7 +600,10 @@ def _constant(value: float, device: torch.device) -> Tensor:
 
 
 def capturing(device: torch.device) -> bool:
-    """Whether the current CUDA stream is capturing a graph (then tensors made now are filled on replay)."""
+    """Whether tensors made now must not be cached: the current CUDA stream is capturing a graph (they are
+    filled on replay), or torch.compile is tracing (they become graph values)."""
+    if torch.compiler.is_compiling():
+        return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 

@@ -227,6 +227,8 @@ CASES = [  # (B, H, Lq, Lk, D, Dv), alpha, dtype, mask, lam
     ((2, 2, 12, 1, 40, 40), 2.0, "float32", "zero", [1.0, 2.5]),
     ((2, 2, 9, 64, 64, 32), 2.0, "float16", "full", [2.0, 1.5]),
     ((1, 2, 24, 300, 72, 72), 2.0, "float16", "shared", [1.0]),
+    ((2, 3, 20, 77, 40, 40), 1.5, "float32", "padding", [2.0, 1.0], "blhd"),  # q, k, v (B, L, H, D) in memory
+    ((1, 2, 17, 120, 64, 32), 2.0, "float16", None, 2.0, "blhd"),
     ((3, 2, 10, 77, 40, 40), 1.5, "float32", "padding", [2.0, 1.0, 3.0]),  # with the grid limit lowered to 4
 ]
 # No bfloat16 case: Triton 3.9's interpreter gets tl.dot wrong on bfloat16 operands (a 16x16 product is off by
@@ -249,13 +251,14 @@ class Recorder:  # what the launcher passes: grid and positional arguments, in o
     def __getitem__(self, grid):
         def run(*args, **kw):
             calls.append({"grid": list(grid), "args": [("tensor", str(a.dtype), list(a.shape))
-                          if isinstance(a, torch.Tensor) else ("int", a) for a in args], "kw": sorted(kw)})
+                          if isinstance(a, torch.Tensor) else ("int", a) for a in args], "kw": sorted(kw),
+                          "blhd": kw["BLHD"]})
             return jit[grid](*args, **kw)
         return run
 
 K.pladis_fwd = Recorder()
 out = []
-for shape, alpha, dtype, mask, lam in json.loads(sys.argv[1]):
+for shape, alpha, dtype, mask, lam, *layout in json.loads(sys.argv[1]):
     b, h, lq, lk, d, dv = shape
     K.GRID_YZ_MAX, K._GRID_YZ_MAX = (4, tl.constexpr(4)) if b == 3 else (65535, tl.constexpr(65535))
     g = torch.Generator().manual_seed(lk + lq)
@@ -277,6 +280,8 @@ for shape, alpha, dtype, mask, lam in json.loads(sys.argv[1]):
         m = torch.randn(b, h, lq, lk, generator=g) * 2
     elif mask == "shared":
         m = (torch.randn(1, 1, lq, lk, generator=g) * 2).half()
+    if layout == ["blhd"]:  # the same values, laid out as diffusers' projections: (B, L, H, D) memory
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     lam_arg = lam if isinstance(lam, float) else torch.tensor(lam, dtype=torch.float32)
     got = K.attention(q, k, v, m, lam_arg, alpha, d ** -0.5)
     lams = [lam] * b if isinstance(lam, float) else (lam * b if len(lam) == 1 else lam)
@@ -288,7 +293,7 @@ for shape, alpha, dtype, mask, lam in json.loads(sys.argv[1]):
         err = max(err, (got[i : i + 1].double() - ref).abs().max().item())
     call = calls[-1]
     out.append({"err": err, "nan": bool(got.isnan().any()), "dtype": str(got.dtype), "shape": list(got.shape),
-                "grid": call["grid"], "args": call["args"]})
+                "grid": call["grid"], "args": call["args"], "blhd": call["blhd"], "contiguous": got.is_contiguous()})
 print(json.dumps(out))
 """
 
@@ -303,9 +308,11 @@ def _interpret(cases):
 
 def test_kernel_in_triton_interpreter_matches_float64_operator():
     results = _interpret(CASES)
-    for (shape, alpha, dtype, mask, lam), r in zip(CASES, results, strict=True):
+    for (shape, alpha, dtype, mask, lam, *layout), r in zip(CASES, results, strict=True):
         b, h, lq, lk, d, dv = shape
         assert not r["nan"] and r["dtype"] == f"torch.{dtype}" and r["shape"] == [b, h, lq, dv]
+        # (B, L, H, D) inputs are read in place (no copy); the output is contiguous (B, H, Lq, Dv) either way
+        assert r["blhd"] == (layout == ["blhd"]) and r["contiguous"]
         assert r["err"] <= TOL[dtype], (shape, alpha, dtype, mask, lam, r["err"])
         # the launcher's arguments are the plugin's contract: 5 tensors, the 11 int32 sizes, the output
         kinds = [a[0] for a in r["args"]]
@@ -365,6 +372,9 @@ def test_kernel_on_gpu_matches_operator(shape, dtype, tol):
     q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=g).to(dtype) for n in (lq, lk, lk))
     got = ops.attention(q, k, v)  # the custom op's CUDA implementation: the kernel
     ref = ops.reference_attention(q.double(), k.double(), v.double(), None, 2.0, 1.5, d**-0.5)
+    # the same values in diffusers' (B, L, H, D) memory, read in place: the same arithmetic, bit for bit
+    q2, k2, v2 = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert torch.equal(ops.attention(q2, k2, v2), got)
     # fp32 products stay IEEE float32 (DOT_PRECISION), so the GPU bound is the interpreter's 2e-5 at worst
     # rounding-order differences: 1e-4 leaves room for the reduction order of the GPU's dot.
     # fp16/bf16: the map is rounded to the input dtype for P V and the output rounded again; the λ = 2

@@ -9,13 +9,15 @@ in the value dtype (value columns in chunks).
 The argument order is the one TensorRT uses to launch an ahead-of-time compiled plugin kernel, so the
 PyTorch launcher (``attention``) and the TensorRT plugin (``pladis.plugins_trt``) launch the same function:
 
-    q, k, v, mask, lam                      input pointers (q, k, v, out contiguous (B, H, L, D); mask
-                                            contiguous in its own broadcastable shape; lam float32 (B,) or (1,))
+    q, k, v, mask, lam                      input pointers (q, k, v, out contiguous (B, H, L, D), or q, k, v
+                                            (B, L, H, D) with the BLHD constexpr; mask contiguous in its own
+                                            broadcastable shape; lam float32 (B,) or (1,))
     B, H, LQ, LK, D, DV, MB, MH, MQ, MK, NL int32 sizes (``extra_args``): batch, heads, query and key lengths,
                                             head dims of q/k and v, the mask's four dims, lam's length
     out                                     output pointer
     SCALE, SPARSEMAX, STEPS, MASK_MODE,     tl.constexpr: logit scale, alpha (2: sparsemax), Newton steps,
-    BLOCK_*, PV_COLUMNS, DOT_PRECISION      mask specialisation, tiles, how P V is formed, float32 products
+    BLOCK_*, PV_COLUMNS, DOT_PRECISION,     mask specialisation, tiles, how P V is formed, float32 products,
+    BLHD                                    q/k/v memory layout (False for TensorRT: its tensors are linear)
 
 Strides are derived from the sizes (a mask dim of size 1 broadcasts), so no stride is an argument. The grid
 (``launch``) is ``(cdiv(LQ, BLOCK_M), min(B*H, 65535), cdiv(B*H, 65535))``; programs past ``B*H`` do nothing.
@@ -50,7 +52,7 @@ def pladis_fwd(
     OUT,
     SCALE: tl.constexpr, SPARSEMAX: tl.constexpr, STEPS: tl.constexpr,
     MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PV_COLUMNS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PV_COLUMNS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLHD: tl.constexpr = False,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(2) * _GRID_YZ_MAX + tl.program_id(1)
@@ -62,15 +64,28 @@ def pladis_fwd(
     # tensor & scalar)
     row_ok = offs_m < tl.where(bh_ok, LQ, 0)
     key_ok = offs_n < tl.where(bh_ok, LK, 0)
-    # 64-bit offsets of one (b, h) slab: batch x head x length x dim overflows int32 for long sequences
-    q_ptr = Q + bh.to(tl.int64) * LQ * D
-    k_ptr = K + bh.to(tl.int64) * LK * D
+    # 64-bit offsets of one (b, h) slab: batch x head x length x dim overflows int32 for long sequences.
+    # BLHD: q, k, v laid out (B, L, H, D) in memory, as diffusers' projections are (rows H*D apart); out is
+    # always (B, H, Lq, Dv) contiguous (what the op's fake implementation promises torch.compile).
+    if BLHD:
+        q_ptr = Q + (b.to(tl.int64) * LQ * H + h) * D
+        k_ptr = K + (b.to(tl.int64) * LK * H + h) * D
+        v_ptr = V + (b.to(tl.int64) * LK * H + h) * DV
+        sqk = H * D
+        sv = H * DV
+    else:
+        q_ptr = Q + bh.to(tl.int64) * LQ * D
+        k_ptr = K + bh.to(tl.int64) * LK * D
+        v_ptr = V + bh.to(tl.int64) * LK * DV
+        sqk = D
+        sv = DV
+    o_ptr = OUT + bh.to(tl.int64) * LQ * DV
     s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):  # the head dim in chunks: shared memory independent of D
         offs_d = d0 + tl.arange(0, BLOCK_K)
         d_ok = offs_d < D
-        q = tl.load(q_ptr + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        k = tl.load(k_ptr + offs_n[:, None] * D + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(q_ptr + offs_m[:, None] * sqk + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_ptr + offs_n[:, None] * sqk + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), s, input_precision=DOT_PRECISION)
     s = s * SCALE
     if MASK_MODE != 0:
@@ -112,18 +127,16 @@ def pladis_fwd(
     p = dense + lam * (sparse - dense)
     p = tl.where((smax > _MASKED / 10)[:, None], p, 0.0)  # a row whose keys are all masked gives zeros
     p = p.to(V.dtype.element_ty)
-    v_ptr = V + bh.to(tl.int64) * LK * DV
-    o_ptr = OUT + bh.to(tl.int64) * LQ * DV
     if PV_COLUMNS:  # one value column at a time: nothing staged in shared memory (float32 at 512 keys)
         for j in range(0, DV):
-            v = tl.load(v_ptr + offs_n * DV + j, mask=key_ok, other=0.0)
+            v = tl.load(v_ptr + offs_n * sv + j, mask=key_ok, other=0.0)
             o = tl.sum(p * v[None, :], 1)
             tl.store(o_ptr + offs_m * DV + j, o.to(OUT.dtype.element_ty), mask=row_ok)
     else:
         for j0 in range(0, DV, BLOCK_DV):  # value columns in chunks, each stored when done
             offs_j = j0 + tl.arange(0, BLOCK_DV)
             j_ok = offs_j < DV
-            v = tl.load(v_ptr + offs_n[:, None] * DV + offs_j[None, :], mask=key_ok[:, None] & j_ok[None, :],
+            v = tl.load(v_ptr + offs_n[:, None] * sv + offs_j[None, :], mask=key_ok[:, None] & j_ok[None, :],
                         other=0.0)  # fmt: skip
             o = tl.dot(p, v, input_precision=DOT_PRECISION)
             tl.store(o_ptr + offs_m[:, None] * DV + offs_j[None, :], o.to(OUT.dtype.element_ty),
@@ -156,13 +169,14 @@ class KernelConfig:
     block_dv: int
     pv_columns: bool
     num_warps: int
+    blhd: bool = False  # q, k, v in (B, L, H, D) memory (the PyTorch launcher only; TensorRT: False)
 
     def constexprs(self) -> dict:
         """The kernel's tl.constexpr arguments, by name."""
         return {
             "SCALE": self.scale, "SPARSEMAX": self.alpha == 2.0, "STEPS": self.steps, "MASK_MODE": self.mask_mode,
             "BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "BLOCK_DV": self.block_dv,
-            "PV_COLUMNS": self.pv_columns,
+            "PV_COLUMNS": self.pv_columns, "BLHD": self.blhd,
             # float32 inputs keep float32 products (tensor cores would round them to tf32's 10-bit mantissa)
             "DOT_PRECISION": "ieee" if self.dtype == "fp32" else "tf32",
         }  # fmt: skip
@@ -181,6 +195,7 @@ def kernel_config(
     alpha: float,
     scale: float,
     mask_mode: int,
+    blhd: bool = False,
 ) -> KernelConfig:
     """Pick the kernel for one call site. max_keys: the longest key row it will see (a shape profile's max).
 
@@ -198,7 +213,7 @@ def kernel_config(
     return KernelConfig(
         dtype=dtype, mask_dtype=mask_dtype, scale=float(scale), alpha=float(alpha), mask_mode=mask_mode,
         steps=newton_steps(float(alpha), block_n), block_m=8192 // block_n, block_n=block_n, block_k=chunk,
-        block_dv=chunk, pv_columns=dtype == "fp32" and block_n == 512, num_warps=8,
+        block_dv=chunk, pv_columns=dtype == "fp32" and block_n == 512, num_warps=8, blhd=blhd,
     )  # fmt: skip
 
 
@@ -314,15 +329,30 @@ def _no_mask(device: torch.device) -> torch.Tensor:
 
 def attention(q, k, v, attn_mask, lam, alpha: float, scale: float) -> torch.Tensor:
     """Launch the kernel. q: (B, H, Lq, D), k: (B, H, Lk, D), v: (B, H, Lk, Dv) (broadcastable batch/head dims,
-    any strides: made contiguous); attn_mask: bool or additive, broadcastable to (B, H, Lq, Lk), or None; lam:
-    a float or a float32 tensor (B,) or (1,). Returns (B, H, Lq, Dv) in q's dtype."""
+    any strides: read in place when all three are (B, L, H, D) in memory, else made contiguous); attn_mask:
+    bool or additive, broadcastable to (B, H, Lq, Lk), or None; lam: a float or a float32 tensor (B,) or (1,).
+    Returns (B, H, Lq, Dv) contiguous, in q's dtype."""
     b, h = (max(x) for x in zip(q.shape[:2], k.shape[:2], v.shape[:2], strict=True))
     lq, lk, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    q, k, v = (t.expand(b, h, *t.shape[2:]).contiguous() for t in (q, k, v))
+    # diffusers hands over (B, L, H, D) projections viewed as (B, H, L, D): read them in place (3 copies per
+    # layer otherwise). The output stays contiguous (B, H, Lq, Dv), the layout the op's fake impl states.
+    blhd = not all(t.is_contiguous() for t in (q, k, v)) and all(
+        tuple(t.shape[:2]) == (b, h) and t.transpose(1, 2).is_contiguous() for t in (q, k, v)
+    )
+    if not blhd:
+        q, k, v = (t.expand(b, h, *t.shape[2:]).contiguous() for t in (q, k, v))
     mask = _mask4(attn_mask, b, h, lq, lk, q.device)
     lam_t = _lam_tensor(lam, b, q.device)
     cfg = kernel_config(
-        _TORCH_DTYPES[q.dtype], _TORCH_DTYPES.get(mask.dtype, "fp32"), d, dv, lk, alpha, scale, mask_mode(mask.shape)
+        _TORCH_DTYPES[q.dtype],
+        _TORCH_DTYPES.get(mask.dtype, "fp32"),
+        d,
+        dv,
+        lk,
+        alpha,
+        scale,
+        mask_mode(mask.shape),
+        blhd,
     )
     if mask.dtype not in _TORCH_DTYPES:
         mask = mask.float()
