@@ -222,7 +222,30 @@ def _gpu_section(data: dict) -> list[str]:
                 f"outputs finite: {entry['outputs_finite']}; peak memory {entry['memory_gb']} GiB.", ""]  # fmt: skip
         if entry.get("failed"):
             out += ["Variants that did not run: " + "; ".join(f"{k}: {e}" for k, e in entry["failed"].items()), ""]
+        graphs = [entry["summary_s"].get(k) for k in ("stock (SDPA), CUDA graph", "PLADIS, fused kernel, CUDA graph")]
+        if all(graphs):
+            ratio = graphs[1]["median"] / graphs[0]["median"]
+            verdict = "met" if ratio <= 1.03 else f"missed: +{(ratio - 1) * 100:.1f}% vs +3%"
+            out += [f"PLADIS / stock with both U-Nets captured in CUDA graphs (GPU time): {ratio:.3f}; issue 15's "
+                    f"goal, PLADIS within 3% of stock: {verdict}. Eager rows add Python launch overhead per "
+                    "layer (about 0.2 ms per PLADIS call vs 0.05 ms for SDPA): CUDA graphs remove it (also "
+                    "torch.compile's mode='reduce-overhead'); a TensorRT engine launches the plugin without "
+                    "Python (not run here).", ""]  # fmt: skip
     return out
+
+
+def _aot_section(data: dict) -> list[str]:
+    """The TensorRT plugin's PTX launched through the CUDA driver (tests/test_kernels.py, on a GPU)."""
+    rows = [[r["case"], str(tuple(r["shape"])), r["dtype"], f"{r['aot_ms']:.3f}", f"{r['sdpa_ms']:.3f}",
+             f"{r['aot_ms'] / r['sdpa_ms']:.1f}", f"{r['rel_l2']:.1e}", f"{r['block_m']}x{r['block_n']}"]
+            for r in data["rows"]]  # fmt: skip
+    return ["## The TensorRT plugin's kernel through the CUDA driver", "",
+            f"{data['device']}, torch {data['torch']}, Triton {data['triton']}, PTX ISA {data['ptx_isa']}: the PTX "
+            "that `aot_impl` returns, loaded and launched with the plugin's launch parameters and arguments (as "
+            "TensorRT would; TensorRT itself not run). Per-call CUDA events around a Python launch, so small "
+            "cases include launch overhead; rel-L2 vs the float64 operator.", "",
+            markdown_table(["case", "(B, H, Lq, Lk, D)", "dtype", "kernel ms", "SDPA ms", "ratio", "rel-L2",
+                            "tile"], rows), ""]  # fmt: skip
 
 
 def render(results: Path) -> str:
@@ -241,6 +264,9 @@ def render(results: Path) -> str:
     gpu = results / "suite-cuda.json"
     if gpu.exists():
         lines += _gpu_section(json.loads(gpu.read_text()))
+    aot = results / "aot_kernel.json"
+    if aot.exists():
+        lines += _aot_section(json.loads(aot.read_text()))
     soak = results / "soak.json"
     if soak.exists():
         lines += _soak_section(json.loads(soak.read_text()))
