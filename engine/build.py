@@ -24,7 +24,7 @@ from pladis.options import option
 BACKENDS = ("ort", "aoti", "trt")
 FORMAT = "pladis-engine/1"
 # What PLADIS numerics come from (modules, or packages: every .py file in them), hashed into the cache key.
-_SOURCES = ["pladis.ops", "pladis.export.onnx_op", "pladis.kernels", "pladis.plugins_trt"]
+_SOURCES = ["pladis.numerics", "pladis.ops", "pladis.export.onnx_op", "pladis.kernels", "pladis.plugins_trt"]
 
 
 @dataclass

@@ -32,8 +32,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from pladis.ops import MASKED as _MASKED
-from pladis.ops import NEWTON_STEPS, newton_steps
+from pladis.numerics import MASKED as _MASKED
+from pladis.numerics import NEWTON_STEPS, newton_steps
 
 DOMAIN = "pladis"
 OP_TYPE = "PladisAttention"

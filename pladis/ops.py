@@ -22,28 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DEFAULT_LAM = 2.0  # the paper's and the official code's `pladis_scale`
-DEFAULT_ALPHA = 1.5  # entmax15
-# What engines and the server accept as a runtime lam: 0 (stock) up to well past the paper's useful 1-3.
-LAM_RANGE = (0.0, 10.0)
-
-
-# Sort-free threshold (ONNX function body, Triton kernel): Newton steps by alpha, for key lengths up to
-# 300 / up to 1000 (beyond: one more). Chosen from measurements against the float64 oracle at score scales
-# 0.1-30 (alpha 1.5: Newton on ||r|| / 2 - 1 reaches float32 resolution in 3 steps up to 300 keys, 4 up to
-# 1000; alpha 2: Michelot's iteration needs 8 resp. 10 at the smallest scales).
-NEWTON_STEPS = {1.5: (3, 4), 2.0: (8, 10)}
-# Masked logits become this large finite negative in the sort-free paths (no inf - inf = NaN anywhere).
-MASKED = -1e30
-
-
-def newton_steps(alpha: float, max_keys: int | None = None) -> int:
-    """Newton steps of the sort-free threshold for keys up to ``max_keys`` (None: unknown, up to 1000)."""
-    short, long = NEWTON_STEPS[alpha]
-    if max_keys is not None and max_keys <= 300:
-        return short
-    return long if max_keys is None or max_keys <= 1000 else long + 1
-
+from pladis.numerics import (  # noqa: F401 - re-exported: the op's constants, owned by pladis.numerics
+    DEFAULT_ALPHA,
+    DEFAULT_LAM,
+    LAM_RANGE,
+    MASKED,
+    NEWTON_STEPS,
+    capturing,
+    newton_steps,
+)
 
 # Every intermediate of one query chunk has at most this many elements (64 MiB in float32), so
 # joint attention over thousands of tokens does not materialise a full (B, H, L, L) float32 map.
@@ -521,7 +508,7 @@ def inductor_fusion(enabled: bool = True) -> None:
 def _register_cuda_kernel() -> bool:
     from pladis import kernels  # the Triton kernel serves CUDA tensors when Triton is installed
 
-    return kernels.register()
+    return kernels.register(attention_op, pytorch_attention)
 
 
 _CUDA_KERNEL = _register_cuda_kernel()
@@ -597,14 +584,6 @@ def _lam_tensor(lam: float | Tensor, q: Tensor) -> Tensor:
 @functools.lru_cache(maxsize=64)
 def _constant(value: float, device: torch.device) -> Tensor:
     return torch.full((1,), value, dtype=torch.float32, device=device)
-
-
-def capturing(device: torch.device) -> bool:
-    """Whether tensors made now must not be cached: the current CUDA stream is capturing a graph (they are
-    filled on replay), or torch.compile is tracing (they become graph values)."""
-    if torch.compiler.is_compiling():
-        return True
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def check_params(lam: float | Tensor, alpha: float) -> None:

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import tolerances
 import torch
 import torch.nn.functional as F
 from entmax import entmax15, entmax_bisect, sparsemax
@@ -14,15 +15,11 @@ from pladis import ops
 
 ORACLE = {1.5: entmax15, 2.0: sparsemax}
 
-# Tolerances, each with its reason.
-# float64 in, float64 math: only summation order differs from the oracle.
-TOL_FP64 = dict(rtol=1e-10, atol=1e-10)
-# float32 logits and threshold (the contract) vs the float64 oracle on O(1) scores: a few float32 ulps,
-# amplified by lam and by up to 1000-term sums. (Large scores: see assert_fp32_within_baseline.)
-TOL_FP32 = dict(rtol=2e-5, atol=2e-5)
-# float16/bfloat16 in: the map is rounded to the input dtype for the final P·V (the contract), so the
-# error is that rounding (2^-11 resp. 2^-8 relative) times sum |P| |V| <= (2 lam - 1) max|V|.
-TOL_HALF = {torch.float16: dict(rtol=4e-3, atol=4e-3), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+# Tolerances, each with its reason: tests/tolerances.py (shared with the kernel and export tests).
+TOL_FP64 = tolerances.FP64
+# (Large scores: see assert_fp32_within_baseline.)
+TOL_FP32 = dict(rtol=tolerances.FP32, atol=tolerances.FP32)
+TOL_HALF = {dtype: dict(rtol=tol, atol=tol) for dtype, tol in tolerances.HALF.items()}
 
 
 def oracle(q, k, v, lam, alpha, mask=None, scale=None):

@@ -1,6 +1,6 @@
 """pladis.kernels: the fused Triton kernel, registered as the CUDA implementation of ``pladis::attention``.
 
-``register()`` runs when ``pladis.ops`` is imported and Triton is installed: it only tells the custom op
+``register(op, fallback)`` runs when ``pladis.ops`` is imported and Triton is installed: it only tells the op
 which function serves CUDA tensors (no GPU query, no Triton import until a CUDA tensor arrives). That
 function runs the kernel where ``attention.supported`` says it applies (cross-attention, alpha 1.5 or 2,
 up to 512 keys) and the PyTorch operator otherwise, so CUDA calls are always served. The TensorRT plugin
@@ -69,22 +69,26 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
-def _cuda_impl(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
-    """lam: a float (the op before lam became a tensor) or a float32 tensor (B,) or (1,) on q's device."""
-    from pladis import ops
-    from pladis.kernels import attention as kernel
+def cuda_implementation(fallback):
+    """The CUDA implementation of ``pladis::attention``: the kernel where ``attention.supported`` says it
+    applies, else ``fallback`` (the PyTorch operator, same signature). lam: a float (the op before lam became
+    a tensor) or a float32 tensor (B,) or (1,) on q's device."""
 
-    plain_sdpa = not hasattr(lam, "shape") and lam == 0.0  # a float 0 is vanilla attention: the operator's SDPA
-    if not plain_sdpa and kernel.supported(q, k, v, attn_mask, alpha, text_len):
-        return kernel.attention(q, k, v, attn_mask, lam, alpha, scale)
-    return ops.pytorch_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
+    def impl(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
+        from pladis.kernels import attention as kernel
+
+        plain_sdpa = not hasattr(lam, "shape") and lam == 0.0  # a float 0 is vanilla attention: the operator's
+        if not plain_sdpa and kernel.supported(q, k, v, attn_mask, alpha, text_len):
+            return kernel.attention(q, k, v, attn_mask, lam, alpha, scale)
+        return fallback(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
+
+    return impl
 
 
-def register() -> bool:
-    """Register the CUDA implementation when Triton is installed; returns whether it did."""
+def register(op, fallback) -> bool:
+    """Register the kernel as ``op``'s CUDA implementation when Triton is installed; returns whether it did.
+    ``pladis.ops`` calls this with its op and operator, so this package never imports ``pladis.ops``."""
     if importlib.util.find_spec("triton") is None:
         return False
-    from pladis import ops
-
-    ops.attention_op.register_kernel("cuda")(_cuda_impl)
+    op.register_kernel("cuda")(cuda_implementation(fallback))
     return True

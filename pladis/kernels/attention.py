@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pladis.ops import MASKED, capturing, newton_steps
+from pladis.numerics import MASKED, capturing, newton_steps
 
 MAX_KEYS = 512  # one tile holds the whole key row; longer rows (joint attention) use the PyTorch operator
 MAX_HEAD_DIM = 256

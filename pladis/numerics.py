@@ -1,0 +1,39 @@
+"""The numeric constants of PLADIS attention, shared by every implementation of the op: the PyTorch
+operator (``pladis.ops``), the Triton kernel (``pladis.kernels``) and the ONNX function body
+(``pladis.export.onnx_op``). This module imports nothing of pladis, so each of them can import it.
+docs/NUMERICS.md states the contract these numbers serve.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_LAM = 2.0  # the paper's and the official code's `pladis_scale`
+DEFAULT_ALPHA = 1.5  # entmax15
+# What engines and the server accept as a runtime lam: 0 (stock) up to well past the paper's useful 1-3.
+LAM_RANGE = (0.0, 10.0)
+
+
+# Sort-free threshold (ONNX function body, Triton kernel): Newton steps by alpha, for key lengths up to
+# 300 / up to 1000 (beyond: one more). Chosen from measurements against the float64 oracle at score scales
+# 0.1-30 (alpha 1.5: Newton on ||r|| / 2 - 1 reaches float32 resolution in 3 steps up to 300 keys, 4 up to
+# 1000; alpha 2: Michelot's iteration needs 8 resp. 10 at the smallest scales).
+NEWTON_STEPS = {1.5: (3, 4), 2.0: (8, 10)}
+# Masked logits become this large finite negative in the sort-free paths (no inf - inf = NaN anywhere).
+MASKED = -1e30
+
+
+def newton_steps(alpha: float, max_keys: int | None = None) -> int:
+    """Newton steps of the sort-free threshold for keys up to ``max_keys`` (None: unknown, up to 1000)."""
+    short, long = NEWTON_STEPS[alpha]
+    if max_keys is not None and max_keys <= 300:
+        return short
+    return long if max_keys is None or max_keys <= 1000 else long + 1
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether tensors made now must not be cached: the current CUDA stream is capturing a graph (they are
+    filled on replay), or torch.compile is tracing (they become graph values)."""
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
