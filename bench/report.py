@@ -1,7 +1,7 @@
 """Generate ``docs/PERFORMANCE.md`` from benchmark JSON files (``make bench-report``: from ``bench/results/``).
 
 Every measured row states its machine, versions, date and the command that reproduces it; reference
-rows (../shared/PLADIS.md §4) and published figures of other stacks are labelled as such, never mixed
+rows (figures given to the project with its brief, measured by others) and published figures of other stacks are labelled as such, never mixed
 with ours.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from pladis.bench.harness import markdown_table
 from pladis.files import write_text
 
-REFERENCE_ROWS = [  # ../shared/PLADIS.md §4: NVIDIA H200, fp16, random weights, 2026-11-26 (not measured by us)
+REFERENCE_ROWS = [  # given with the project's brief: NVIDIA H200, fp16, random weights, 2026-11-26 (not ours)
     ["SDXL cross-attention B=2 H=10 Lq=4096 Lk=77 D=64: torch SDPA (dense only)", "0.049 ms"],
     ["same, PLADIS as the public ports write it (SDPA + entmax15 on fp32 logits)", "2.30 ms"],
     ["same, that eager form under torch.compile", "0.595 ms"],
@@ -276,7 +276,7 @@ def render(results: Path) -> str:
     lines += [
         "## Reference figures (not measured here)",
         "",
-        "From `../shared/PLADIS.md` §4: NVIDIA H200, fp16, random weights, 2026-11-26.",
+        "Given to the project with its brief (measured by others): NVIDIA H200, fp16, random weights, 2026-11-26.",
         "",
         markdown_table(["what", "time"], REFERENCE_ROWS),
         "",

@@ -15,7 +15,7 @@ Node (domain ``pladis``, op type ``PladisAttention``) — the contract the Tenso
 
 The model-local function of the same domain and name gives the node a body of standard ops, so ONNX
 Runtime runs the file without any plugin. The body computes logits and the threshold in float32 and casts
-the mixed map to v's type only for the final MatMul (../shared/PLADIS.md §1). Its threshold is sort-free:
+the mixed map to v's type only for the final MatMul (docs/NUMERICS.md). Its threshold is sort-free:
 Newton's method on ``f(tau) = sum [z - tau]_+^(1/(alpha-1)) - 1`` from ``tau = max z - 1`` (monotone, never
 overshoots), then the closed form on the support it found. ``NEWTON_STEPS`` is the number of steps that
 identified the support exactly (error at float32 rounding) for key lengths up to 1000 and score scales

@@ -1,14 +1,15 @@
 """The PLADIS attention operator, in reading order.
 
 1. ``entmax``: the exact alpha-entmax map (closed form for alpha = 1.5 and 2, bisection otherwise).
-2. ``reference_attention``: the whole operator in plain PyTorch, float64-capable; it is the CPU (and
-   default) implementation of the custom op.
+2. ``reference_attention``: the whole operator by the exact solver, float64-capable (the tests' oracle);
+   ``fast_attention``: the sort-free path for fp16/bf16/fp32 and alpha 1.5 or 2; ``pytorch_attention``
+   chooses between them and is the op's implementation on every device the kernel does not serve.
 3. ``attention_op``: the ``torch.library`` custom op ``pladis::attention`` and its fake twin, so that
    ``torch.export``, ``torch.compile`` and the ONNX exporters see one node. The CUDA implementation
    (the fused Triton kernel in ``pladis/kernels/``) registers itself on it when Triton is installed.
 4. ``attention`` / ``joint_attention``: the public functions, which validate and call the op.
 
-Numerical contract (../shared/PLADIS.md): with logits ``S = Q K^T * scale``,
+Numerical contract (docs/NUMERICS.md; constants in ``pladis.numerics``): with logits ``S = Q K^T * scale``,
 ``A = softmax(S) + lam * (entmax_alpha(S) - softmax(S))``, ``out = A V``. Logits and the threshold
 solve are computed in float32 for fp16/bf16/fp32 inputs (float64 for float64); the mixed map is cast to
 the value dtype only for the final ``A V``.

@@ -184,7 +184,7 @@ def test_query_chunking_is_invisible(monkeypatch):
 
 
 def joint_oracle(q, k, v, lam, alpha, text):
-    """Joint PLADIS from ../shared/PLADIS.md §2, in float64 with explicit loops over the row kinds."""
+    """Joint PLADIS from docs/NUMERICS.md §4, in float64 with explicit loops over the row kinds."""
     q, k, v = q.double(), k.double(), v.double()
     t0, t1 = text
     a = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1)

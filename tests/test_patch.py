@@ -27,7 +27,7 @@ def _unpatch_cached_models():
 
 
 def formula_sdpa(lam, alpha, text_range=None):
-    """A stand-in for F.scaled_dot_product_attention computing PLADIS from ../shared/PLADIS.md in float64."""
+    """A stand-in for F.scaled_dot_product_attention computing PLADIS from docs/NUMERICS.md in float64."""
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         q64, k64, v64 = query.double(), key.double(), value.double()
