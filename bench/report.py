@@ -1,8 +1,8 @@
 """Generate ``docs/PERFORMANCE.md`` from benchmark JSON files (``make bench-report``: from ``bench/results/``).
 
 Every measured row states its machine, versions, date and the command that reproduces it; reference
-rows (figures given to the project with its brief, measured by others) and published figures of other stacks are labelled as such, never mixed
-with ours.
+rows (figures given to the project with its brief, measured by others) and published figures of other
+stacks are labelled as such, never mixed with ours.
 """
 
 from __future__ import annotations
