@@ -214,6 +214,13 @@ def _gpu_section(data: dict) -> list[str]:
                     _timing_table(entry["summary_s"]), "", *_ratio_line(entry)]  # fmt: skip
             if entry.get("failed"):
                 out += ["Variants that did not run: " + "; ".join(f"{k}: {e}" for k, e in entry["failed"].items()), ""]
+    for name, entry in _entries(res.get("kernel_tiles", {})).items():
+        if "summary_s" not in entry:
+            continue
+        errs = "; ".join(f"{k}: {v:.1e}" if isinstance(v, float) else f"{k}: {v}" for k, v in entry["rel_l2"].items())
+        out += [f"### Kernel tiles: `{name}`, shape {tuple(entry['shape'])}, float16 (CUDA graph replay)", "",
+                _timing_table(entry["summary_s"]), "", *_ratio_line(entry), f"rel-L2 vs float64: {errs}.",
+                ""]  # fmt: skip
     for name, entry in _entries(res.get("unet", {})).items():
         if "summary_s" not in entry:
             continue

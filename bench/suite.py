@@ -7,6 +7,9 @@ Cases, each comparing its variants interleaved in one process on the same inputs
   ports (softmax + the ``entmax`` package on fp32 logits).
 - ``joint``: joint (MMDiT) attention at a FLUX-like shape: the PLADIS joint op vs SDPA vs the exact
   sort solver.
+- ``unet`` (GPU only): one full-size SDXL U-Net call at 1024², fp16: stock, PLADIS with the kernel, PLADIS
+  through the PyTorch path; eager and captured in CUDA graphs.
+- ``kernel_tiles`` (GPU only): the kernel's GPU time per query tile and warp count, and its error.
 - ``denoiser``: one denoiser call, eager PyTorch and ONNX Runtime, stock attention and PLADIS, for
   ``tiny-sdxl`` and the full-size random-weight ``sd15`` (at 256² on a CPU), batch 2 (CFG).
 - ``e2e``: ``generate`` for 4 steps with each backend, split into encode / per step / decode.
@@ -256,6 +259,67 @@ def _unet_step(shape: tuple[int, int, int], repeats: int, device: str) -> dict:
             "memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)}  # fmt: skip
 
 
+TILE_SHAPES = {  # (B, H, Lq, Lk, D, padding mask): the kernel's two key tiles at their deployment shapes
+    "sdxl 128x128 Lk77": (2, 10, 4096, 77, 64, False),
+    "pixart 64x64 Lk300 (T5, padding)": (2, 16, 4096, 300, 72, True),
+}
+
+
+def kernel_tiles_case(repeats: int, device: str) -> dict:
+    """GPU only: the fused kernel's GPU time (CUDA graph replay) per query tile and warp count, against
+    SDPA, with each variant's error vs the float64 operator: the data for choosing ``kernel_config``."""
+    if device == "cpu":
+        return {"skipped": "GPU only"}
+    return {name: _kernel_tiles(shape, device) for name, shape in TILE_SHAPES.items()}
+
+
+def _kernel_tiles(shape, device: str) -> dict:
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from pladis import ops
+    from pladis.kernels import attention as K
+
+    b, h, lq, lk, d, padding = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=g, device=device, dtype=torch.float16) for n in (lq, lk, lk))
+    mask = torch.zeros(b, 1, 1, lk, device=device, dtype=torch.float16) if padding else None
+    if padding:
+        mask[0, ..., lk - lk // 4 :] = float("-inf")
+    lam = torch.full((1,), 2.0, device=device)
+    ref = ops.reference_attention(q.double(), k.double(), v.double(), None if mask is None else mask.double(), 2.0,
+                                  1.5, d**-0.5)  # fmt: skip
+    mask4 = K._mask4(mask, b, h, lq, lk, q.device)
+    base = K.kernel_config("fp16", "fp16" if padding else "fp32", d, d, lk, 1.5, d**-0.5, K.mask_mode(mask4.shape))
+    sizes = K.extra_args(q.shape, k.shape, v.shape, mask4.shape, lam.shape)
+    rows = {"SDPA": _graphed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d**-0.5))}
+    errors = {}
+    for block_m in (16, 32, 64, 128):
+        for warps in (4, 8):
+            if block_m * base.block_n > 16384:
+                continue
+            cfg = dataclasses.replace(base, block_m=block_m, num_warps=warps)
+            out = torch.empty(b, h, lq, d, device=device, dtype=q.dtype)
+            grid = K.launch(b, h, lq, block_m=block_m, num_warps=warps, shared_mem=0).grid
+
+            def call(cfg=cfg, out=out, grid=grid):
+                K.pladis_fwd[grid](q, k, v, mask4, lam, *sizes, out, **cfg.constexprs(), num_warps=cfg.num_warps)
+
+            name = f"kernel {block_m}x{base.block_n}, {warps} warps" + (" (chosen)" if cfg == base else "")
+            try:
+                call()
+                errors[name] = ((out.double() - ref).norm() / ref.norm()).item()
+                rows[name] = _graphed(call)
+            except Exception as e:  # noqa: BLE001 - a tile that does not compile or fit is a result too
+                errors[name] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    rows, failed = _runnable(rows)
+    samples = harness.interleaved(rows, warmup=2, repeats=20, timer=_timer(device))
+    summary = {name: harness.summary(x) for name, x in samples.items()}
+    return {"shape": [b, h, lq, lk, d], "dtype": "float16", "summary_s": summary, "ratios": _ratios(summary),
+            "rel_l2": errors, **({"failed": failed} if failed else {})}  # fmt: skip
+
+
 def _null():
     import contextlib
 
@@ -383,8 +447,8 @@ def serve_case(repeats: int, device: str, requests: int = 200, concurrency: int 
     }}  # fmt: skip
 
 
-CASES = {"operator": operator_case, "joint": joint_case, "unet": unet_case, "denoiser": denoiser_case, "e2e": e2e_case,
-         "build": build_case, "serve": serve_case}  # fmt: skip
+CASES = {"operator": operator_case, "joint": joint_case, "unet": unet_case, "kernel_tiles": kernel_tiles_case,
+         "denoiser": denoiser_case, "e2e": e2e_case, "build": build_case, "serve": serve_case}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
