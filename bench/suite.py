@@ -462,13 +462,17 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for case in cases:
         t0 = time.perf_counter()
-        results[case] = CASES[case](args.repeats, args.device)
+        try:
+            results[case] = CASES[case](args.repeats, args.device)
+        except Exception as e:  # one broken case must not lose the others' results
+            results[case] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print(f"{case}: failed: {results[case]['error']}", file=sys.stderr)
         print(f"{case}: {time.perf_counter() - t0:.0f} s")
     # GPU results go to their own file (suite-cuda.json): CPU and GPU rows of one case never overwrite each other
     name, command = ("suite", "make bench") if args.device == "cpu" else (f"suite-{args.device}", "make gpu-check")
     path = harness.save(name, {"command": command, "device": args.device, "results": results}, args.out, merge=True)
     print(f"wrote {path}")
-    return 0
+    return 1 if any("error" in r for r in results.values()) else 0
 
 
 if __name__ == "__main__":
