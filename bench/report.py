@@ -206,7 +206,8 @@ def _gpu_section(data: dict) -> list[str]:
     m, v = any_case["machine"], any_case.get("versions", {})
     stamp = (f"{m.get('gpu', 'GPU')}, CUDA {m.get('cuda')}, torch {m.get('torch_build', v.get('torch'))}, "
              f"Triton {m.get('triton')}; host {m['cpu']} ({m['cores']} cores); {any_case['date']}")  # fmt: skip
-    out = ["## On a GPU (`make gpu-check`)", "", f"Machine: {stamp}. CUDA-event timings, medians; the"
+    errors = [f"`{case}`: {r['error']}" for case, r in res.items() if "error" in r]
+    out = ["## On a GPU (`make gpu-check`)", "", *([f"Cases that failed: {'; '.join(errors)}.", ""] if errors else []), f"Machine: {stamp}. CUDA-event timings, medians; the"
            " `CUDA graph` rows replay a captured call (GPU time without Python launch overhead).", ""]  # fmt: skip
     for case, title in (("operator", "Cross-attention operator"), ("joint", "Joint attention operator")):
         for name, entry in _entries(res.get(case, {})).items():
