@@ -199,6 +199,11 @@ def _soak_section(data: dict) -> list[str]:
     ]
 
 
+def _measured(res: dict, case: str) -> list[tuple[str, dict]]:
+    """A case's measured entries (skipping a GPU-only case's "skipped" note and a failed case's error)."""
+    return [(k, v) for k, v in _entries(res.get(case, {})).items() if isinstance(v, dict) and "summary_s" in v]
+
+
 def _gpu_section(data: dict) -> list[str]:
     """``make gpu-check``'s benchmark (suite-cuda.json): the operators and the SDXL U-Net step on the GPU."""
     res = data["results"]
@@ -207,24 +212,22 @@ def _gpu_section(data: dict) -> list[str]:
     stamp = (f"{m.get('gpu', 'GPU')}, CUDA {m.get('cuda')}, torch {m.get('torch_build', v.get('torch'))}, "
              f"Triton {m.get('triton')}; host {m['cpu']} ({m['cores']} cores); {any_case['date']}")  # fmt: skip
     errors = [f"`{case}`: {r['error']}" for case, r in res.items() if "error" in r]
-    out = ["## On a GPU (`make gpu-check`)", "", *([f"Cases that failed: {'; '.join(errors)}.", ""] if errors else []), f"Machine: {stamp}. CUDA-event timings, medians; the"
-           " `CUDA graph` rows replay a captured call (GPU time without Python launch overhead).", ""]  # fmt: skip
+    out = ["## On a GPU (`make gpu-check`)", "", f"Machine: {stamp}. CUDA-event timings, medians; the `CUDA graph`"
+           " rows replay a captured call (GPU time without Python launch overhead).", ""]  # fmt: skip
+    if errors:
+        out += [f"Cases that failed: {'; '.join(errors)}.", ""]
     for case, title in (("operator", "Cross-attention operator"), ("joint", "Joint attention operator")):
-        for name, entry in _entries(res.get(case, {})).items():
+        for name, entry in _measured(res, case):
             out += [f"### {title}: `{name}`, shape {tuple(entry['shape'])}, {entry.get('dtype', 'float32')}", "",
                     _timing_table(entry["summary_s"]), "", *_ratio_line(entry)]  # fmt: skip
             if entry.get("failed"):
                 out += ["Variants that did not run: " + "; ".join(f"{k}: {e}" for k, e in entry["failed"].items()), ""]
-    for name, entry in _entries(res.get("kernel_tiles", {})).items():
-        if "summary_s" not in entry:
-            continue
+    for name, entry in _measured(res, "kernel_tiles"):
         errs = "; ".join(f"{k}: {v:.1e}" if isinstance(v, float) else f"{k}: {v}" for k, v in entry["rel_l2"].items())
         out += [f"### Kernel tiles: `{name}`, shape {tuple(entry['shape'])}, float16 (CUDA graph replay)", "",
                 _timing_table(entry["summary_s"]), "", *_ratio_line(entry), f"rel-L2 vs float64: {errs}.",
                 ""]  # fmt: skip
-    for name, entry in _entries(res.get("unet", {})).items():
-        if "summary_s" not in entry:
-            continue
+    for name, entry in _measured(res, "unet"):
         out += [f"### SDXL U-Net step: `{name}`", "", _timing_table(entry["summary_s"]), "", *_ratio_line(entry),
                 f"Kernel vs PyTorch path, rel-L2 of the U-Net output: {entry['kernel vs PyTorch path rel-L2']:.2e}; "
                 f"outputs finite: {entry['outputs_finite']}; peak memory {entry['memory_gb']} GiB.", ""]  # fmt: skip
