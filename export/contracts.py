@@ -63,7 +63,7 @@ def dims(pipe, family: str, *, height: int, width: int, batch: int, static: bool
     latent units), prompts over
     [1, max(4, batch)]; the denoiser batch (CFG doubles it) over [1, 2*max prompts]."""
     fam = families.get(family)
-    vae = families.vae_scale_factor(pipe.vae.config)
+    vae = fam.vae_scale(pipe.vae.config)
     unit = size_multiple(pipe, family)
     for name, size in (("height", height), ("width", width)):
         if size % unit:
@@ -92,7 +92,7 @@ def size_multiple(pipe, family: str) -> int:
     """Image sides must be multiples of this many pixels: the VAE factor times the denoiser's own factor
     (the family record's: U-Net down-sampling levels; FLUX's 2x2 latent packing; PixArt's 2x2 patches)."""
     fam = families.get(family)
-    return families.vae_scale_factor(pipe.vae.config) * fam.denoiser_multiple(getattr(pipe, fam.component))
+    return fam.vae_scale(pipe.vae.config) * fam.denoiser_multiple(getattr(pipe, fam.component))
 
 
 def text_lengths(pipe, family: str) -> dict[str, int]:

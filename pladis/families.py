@@ -85,6 +85,8 @@ class Family:
     unpack: Callable[[torch.Tensor, int, int], torch.Tensor] = _same  # (packed, h, w) -> (B, C, h, w)
     noise: Callable[[torch.Tensor, int], torch.Tensor] = _noise_as_is  # (output, latent channels) -> noise
     set_timesteps: Callable[..., None] = _plain_timesteps  # (scheduler, steps, latent h, latent w)
+    # the VAE
+    vae_scale: Callable[..., int] = vae_scale_factor  # (VAE config) -> pixels per latent unit a side
     vae_input: Callable = vae_latents  # (latents, scaling_factor, shift_factor) -> VAE decoder input
 
 
