@@ -339,7 +339,7 @@ def denoiser_case(repeats: int, device: str) -> dict:
 
 def _denoiser(name: str, size: int, repeats: int, device: str) -> dict:
     import pladis
-    from pladis import models
+    from pladis import families, models
     from pladis.export import ExportConfig, contracts, export
     from pladis.runtime.backends import OrtBackend
     from pladis.runtime.engine import open_engine
@@ -351,9 +351,10 @@ def _denoiser(name: str, size: int, repeats: int, device: str) -> dict:
         stock, patched = models.load(name).unet, models.load(name).unet
         pladis.apply(patched)
         meta = models.load(name, device="meta")
-        comp = next(c for c in contracts.components(meta, "unet") if c.name == "unet")  # stock contract
+        family = families.of_model(meta.unet).name
+        comp = next(c for c in contracts.components(meta, family) if c.name == "unet")  # stock contract
         pladis.apply(meta)
-        comp_p = next(c for c in contracts.components(meta, "unet") if c.name == "unet")  # + pladis_scale input
+        comp_p = next(c for c in contracts.components(meta, family) if c.name == "unet")  # + pladis_scale input
         dims = {k: tuple(v) for k, v in open_engine(f"{tmp}/0.0").manifest["dims"].items()}
         tensors = contracts.sample_inputs(comp, dims, torch.float32)
         inputs = dict(zip([i.name for i in comp.inputs], tensors, strict=True))

@@ -1,4 +1,4 @@
-"""One export contract per model family: components, input/output names, dynamic axes, shape ranges, samples.
+"""Export contracts: components, input/output names, dynamic axes, shape ranges, samples.
 
 Names follow diffusers' argument names (as Optimum and NVIDIA's diffusion demo do). Every shape is written
 with named dims; ``dims()`` gives each dim its (min, opt, max) from one source (the export settings), and
@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from pladis import families
 
 FLOAT = "float"  # the export precision's float type
 
@@ -60,7 +62,8 @@ def dims(pipe, family: str, *, height: int, width: int, batch: int, static: bool
     """(min, opt, max) of every named dim. Images range over [size/2, 2*size] per side (at least two
     latent units), prompts over
     [1, max(4, batch)]; the denoiser batch (CFG doubles it) over [1, 2*max prompts]."""
-    vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    fam = families.get(family)
+    vae = fam.vae_scale(pipe.vae.config)
     unit = size_multiple(pipe, family)
     for name, size in (("height", height), ("width", width)):
         if size % unit:
@@ -75,11 +78,9 @@ def dims(pipe, family: str, *, height: int, width: int, batch: int, static: bool
     }
     d["height"] = tuple(x * vae for x in d["latent_height"])
     d["width"] = tuple(x * vae for x in d["latent_width"])
-    if family == "flux":
-        tokens = lambda h, w: (h // 2) * (w // 2)  # noqa: E731
-        d["image_tokens"] = tuple(tokens(h, w) for h, w in zip(d["latent_height"], d["latent_width"], strict=True))
+    d.update(fam.extra_dims(d))
     for name, length in text_lengths(pipe, family).items():
-        d[name] = (length, length, length) if family in ("sd3", "flux") else (1, length, max(length, 3 * length))
+        d[name] = (length, length, length) if fam.joint else (1, length, max(length, 3 * length))
         if name == "clip_text":
             d[name] = (length, length, length)  # CLIP has absolute position embeddings: always padded to 77
     if static:
@@ -89,28 +90,25 @@ def dims(pipe, family: str, *, height: int, width: int, batch: int, static: bool
 
 def size_multiple(pipe, family: str) -> int:
     """Image sides must be multiples of this many pixels: the VAE factor times the denoiser's own factor
-    (U-Net down-sampling levels; FLUX's 2x2 latent packing; PixArt's 2x2 patches)."""
-    vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    if family == "unet":
-        return vae * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    return vae * (2 if family in ("flux", "pixart") else 1)
+    (the family record's: U-Net down-sampling levels; FLUX's 2x2 latent packing; PixArt's 2x2 patches)."""
+    fam = families.get(family)
+    return fam.vae_scale(pipe.vae.config) * fam.denoiser_multiple(getattr(pipe, fam.component))
 
 
 def text_lengths(pipe, family: str) -> dict[str, int]:
     """Token lengths: CLIP always 77; T5 the pipeline's default ``max_sequence_length``; joint models
     concatenate (SD3: CLIP 77 + T5). Joint models keep text static: the PladisAttention node's
     ``text_len`` attribute is that length."""
-    clip = 77
-    t5 = {"pixart": 120, "sd3": 256, "flux": 512}.get(family)
-    out = {"clip_text": clip}
-    if t5:
-        out["t5_text"] = t5
-    out["text"] = {"unet": clip, "pixart": t5, "sd3": clip + (t5 or 0), "flux": t5}[family]
+    fam = families.get(family)
+    out = {"clip_text": families.CLIP_LENGTH}
+    if fam.t5_length:
+        out["t5_text"] = fam.t5_length
+    out["text"] = fam.text_length
     return out
 
 
 # --------------------------------------------------------------------------------------------------
-# Components per family
+# Components (the denoiser's contract is its family record's ``contract``)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -150,90 +148,6 @@ def _vae_decoder(vae) -> Component:
                      [Tensor("sample", ("batch", vae.config.out_channels, "height", "width"))], fwd)  # fmt: skip
 
 
-def _unet(unet) -> Component:
-    cfg = unet.config
-    inputs = [
-        Tensor("sample", ("cfg_batch", cfg.in_channels, "latent_height", "latent_width")),
-        Tensor("timestep", ("cfg_batch",), "float32", "timestep"),
-        Tensor("encoder_hidden_states", ("cfg_batch", "text", cfg.cross_attention_dim)),
-    ]
-    sdxl = cfg.addition_embed_type == "text_time"
-    if sdxl:
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        inputs += [
-            Tensor("text_embeds", ("cfg_batch", pooled)),
-            Tensor("time_ids", ("cfg_batch", 6), sample="positions"),
-        ]
-
-    def fwd(m, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added = {"text_embeds": text_embeds, "time_ids": time_ids} if sdxl else None
-        return (m(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0],)
-
-    out = Tensor("out_sample", ("cfg_batch", cfg.out_channels, "latent_height", "latent_width"))
-    return Component("unet", unet, inputs, [out], fwd, denoiser=True, extras={"timestep_scale": 1000.0})
-
-
-def _pixart(tr) -> Component:
-    cfg = tr.config
-    inputs = [
-        Tensor("hidden_states", ("cfg_batch", cfg.in_channels, "latent_height", "latent_width")),
-        Tensor("encoder_hidden_states", ("cfg_batch", "text", cfg.caption_channels)),
-        Tensor("encoder_attention_mask", ("cfg_batch", "text"), "int64", "mask"),
-        Tensor("timestep", ("cfg_batch",), "float32", "timestep"),
-    ]
-    extra = cfg.sample_size == 128  # PixArt-alpha 1024 conditions on resolution and aspect ratio
-    if extra:
-        inputs += [Tensor("resolution", ("cfg_batch", 2), sample="positions"),
-                   Tensor("aspect_ratio", ("cfg_batch", 1), sample="positions")]  # fmt: skip
-
-    def fwd(
-        m, hidden_states, encoder_hidden_states, encoder_attention_mask, timestep, resolution=None, aspect_ratio=None
-    ):
-        added = {"resolution": resolution, "aspect_ratio": aspect_ratio}
-        return (m(hidden_states, encoder_hidden_states, timestep=timestep, added_cond_kwargs=added,
-                  encoder_attention_mask=encoder_attention_mask, return_dict=False)[0],)  # fmt: skip
-
-    out = Tensor("out_hidden_states", ("cfg_batch", cfg.out_channels, "latent_height", "latent_width"))
-    return Component("transformer", tr, inputs, [out], fwd, denoiser=True, extras={"timestep_scale": 1000.0})
-
-
-def _sd3(tr) -> Component:
-    cfg = tr.config
-    inputs = [
-        Tensor("hidden_states", ("cfg_batch", cfg.in_channels, "latent_height", "latent_width")),
-        Tensor("encoder_hidden_states", ("cfg_batch", "text", cfg.joint_attention_dim)),
-        Tensor("pooled_projections", ("cfg_batch", cfg.pooled_projection_dim)),
-        Tensor("timestep", ("cfg_batch",), "float32", "timestep"),
-    ]
-
-    def fwd(m, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        return (m(hidden_states, encoder_hidden_states, pooled_projections, timestep, return_dict=False)[0],)
-
-    out = Tensor("out_hidden_states", ("cfg_batch", cfg.out_channels, "latent_height", "latent_width"))
-    return Component("transformer", tr, inputs, [out], fwd, denoiser=True, extras={"timestep_scale": 1000.0})
-
-
-def _flux(tr) -> Component:
-    cfg = tr.config
-    inputs = [
-        Tensor("hidden_states", ("cfg_batch", "image_tokens", cfg.in_channels)),
-        Tensor("encoder_hidden_states", ("cfg_batch", "text", cfg.joint_attention_dim)),
-        Tensor("pooled_projections", ("cfg_batch", cfg.pooled_projection_dim)),
-        Tensor("timestep", ("cfg_batch",), "float32", "timestep"),
-        Tensor("img_ids", ("image_tokens", 3), "float32", "positions"),
-        Tensor("txt_ids", ("text", 3), "float32", "positions"),
-    ]
-    if cfg.guidance_embeds:
-        inputs.append(Tensor("guidance", ("cfg_batch",), "float32", "guidance"))
-
-    def fwd(m, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None):
-        return (m(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance,
-                  return_dict=False)[0],)  # fmt: skip
-
-    out = Tensor("out_hidden_states", ("cfg_batch", "image_tokens", cfg.in_channels))
-    return Component("transformer", tr, inputs, [out], fwd, denoiser=True, extras={"timestep_scale": 1.0})
-
-
 def _text_encoders(pipe) -> list[Component]:
     out = []
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -242,10 +156,6 @@ def _text_encoders(pipe) -> list[Component]:
             continue
         out.append(_t5(name, module) if "T5" in type(module).__name__ else _clip(name, module))
     return out
-
-
-DENOISERS = {"unet": lambda p: _unet(p.unet), "pixart": lambda p: _pixart(p.transformer),
-             "sd3": lambda p: _sd3(p.transformer), "flux": lambda p: _flux(p.transformer)}  # fmt: skip
 
 
 def component_dtype(comp: Component, precision: torch.dtype) -> torch.dtype:
@@ -283,9 +193,9 @@ def components(pipe, family: str) -> list[Component]:
     PLADIS-patched denoiser takes the strength as the input ``pladis_scale``."""
     from pladis import patch
 
-    if family not in DENOISERS:
-        raise ValueError(f"export supports the families {', '.join(DENOISERS)}; got {family!r}")
-    denoiser = DENOISERS[family](pipe)
+    fam = families.get(family)
+    denoiser = fam.contract(fam.component, getattr(pipe, fam.component))
+    denoiser.extras["timestep_scale"] = fam.timestep_scale  # sample timesteps over the model's range
     if patch.is_patched(denoiser.module):
         denoiser = _with_lam_input(denoiser)
     return [*_text_encoders(pipe), denoiser, _vae_decoder(pipe.vae)]

@@ -7,7 +7,7 @@ import importlib.metadata
 import json
 from pathlib import Path
 
-from pladis import ops
+from pladis import families, ops
 from pladis.export import contracts, onnx_op
 from pladis.files import sha256  # noqa: F401  (re-exported: the export, engine and runtime stages hash with it)
 
@@ -122,7 +122,7 @@ def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, val
         "vae": {
             "scaling_factor": vae.scaling_factor,
             "shift_factor": getattr(vae, "shift_factor", None),
-            "scale_factor": 2 ** (len(vae.block_out_channels) - 1),
+            "scale_factor": families.get(family).vae_scale(vae),
             "latent_channels": vae.latent_channels,
         },
         "components": components,

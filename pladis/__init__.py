@@ -1,7 +1,8 @@
 """pladis: PLADIS-enhanced diffusion models, from eager PyTorch to deployed engines.
 
-The core is three modules: ``pladis.ops`` (the operator and its custom op), ``pladis.patch`` (diffusers
-processors, ``apply``/``remove``) and ``pladis.models`` (built-in random-weight models, ``load``).
+The core is four modules: ``pladis.ops`` (the operator and its custom op), ``pladis.families`` (one record
+per supported model family), ``pladis.patch`` (diffusers processors, ``apply``/``remove``) and
+``pladis.models`` (built-in random-weight models, ``load``).
 ``import pladis`` is cheap: torch loads on first use of a public name (``pladis.attention``, ...), diffusers,
 ONNX and TensorRT when a stage needs them.
 """

@@ -1,6 +1,7 @@
 """Patch diffusers models with PLADIS: processors, per-family layer detection, ``apply`` and ``remove``.
 
-The processors mirror diffusers' stock ones (``AttnProcessor2_0``/``SanaAttnProcessor2_0`` for
+Which denoisers are supported, and whether their text attention is joint or cross-attention, is read from
+their record in ``pladis.families``. The processors mirror diffusers' stock ones (``AttnProcessor2_0`` for
 cross-attention, ``JointAttnProcessor2_0``/``FluxAttnProcessor`` for joint attention) up to the attention
 call, which goes to ``pladis.ops``; they hold no numerics of their own. ``apply`` swaps processors through
 each attention module's public ``set_processor`` and remembers the originals; ``remove`` puts them back.
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 from pladis import ops
+from pladis.families import Family, denoiser_components, supported_models
+from pladis.families import of_model as family_of
 from pladis.options import option
 
 LayerSelection = Union[str, Callable[[str], bool]]
@@ -31,9 +34,9 @@ _ORIGINALS = "_pladis_original_processors"
 
 
 def _qk_norm(norm: nn.Module | None, x: torch.Tensor, heads: int) -> torch.Tensor:
-    """Apply a q/k norm to x: (B, L, heads*D), per head (SD/PixArt/SD3/FLUX) or across heads (SANA).
+    """Apply a q/k norm to x: (B, L, heads*D), per head (a norm of size D) or across heads (size heads*D).
 
-    Which one is read off the norm's own size, as the stock processors hard-code it per family.
+    Which one is read off the norm's own size, as the stock processors hard-code it per model class.
     """
     if norm is None:
         return x
@@ -59,7 +62,7 @@ def _strength(proc, batch: int) -> float | torch.Tensor:
 
 
 class CrossAttnProcessor:
-    """PLADIS processor for a diffusers ``Attention`` used as cross-attention (U-Net, PixArt, SANA)."""
+    """PLADIS processor for a diffusers ``Attention`` used as cross-attention (U-Net, PixArt)."""
 
     def __init__(self, lam: float, alpha: float):
         self.lam, self.alpha, self.runtime_lam = lam, alpha, None
@@ -160,46 +163,8 @@ def _maybe(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Families: which modules are patched, and with which processor
+# Which modules are patched (the family record says joint or cross-attention, and the default exclusions)
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Family:
-    """How PLADIS applies to one diffusers model class."""
-
-    name: str
-    class_name: str  # diffusers class, looked up by name so missing ones (older diffusers) are skipped
-    joint: bool  # MMDiT joint attention (else dedicated cross-attention)
-    text_first: bool = False
-    default_excludes: str | None = None  # regex on qualified names left out by layers="default"
-
-
-FAMILIES = (
-    Family("unet", "UNet2DConditionModel", joint=False, default_excludes=r"^mid_block\."),
-    Family("pixart", "PixArtTransformer2DModel", joint=False),
-    Family("sana", "SanaTransformer2DModel", joint=False),
-    Family("sd3", "SD3Transformer2DModel", joint=True, text_first=False),
-    Family("flux", "FluxTransformer2DModel", joint=True, text_first=True),
-)
-
-
-def supported_models() -> list[str]:
-    """Names of the diffusers model classes PLADIS patches."""
-    return [f.class_name for f in FAMILIES]
-
-
-def family_of(model: nn.Module) -> Family:
-    """The family of a diffusers denoiser, or a ValueError naming its class and the supported ones."""
-    import diffusers
-
-    for fam in FAMILIES:
-        cls = getattr(diffusers, fam.class_name, None)
-        if cls is not None and isinstance(model, cls):
-            return fam
-    raise ValueError(
-        f"PLADIS does not support {type(model).__name__}; supported denoisers: {', '.join(supported_models())}"
-    )
 
 
 def _is_candidate(module: nn.Module, fam: Family) -> bool:
@@ -256,13 +221,14 @@ def denoiser_of(target) -> nn.Module:
     """The model to patch: ``target`` itself, or a pipeline's ``unet`` / ``transformer``."""
     if isinstance(target, nn.Module):
         return target
-    for attr in ("unet", "transformer"):
+    for attr in denoiser_components():
         model = getattr(target, attr, None)
         if isinstance(model, nn.Module):
             return model
+    attrs = " or ".join(f"`{a}`" for a in denoiser_components())
     raise ValueError(
         f"cannot find a denoiser in {type(target).__name__}: pass a diffusers model or a pipeline with a "
-        f"`unet` or `transformer` (supported: {', '.join(supported_models())})"
+        f"{attrs} (supported: {', '.join(supported_models())})"
     )
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pladis.families import get as family_record
 from pladis.runtime import backends, families
 from pladis.runtime.engine import Engine, EngineError, open_engine
 
@@ -28,13 +29,12 @@ SCHEDULERS = {  # name -> diffusers class; flow-matching families take only flow
     "lcm": "LCMScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
 }
-FLOW_FAMILIES = ("sd3", "flux")
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = {"unet": 7.5, "pixart": 4.5, "sd3": 7.0, "flux": 3.5}
+DEFAULT_STEPS = 20  # the default guidance is per family: its record's ``default_guidance``
 
 
 def scheduler_names(family: str) -> list[str]:
-    flow = family in FLOW_FAMILIES
+    """The schedulers a family takes: flow-matching ones for flow-matching families, the others otherwise."""
+    flow = family_record(family).flow_matching
     return [n for n, cls in SCHEDULERS.items() if cls.startswith("FlowMatch") == flow]
 
 
@@ -163,7 +163,7 @@ class Runtime:
         steps = DEFAULT_STEPS if steps is None else steps
         if steps < 1:
             raise ValueError(f"steps must be at least 1; got {steps}")
-        guidance = DEFAULT_GUIDANCE[family] if guidance is None else float(guidance)
+        guidance = family_record(family).default_guidance if guidance is None else float(guidance)
         cfg = families.uses_cfg(family) and guidance > 1.0
         if not cfg and negative_prompt:
             raise ValueError("negative_prompt needs classifier-free guidance (guidance > 1, not FLUX)")

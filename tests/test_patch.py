@@ -105,8 +105,6 @@ EXPECTED_COUNTS = {  # (default, all): U-Nets leave the mid block out by default
     "tiny-sd15": (3, 4),
     "tiny-sdxl": (10, 12),
     "tiny-pixart": (2, 2),
-    "tiny-sana": (2, 2),
-    "tiny-sana-qknorm": (2, 2),
     "tiny-sd3": (2, 2),
     "tiny-flux": (2, 2),
 }

@@ -6,7 +6,7 @@ import torch
 
 from pladis import models
 
-FAMILY_CASES = ["tiny-sd15", "tiny-sdxl", "tiny-pixart", "tiny-sana", "tiny-sana-qknorm", "tiny-sd3", "tiny-flux"]
+FAMILY_CASES = ["tiny-sd15", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux"]
 
 
 def _rand(*shape, seed):
@@ -18,39 +18,10 @@ def _padding_mask(batch: int, length: int, real: list[int]) -> torch.Tensor:
     return (torch.arange(length)[None, :] < torch.tensor(real)[:, None]).long()
 
 
-def _sana(qk_norm):
-    from diffusers import SanaTransformer2DModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return SanaTransformer2DModel(
-            patch_size=1,
-            in_channels=4,
-            out_channels=4,
-            num_layers=2,
-            attention_head_dim=4,
-            num_attention_heads=2,
-            num_cross_attention_heads=2,
-            cross_attention_head_dim=4,
-            cross_attention_dim=8,
-            caption_channels=8,
-            sample_size=8,
-            qk_norm=qk_norm,
-        ).eval()
-
-
 @functools.cache
 def denoiser_case(name: str):
     """(model, kwargs): a tiny denoiser (eval mode, float32) and a batch-2 (CFG-shaped) forward call."""
     b = 2
-    if name.startswith("tiny-sana"):
-        model = _sana("rms_norm_across_heads" if name.endswith("qknorm") else None)
-        return model, dict(
-            hidden_states=_rand(b, 4, 8, 8, seed=1),
-            encoder_hidden_states=_rand(b, 20, 8, seed=2),
-            encoder_attention_mask=_padding_mask(b, 20, [6, 20]),
-            timestep=torch.tensor([10, 10]),
-        )
     pipe = models.load(name)
     if name in ("tiny-sd15", "tiny-sdxl"):
         unet = pipe.unet
