@@ -227,7 +227,7 @@ def _gpu_section(data: dict) -> list[str]:
         out += [f"### Kernel tiles: `{name}`, shape {tuple(entry['shape'])}, float16 (CUDA graph replay)", "",
                 _timing_table(entry["summary_s"]), "", *_ratio_line(entry), f"rel-L2 vs float64: {errs}.",
                 ""]  # fmt: skip
-    for name, entry in _measured(res, "unet"):
+    for name, entry in _measured(res, "unet_step"):
         out += [f"### SDXL U-Net step: `{name}`", "", _timing_table(entry["summary_s"]), "", *_ratio_line(entry),
                 f"Kernel vs PyTorch path, rel-L2 of the U-Net output: {entry['kernel vs PyTorch path rel-L2']:.2e}; "
                 f"outputs finite: {entry['outputs_finite']}; peak memory {entry['memory_gb']} GiB.", ""]  # fmt: skip

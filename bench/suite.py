@@ -7,7 +7,7 @@ Cases, each comparing its variants interleaved in one process on the same inputs
   ports (softmax + the ``entmax`` package on fp32 logits).
 - ``joint``: joint (MMDiT) attention at a FLUX-like shape: the PLADIS joint op vs SDPA vs the exact
   sort solver.
-- ``unet`` (GPU only): one full-size SDXL U-Net call at 1024², fp16: stock, PLADIS with the kernel, PLADIS
+- ``unet_step`` (GPU only): one full-size SDXL U-Net call at 1024², fp16: stock, PLADIS with the kernel, PLADIS
   through the PyTorch path; eager and captured in CUDA graphs.
 - ``kernel_tiles`` (GPU only): the kernel's GPU time per query tile and warp count, and its error.
 - ``denoiser``: one denoiser call, eager PyTorch and ONNX Runtime, stock attention and PLADIS, for
@@ -183,7 +183,7 @@ def _joint(shape: tuple[int, ...], repeats: int, device: str) -> dict:
 UNET_STEP = {"sdxl 1024x1024, batch 2 (CFG), fp16": (2, 128, 77)}  # (cfg batch, latent size, text tokens)
 
 
-def unet_case(repeats: int, device: str) -> dict:
+def unet_step_case(repeats: int, device: str) -> dict:
     """GPU only: one full-size SDXL U-Net call (random weights, built on the GPU in fp16): stock SDPA
     attention, PLADIS with the fused kernel, and PLADIS through the PyTorch path (kernel disabled)."""
     if device == "cpu":
@@ -448,7 +448,7 @@ def serve_case(repeats: int, device: str, requests: int = 200, concurrency: int 
     }}  # fmt: skip
 
 
-CASES = {"operator": operator_case, "joint": joint_case, "unet": unet_case, "kernel_tiles": kernel_tiles_case,
+CASES = {"operator": operator_case, "joint": joint_case, "unet_step": unet_step_case, "kernel_tiles": kernel_tiles_case,
          "denoiser": denoiser_case, "e2e": e2e_case, "build": build_case, "serve": serve_case}  # fmt: skip
 
 
