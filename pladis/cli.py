@@ -23,7 +23,7 @@ DESCRIPTION = "PLADIS for diffusers models: export, build engines, generate, pro
 # name: (help, "module:ConfigClass", "module:function" taking the config, how to print its result)
 COMMANDS = {
     "demo": ("the whole path on a built-in model: export -> engine -> generate -> parity",
-             "pladis.demo:DemoConfig", "pladis.demo:run", "check"),
+             "pladis.demo:DemoConfig", "pladis.demo:demo", "check"),
     "layers": ("list the attention layers PLADIS patches in a model",
                "pladis.patch:LayersConfig", "pladis.patch:layers", "print"),
     "export": ("export a PLADIS-patched pipeline to ONNX (+ manifest.json)",

@@ -34,7 +34,7 @@ class DemoConfig:
     out: str = option("out/demo", "output folder (images, parity JSON/plot, report.md, the two export folders)")
 
 
-def run(cfg: DemoConfig) -> tuple[str, bool]:
+def demo(cfg: DemoConfig) -> tuple[str, bool]:
     """Run the demo; returns (markdown report, whether parity passed). The report is also written."""
     from pladis.export import ExportConfig, export
     from pladis.runtime import Runtime, parity
@@ -57,7 +57,7 @@ def run(cfg: DemoConfig) -> tuple[str, bool]:
     diff = np.abs(stock - pladis_img)
     _save_side_by_side(out / "comparison.png", [stock, pladis_img, diff.mean(-1, keepdims=True).repeat(3, -1)
                                                 / max(diff.max(), 1e-12)])  # fmt: skip
-    report = parity.run(engine, cfg.backend, prompt=cfg.prompt, steps=cfg.steps, seed=cfg.seed, lam=cfg.lam)
+    report = parity.check(engine, cfg.backend, prompt=cfg.prompt, steps=cfg.steps, seed=cfg.seed, lam=cfg.lam)
     parity.save(report, out / "parity.json", out / "parity.png")
     text = "\n".join([
         f"# PLADIS demo: {cfg.model}, {cfg.steps} steps, seed {cfg.seed}, {cfg.backend} engine",

@@ -1,7 +1,7 @@
 """pladis.runtime: engines in a diffusers scheduler loop, and step-by-step parity against eager PyTorch.
 
 ``Runtime(engine_dir, backend)`` loads an engine folder by its manifest (one backend per component:
-torch, ort, trt); ``Runtime.generate`` samples images; ``parity.run`` compares an engine with eager
+torch, ort, trt); ``Runtime.generate`` samples images; ``parity.check`` compares an engine with eager
 PyTorch teacher-forced and free-running. ``commands`` holds the typed configs of ``pladis generate`` and
 ``pladis parity``.
 """

@@ -102,7 +102,7 @@ def parity(cfg: ParityConfig):
     for path, suffixes in ((cfg.json, (".json",)), (cfg.plot, (".png",))):
         if path:
             check_output_file(path, suffixes, cfg.force)
-    report = harness.run(cfg.engine, cfg.backend or None, prompt=cfg.prompt, steps=cfg.steps, scheduler=cfg.scheduler,
+    report = harness.check(cfg.engine, cfg.backend or None, prompt=cfg.prompt, steps=cfg.steps, scheduler=cfg.scheduler,
                          guidance=cfg.guidance, seed=cfg.seed, height=cfg.height, width=cfg.width,
                          device=cfg.device, verify=cfg.verify, lam=cfg.lam)  # fmt: skip
     print(report.table(), flush=True)

@@ -96,7 +96,7 @@ class ParityReport:
         return json.dumps({**self.__dict__, "ok": self.ok, "failures": self.failures}, indent=2) + "\n"
 
 
-def run(engine: str | Path, backend: str | None = None, *, prompt: str | list[str] = DEFAULT_PROMPT,
+def check(engine: str | Path, backend: str | None = None, *, prompt: str | list[str] = DEFAULT_PROMPT,
         steps: int = 4, scheduler: str | None = None, guidance: float | None = None, seed: int = 0,
         height: int | None = None, width: int | None = None, device: str = "cpu",
         verify: bool = True, lam=None) -> ParityReport:  # fmt: skip

@@ -32,7 +32,7 @@ def test_ort_build_runs_in_the_runtime(onnx_dirs, tmp_path, name):
     assert {c["kind"] for c in meta["components"].values()} == {"ort"}
     rt = Runtime(tmp_path / "engine")
     assert set(rt.backend_names.values()) == {"ort"}  # as built
-    report = parity.run(tmp_path / "engine", steps=2)
+    report = parity.check(tmp_path / "engine", steps=2)
     assert report.ok, report.table()
 
 
@@ -41,7 +41,7 @@ def test_aoti_build_on_cpu_matches_eager(onnx_dirs, tmp_path):
     # torch.export keeps pladis::attention as one node; Inductor compiles the rest (about 40 s here)
     meta = build(cfg(onnx_dirs["tiny-sd15"], tmp_path, backend="aoti"))
     assert meta["components"]["unet"]["kind"] == "aoti" and meta["components"]["unet"]["file"].endswith(".pt2")
-    report = parity.run(tmp_path / "engine", steps=2, height=24, width=40)  # not the export size: dynamic
+    report = parity.check(tmp_path / "engine", steps=2, height=24, width=40)  # not the export size: dynamic
     assert report.backend == "aoti+ort" and report.ok, report.table()
 
 

@@ -35,7 +35,7 @@ def test_one_export_matches_eager_at_every_lam(exports, name):
     # feeds pladis_scale through the same contract forward. Per-sample routing itself is checked against
     # solo runs below.
     lams = [0.0, 1.0, 2.0, 3.0]
-    report = parity.run(exports(name), "ort", steps=2, lam=lams, prompt=["a red cube", "a ball", "a cone", "a cup"])
+    report = parity.check(exports(name), "ort", steps=2, lam=lams, prompt=["a red cube", "a ball", "a cone", "a cup"])
     assert report.lam == lams
     assert report.ok, report.table()  # fp32: rel-L2 <= 1e-4 per teacher-forced step (parity.TOLERANCE)
 
@@ -103,4 +103,4 @@ def test_engine_build_serves_every_lam(exports, tmp_path):
     assert meta["lam"] == {"runtime_input": "pladis_scale", "default": 2.0, "range": [0.0, 10.0]}
     assert "lam" not in json.dumps(meta["flags"])
     for lam in (0.0, 3.0):
-        assert parity.run(tmp_path / "e", steps=2, lam=lam).ok
+        assert parity.check(tmp_path / "e", steps=2, lam=lam).ok

@@ -215,5 +215,5 @@ def test_trt_build_of_a_pladis_export_runs_the_plugin(sd15_onnx, tmp_path):
     assert meta["device"]["plugin"]["ptx_isa"] and meta["device"]["capability"]
     assert meta["components"]["unet"]["pladis_plugin_layers"] > 0
     assert json.loads((out / "engine.json").read_text())["key"] == meta["key"]
-    report = parity.run(out, "trt", steps=2)  # the engine in the scheduler loop vs eager PyTorch
+    report = parity.check(out, "trt", steps=2)  # the engine in the scheduler loop vs eager PyTorch
     assert report.ok, report.table()

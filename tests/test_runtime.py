@@ -45,7 +45,7 @@ PARITY_CASES = [
 
 @pytest.mark.parametrize("name, scheduler, guidance", PARITY_CASES)
 def test_ort_engine_matches_eager_through_the_loop(engines, name, scheduler, guidance):
-    report = parity.run(engines(name), "ort", steps=3, scheduler=scheduler, guidance=guidance)
+    report = parity.check(engines(name), "ort", steps=3, scheduler=scheduler, guidance=guidance)
     assert report.ok, report.table()  # fp32: rel-L2 <= 1e-4 per teacher-forced step (parity.TOLERANCE)
     assert len(report.teacher_forced) == len(report.free_running) == 3
     for row in report.free_running:  # free-running trajectories stay together too on these short runs

@@ -254,7 +254,7 @@ def test_sdxl_single_file_with_loras_matches_eager_and_parity_passes(exports, sa
     assert rel <= 1e-4  # the fp32 export contract; fusing W + s·BA rounds differently from adding s·B(Ax)
     assert rel_l2(outs[0], plain["unet"][1][0]) > 1e-2  # the LoRAs change the model (~0.1 here)
 
-    report = parity.run(out, "ort", steps=2)  # the torch backend rebuilds the same file + LoRAs, fused
+    report = parity.check(out, "ort", steps=2)  # the torch backend rebuilds the same file + LoRAs, fused
     assert report.ok, report.table()  # fp32: rel-L2 <= 1e-4 per teacher-forced step (parity.TOLERANCE)
 
 
@@ -300,12 +300,12 @@ def test_moved_or_changed_source_is_reported(exports, saved, monkeypatch):
     folder = out.parent / "mine"
     monkeypatch.chdir(saved)  # parity from another directory finds the model by its absolute path
     backends.eager_components.cache_clear()
-    assert parity.run(out, "ort", steps=1).ok
+    assert parity.check(out, "ort", steps=1).ok
 
     folder.rename(out.parent / "elsewhere")
     backends.eager_components.cache_clear()
     with pytest.raises(sources.SourceChanged, match=re.escape(f"no longer at {folder}: it was moved or deleted")):
-        parity.run(out, "ort", steps=1)
+        parity.check(out, "ort", steps=1)
     (out.parent / "elsewhere").rename(folder)
 
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
@@ -315,7 +315,7 @@ def test_moved_or_changed_source_is_reported(exports, saved, monkeypatch):
     backends.eager_components.cache_clear()
     with pytest.raises(sources.SourceChanged, match=r"diffusion_pytorch_model.safetensors changed since the export: "
                        r"its sha256 is \w+…, the manifest records"):  # fmt: skip
-        parity.run(out, "torch", steps=1)
+        parity.check(out, "torch", steps=1)
     backends.eager_components.cache_clear()
 
 

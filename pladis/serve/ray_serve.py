@@ -48,6 +48,6 @@ def start(cfg: ServeConfig, blocking: bool = False):
     return serve.run(deployment(cfg), name="pladis", route_prefix="/", blocking=blocking)
 
 
-def run(cfg: ServeConfig) -> None:
+def serve_with_ray(cfg: ServeConfig) -> None:
     """``pladis serve --ray``: deploy and block until interrupted."""
     start(cfg, blocking=True)

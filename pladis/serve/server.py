@@ -112,9 +112,9 @@ def serve(cfg: ServeConfig) -> None:
     bound before any engine loads; a bad option, busy port or bad engine folder is a ValueError."""
     validate(cfg)
     if cfg.ray:
-        from pladis.serve.ray_serve import run
+        from pladis.serve.ray_serve import serve_with_ray
 
-        run(cfg)
+        serve_with_ray(cfg)
         return
     sock = bind(cfg.host, cfg.port)
     try:
