@@ -20,11 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pladis.errors import PladisError
-from pladis.export.manifest import seal_ok, sha256
-from pladis.files import clean_stale, replace_folder, temp_dir, umask
+from pladis.files import clean_stale, replace_folder, sha256, temp_dir, umask
+from pladis.manifest import ENGINE_FILE, seal_ok
 from pladis.options import option
-
-ENGINE_FILE = "engine.json"
 
 
 def default_dir() -> Path:

@@ -90,14 +90,14 @@ def uses_cfg(family: str) -> bool:
 
 
 def _latent_hw(rt, height: int, width: int) -> tuple[int, int]:
-    vae = rt.engine.manifest["vae"]["scale_factor"]
+    vae = rt.engine.manifest.vae.scale_factor
     return height // vae, width // vae
 
 
 def latent_shape(rt, batch: int, height: int, width: int) -> tuple[int, ...]:
     """Shape of the initial noise, before FLUX's 2x2 packing."""
     lh, lw = _latent_hw(rt, height, width)
-    return (batch, rt.engine.manifest["vae"]["latent_channels"], lh, lw)
+    return (batch, rt.engine.manifest.vae.latent_channels, lh, lw)
 
 
 def pack(rt, latents: torch.Tensor) -> torch.Tensor:
@@ -134,15 +134,15 @@ def step_inputs(rt, latents: torch.Tensor, t: torch.Tensor, cond: dict) -> dict[
 
 def noise_prediction(rt, out: torch.Tensor) -> torch.Tensor:
     """The denoiser output as the scheduler's model output (PixArt predicts [noise, variance]: keep noise)."""
-    if rt.engine.family == "pixart" and out.shape[1] == 2 * rt.engine.manifest["vae"]["latent_channels"]:
+    if rt.engine.family == "pixart" and out.shape[1] == 2 * rt.engine.manifest.vae.latent_channels:
         return out.chunk(2, dim=1)[0]
     return out
 
 
 def vae_input(rt, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    vae = rt.engine.manifest["vae"]
-    latents = unpack(rt, latents, height, width) / vae["scaling_factor"]
-    return latents + vae["shift_factor"] if vae.get("shift_factor") is not None else latents
+    vae = rt.engine.manifest.vae
+    latents = unpack(rt, latents, height, width) / vae.scaling_factor
+    return latents + vae.shift_factor if vae.shift_factor is not None else latents
 
 
 def set_timesteps(rt, scheduler, steps: int, height: int, width: int) -> None:

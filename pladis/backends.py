@@ -1,0 +1,83 @@
+"""The backend registry, shared by ``pladis build`` and the runtime: one record per backend name.
+
+A record says what builds the backend's engines (``builder``: a module with ``device_info(device,
+precision)`` and ``build(src, dims, precision, cfg, folder)``; None: it runs an export folder as is), what runs
+them (``runner``: a class taking ``(engine, component, device)`` with ``load`` / ``warm_up`` / ``run``, see
+``pladis.runtime.backends``), the device types it runs on, the distributions it needs (their versions are
+part of a build's cache key) and the pip extra that installs them. Modules are named, not imported, so
+reading the registry needs neither ONNX Runtime, TensorRT nor the runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from pladis.manifest import EngineError
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    runner: str  # "module:Class" of the runtime backend
+    builder: str | None  # module that builds its engine folder; None: runs the export folder as is
+    devices: tuple[str, ...]  # device types it runs on, preferred first
+    packages: tuple[str, ...]  # distributions it needs
+    extras: tuple[str, ...] = ()  # pip extras that install them (any one): pladis[<extra>]
+    needs_artifact: bool = False  # runs only what `pladis build --backend <name>` made
+
+    def runner_class(self):
+        module, _, cls = self.runner.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def builder_module(self):
+        if self.builder is None:
+            raise ValueError(f"the {self.name} backend runs export folders as they are; nothing to build")
+        return importlib.import_module(self.builder)
+
+    def run_device(self, device: str) -> str:
+        """The device it runs on for a runtime on ``device``: that one when its type is supported, else its
+        first supported type (TensorRT runs on CUDA only; the runtime then moves its outputs back)."""
+        return device if device.split(":")[0] in self.devices else self.devices[0]
+
+
+REGISTRY: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("torch", "pladis.runtime.backends:TorchBackend", None, ("cpu", "cuda"), ("torch",)),
+        Backend(
+            "ort",
+            "pladis.runtime.backends:OrtBackend",
+            "pladis.engine.ort",
+            ("cpu", "cuda"),
+            ("onnxruntime", "onnxruntime-gpu"),
+            ("cpu", "gpu"),
+        ),  # fmt: skip
+        Backend(
+            "aoti",
+            "pladis.runtime.backends:AotiBackend",
+            "pladis.engine.aoti",
+            ("cpu", "cuda"),
+            ("torch",),
+            needs_artifact=True,
+        ),  # fmt: skip
+        Backend(
+            "trt",
+            "pladis.runtime.backends:TrtBackend",
+            "pladis.engine.trt",
+            ("cuda",),
+            ("tensorrt", "polygraphy"),
+            ("gpu",),
+            needs_artifact=True,
+        ),  # fmt: skip
+    )
+}
+NAMES = tuple(REGISTRY)  # what the runtime runs: torch, ort, aoti, trt
+BUILDABLE = tuple(n for n, b in REGISTRY.items() if b.builder)  # what `pladis build` makes: ort, aoti, trt
+
+
+def get(name: str) -> Backend:
+    """The record of ``name``; EngineError listing the names otherwise."""
+    if name not in REGISTRY:
+        raise EngineError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    return REGISTRY[name]
