@@ -26,7 +26,7 @@ import torch
 
 from pladis import backends as registry
 from pladis.eager import eager_components  # noqa: F401  (the torch backend's model; tests clear its cache)
-from pladis.manifest import Component, Engine, EngineError
+from pladis.manifest import Engine, EngineError
 
 BACKENDS = registry.NAMES
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
@@ -65,11 +65,6 @@ def create(engine: Engine, component: str, backend: str, device: str = "cpu") ->
     gives it for ``device``."""
     spec = check(engine, component, backend)
     return spec.runner_class()(engine, component, spec.run_device(device))
-
-
-def opt_inputs(spec: Component, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Zeros at the optimal shape of every input (the manifest's ``opt``), in its dtype: warm-up inputs."""
-    return {t.name: torch.zeros(t.opt, dtype=getattr(torch, t.dtype), device=device) for t in spec.inputs}
 
 
 def _shapes(inputs: dict[str, torch.Tensor]) -> tuple:
