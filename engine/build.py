@@ -33,7 +33,7 @@ class BuildConfig:
     """Settings of ``pladis build``; the CLI flags are generated from these fields and defaults."""
 
     onnx: str = option("build/tiny-sdxl", "export folder (written by `pladis export`)")
-    backend: str = option("ort", "ort | aoti | trt")
+    backend: str = option("ort", " | ".join(BACKENDS))
     out: str = option("build/tiny-sdxl-ort", "engine folder to write")
     precision: str = option("", "fp32 | fp16 | bf16; default: the export's (only trt lowers an fp32 export)")
     dims: str = option("", "narrow shape ranges, e.g. cfg_batch=1:2:4,latent_height=16:16:32 (min:opt:max)")
