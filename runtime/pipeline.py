@@ -8,7 +8,8 @@ Loading: ``load`` creates every component's session (engine) and ``warm_up`` run
 shapes about to be used; ``generate`` does both before it starts its clocks, and reports their time as
 ``timings["load"]`` (0 once everything is loaded and warm), so step timings never include session creation.
 
-Devices: every tensor the runtime holds (noise, latents, conditioning, scheduler output) is on ``device``.
+Devices: every tensor the runtime holds (noise, latents, conditioning, predictions, scheduler output) is on
+``device``; the scheduler's own tables stay where diffusers keeps them (CPU scalars).
 With ``device="cpu"`` nothing leaves the CPU. With a CUDA device the initial noise is drawn from a CPU
 generator seeded per image (the same images on any device, as diffusers does) and moved once; the
 conditioning is moved once after encoding; in the loop backends take and return device tensors (ONNX Runtime
