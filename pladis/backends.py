@@ -17,7 +17,7 @@ from pladis.manifest import EngineError
 
 
 @dataclass(frozen=True)
-class Backend:
+class BackendRecord:
     name: str
     runner: str  # "module:Class" of the runtime backend
     builder: str | None  # module that builds its engine folder; None: runs the export folder as is
@@ -41,42 +41,24 @@ class Backend:
         return device if device.split(":")[0] in self.devices else self.devices[0]
 
 
-REGISTRY: dict[str, Backend] = {
+_RUN = "pladis.runtime.backends"
+REGISTRY: dict[str, BackendRecord] = {
     b.name: b
     for b in (
-        Backend("torch", "pladis.runtime.backends:TorchBackend", None, ("cpu", "cuda"), ("torch",)),
-        Backend(
-            "ort",
-            "pladis.runtime.backends:OrtBackend",
-            "pladis.engine.ort",
-            ("cpu", "cuda"),
-            ("onnxruntime", "onnxruntime-gpu"),
-            ("cpu", "gpu"),
-        ),  # fmt: skip
-        Backend(
-            "aoti",
-            "pladis.runtime.backends:AotiBackend",
-            "pladis.engine.aoti",
-            ("cpu", "cuda"),
-            ("torch",),
-            needs_artifact=True,
-        ),  # fmt: skip
-        Backend(
-            "trt",
-            "pladis.runtime.backends:TrtBackend",
-            "pladis.engine.trt",
-            ("cuda",),
-            ("tensorrt", "polygraphy"),
-            ("gpu",),
-            needs_artifact=True,
-        ),  # fmt: skip
+        BackendRecord("torch", f"{_RUN}:TorchBackend", builder=None, devices=("cpu", "cuda"), packages=("torch",)),
+        BackendRecord("ort", f"{_RUN}:OrtBackend", builder="pladis.engine.ort", devices=("cpu", "cuda"),
+                      packages=("onnxruntime", "onnxruntime-gpu"), extras=("cpu", "gpu")),
+        BackendRecord("aoti", f"{_RUN}:AotiBackend", builder="pladis.engine.aoti", devices=("cpu", "cuda"),
+                      packages=("torch",), needs_artifact=True),
+        BackendRecord("trt", f"{_RUN}:TrtBackend", builder="pladis.engine.trt", devices=("cuda",),
+                      packages=("tensorrt", "polygraphy"), extras=("gpu",), needs_artifact=True),
     )
-}
+}  # fmt: skip
 NAMES = tuple(REGISTRY)  # what the runtime runs: torch, ort, aoti, trt
 BUILDABLE = tuple(n for n, b in REGISTRY.items() if b.builder)  # what `pladis build` makes: ort, aoti, trt
 
 
-def get(name: str) -> Backend:
+def get(name: str) -> BackendRecord:
     """The record of ``name``; EngineError listing the names otherwise."""
     if name not in REGISTRY:
         raise EngineError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")

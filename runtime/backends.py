@@ -46,7 +46,7 @@ class Backend(Protocol):
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
-def check(engine: Engine, component: str, backend: str) -> registry.Backend:
+def check(engine: Engine, component: str, backend: str) -> registry.BackendRecord:
     """The registry record of ``backend``, refused (EngineError) when this folder cannot run it for
     ``component`` (an unknown name, or aoti/trt without the artifact ``pladis build`` makes for them)."""
     spec = registry.get(backend)

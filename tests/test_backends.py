@@ -129,7 +129,7 @@ class SpyBackend:
 @pytest.fixture
 def spy(monkeypatch):
     SpyBackend.events = []
-    monkeypatch.setitem(registry.REGISTRY, "spy", registry.Backend("spy", f"{__name__}:SpyBackend", None,
+    monkeypatch.setitem(registry.REGISTRY, "spy", registry.BackendRecord("spy", f"{__name__}:SpyBackend", None,
                                                                      ("cpu",), ()))  # fmt: skip
     return SpyBackend.events
 
