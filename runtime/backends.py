@@ -67,6 +67,26 @@ def create(engine: Engine, component: str, backend: str, device: str = "cpu") ->
     return spec.runner_class()(engine, component, spec.run_device(device))
 
 
+_TYPESTR = {"float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4"}
+
+
+class _Memory:
+    """A buffer by address, shape and dtype, for ``torch.as_tensor`` / ``numpy.asarray`` (the CUDA and NumPy
+    array interface protocols), so a tensor can view memory ONNX Runtime allocated without copying it."""
+
+    def __init__(self, attribute: str, interface: dict):
+        setattr(self, attribute, interface)
+
+
+def _view(value, dtype: str, device: torch.device) -> torch.Tensor:
+    """A torch tensor over the memory of the OrtValue ``value`` (on ``device``, of ``dtype``), sharing it."""
+    interface = {"shape": tuple(value.shape()), "typestr": _TYPESTR[dtype], "data": (value.data_ptr(), False),
+                 "strides": None}  # fmt: skip
+    if device.type == "cuda":
+        return torch.as_tensor(_Memory("__cuda_array_interface__", {**interface, "version": 2}), device=device)
+    return torch.from_numpy(np.asarray(_Memory("__array_interface__", {**interface, "version": 3})))
+
+
 def _shapes(inputs: dict[str, torch.Tensor]) -> tuple:
     return tuple((n, tuple(t.shape)) for n, t in sorted(inputs.items()))
 
@@ -110,6 +130,10 @@ class TorchBackend:
 class OrtBackend:
     name = "ort"
 
+    @property
+    def reuses_outputs(self) -> bool:  # bound outputs are the per-shape buffers
+        return self.bound
+
     def __init__(self, engine: Engine, component: str, device: str = "cpu"):
         self.spec = engine.component(component)
         artifact = engine.artifact(component)
@@ -119,10 +143,10 @@ class OrtBackend:
         self.inputs = self.spec.input_dtypes
         self.outputs = self.spec.output_names
         self.device = device
-        self.reuses_outputs = device != "cpu"  # I/O binding writes into per-shape buffers
+        self.output_dtypes = {t.name: t.dtype for t in self.spec.outputs}
+        self.bound = device != "cpu"  # I/O binding; on the CPU only when asked (numpy in and out needs none)
         self.session = None
-        self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}  # input shapes -> output tensors
-        self._keep: dict[tuple, list] = {}  # the OrtValues some buffers live in
+        self._outputs: dict[tuple, tuple] = {}  # input shapes -> (OrtValues, torch views of them)
 
     def load(self) -> None:
         if self.session is None:
@@ -135,42 +159,39 @@ class OrtBackend:
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.load()
-        if self.device != "cpu":
+        if self.bound:
             return self._run_bound(inputs)
         feeds = {n: t.detach().cpu().numpy().astype(_NP[self.inputs[n]], copy=False) for n, t in inputs.items()}
         outs = self.session.run(self.outputs, feeds)
         return {n: torch.from_numpy(np.ascontiguousarray(o)) for n, o in zip(self.outputs, outs, strict=True)}
 
     def _run_bound(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """I/O binding on the GPU: inputs bound in place; outputs into buffers allocated once per input shapes
-        (the first run of new shapes lets ONNX Runtime allocate them, and keeps them)."""
+        """I/O binding: inputs bound in place; outputs written into buffers kept per input shapes (the first run
+        of new shapes lets ONNX Runtime allocate them; later runs bind those same buffers again). The returned
+        tensors are views of those buffers, on the backend's device: no copy, no ``.numpy()``."""
         device = torch.device(self.device)
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = 0 if device.type == "cpu" else device.index if device.index is not None else torch.cuda.current_device()
         binding = self.session.io_binding()
         kept = []  # the contiguous, converted inputs stay alive until the run is over
         for name, t in inputs.items():
             t = t.to(device, getattr(torch, self.inputs[name])).contiguous()
             kept.append(t)
-            binding.bind_input(name, "cuda", index, _NP[self.inputs[name]], tuple(t.shape), t.data_ptr())
+            binding.bind_input(name, device.type, index, _NP[self.inputs[name]], tuple(t.shape), t.data_ptr())
         key = _shapes(inputs)
-        buffers = self._buffers.get(key)
-        if buffers is not None:
-            for name, buf in buffers.items():
-                binding.bind_output(name, "cuda", index, _NP[str(buf.dtype).removeprefix("torch.")], tuple(buf.shape),
-                                    buf.data_ptr())  # fmt: skip
-            self.session.run_with_iobinding(binding)
-            return dict(buffers)
-        for name in self.outputs:
-            binding.bind_output(name, "cuda", index)
+        held = self._outputs.get(key)  # (OrtValues, torch views of them)
+        for name, value in zip(self.outputs, held[0] if held else [None] * len(self.outputs), strict=True):
+            if value is None:
+                binding.bind_output(name, device.type, index)
+            else:
+                binding.bind_ortvalue_output(name, value)
+        if device.type == "cuda":  # ONNX Runtime reads the inputs on its own stream: torch's work must be done
+            torch.cuda.current_stream(device).synchronize()
         self.session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        if all(hasattr(v, "to_dlpack") for v in values):  # ONNX Runtime's buffers, shared with torch
-            buffers = {n: torch.from_dlpack(v.to_dlpack()) for n, v in zip(self.outputs, values, strict=True)}
-            self._keep[key] = values
-        else:  # this once: a copy into torch's own buffers, bound from the next run on
-            buffers = {n: torch.from_numpy(v.numpy()).to(device) for n, v in zip(self.outputs, values, strict=True)}
-        self._buffers[key] = buffers
-        return dict(buffers)
+        if held is None:
+            values = binding.get_outputs()
+            views = {n: _view(v, self.output_dtypes[n], device) for n, v in zip(self.outputs, values, strict=True)}
+            held = self._outputs[key] = (values, views)
+        return dict(held[1])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -161,11 +161,34 @@ def test_cpu_runtime_keeps_every_tensor_on_the_cpu(folder, spy):
     assert out.latents.device.type == "cpu" and out.images and {e[0] for e in spy} == {"load", "warm_up", "run"}
 
 
-def test_reused_output_buffers_are_copied_for_the_caller(folder, monkeypatch):
+def _random_inputs(spec, seed: int, repeat: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    """Random inputs at the optimal shapes, the batch axis repeated ``repeat`` times."""
+    rand = {t.name: torch.rand(t.opt, generator=g).to(getattr(torch, t.dtype)) for t in spec.inputs}
+    return {n: torch.cat([x] * repeat) for n, x in rand.items()}
+
+
+def test_bound_ort_writes_into_one_buffer_per_shape(folder):
+    engine = open_engine(folder)
+    plain, bound = (runners.create(engine, "unet", "ort") for _ in range(2))
+    bound.bound = True  # I/O binding as on CUDA, here on the CPU provider
+    assert bound.reuses_outputs and not plain.reuses_outputs
+    spec = engine.component("unet")
+    first = bound.run(_random_inputs(spec, 0))["out_sample"]
+    kept = first.clone()
+    assert torch.equal(kept, plain.run(_random_inputs(spec, 0))["out_sample"])  # the same numbers, bound or not
+    second = bound.run(_random_inputs(spec, 1))["out_sample"]
+    assert torch.equal(second, plain.run(_random_inputs(spec, 1))["out_sample"])
+    assert second.data_ptr() == first.data_ptr() and torch.equal(first, second)  # one buffer, overwritten
+    doubled = bound.run(_random_inputs(spec, 2, repeat=2))["out_sample"]  # other shapes: another buffer
+    assert doubled.shape[0] == 2 * second.shape[0] and doubled.data_ptr() != second.data_ptr()
+    assert bound.run(_random_inputs(spec, 1))["out_sample"].data_ptr() == first.data_ptr()  # and back
+
+
+def test_reused_output_buffers_are_copied_for_the_caller(folder):
     rt = Runtime(folder, "ort")
-    backend = rt.backend("vae_decoder")
+    rt.backend("vae_decoder").bound = True
     x = {"latent_sample": torch.zeros(rt.engine.component("vae_decoder").inputs[0].opt)}
-    monkeypatch.setattr(backend, "reuses_outputs", True)
     a = rt.run("vae_decoder", x)["sample"]
     b = rt.run("vae_decoder", x)["sample"]
     assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # each call's result is the caller's own
