@@ -111,11 +111,12 @@ def check(cfg: BuildConfig):
     precision = cfg.precision or src.manifest.precision
     if precision not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"precision must be fp32, fp16 or bf16; got {precision!r}")
-    if precision != src.manifest.precision and cfg.backend != "trt":
+    if precision != src.manifest.precision and not backends.get(cfg.backend).lowers_precision:
+        lowering = " or ".join(f"--backend {n}" for n in BACKENDS if backends.get(n).lowers_precision)
         raise ValueError(
             f"this folder was exported in {src.manifest.precision}; the {cfg.backend} backend runs the graph as "
             f"exported, so re-export with `pladis export --precision {precision}` (the exporter keeps the PLADIS "
-            "threshold math in float32), or build with --backend trt, which can lower an fp32 graph"
+            f"threshold math in float32), or build with {lowering}, which can lower an fp32 graph"
         )
     return src, dims, precision
 

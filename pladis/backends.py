@@ -25,6 +25,7 @@ class BackendRecord:
     packages: tuple[str, ...]  # distributions it needs
     extras: tuple[str, ...] = ()  # pip extras that install them (any one): pladis[<extra>]
     needs_artifact: bool = False  # runs only what `pladis build --backend <name>` made
+    lowers_precision: bool = False  # its build can run an fp32 export in fp16/bf16 (others run the graph as exported)
 
     def runner_class(self):
         module, _, cls = self.runner.partition(":")
@@ -51,7 +52,8 @@ REGISTRY: dict[str, BackendRecord] = {
         BackendRecord("aoti", f"{_RUN}:AotiBackend", builder="pladis.engine.aoti", devices=("cpu", "cuda"),
                       packages=("torch",), needs_artifact=True),
         BackendRecord("trt", f"{_RUN}:TrtBackend", builder="pladis.engine.trt", devices=("cuda",),
-                      packages=("tensorrt", "polygraphy"), extras=("gpu",), needs_artifact=True),
+                      packages=("tensorrt", "polygraphy"), extras=("gpu",), needs_artifact=True,
+                      lowers_precision=True),
     )
 }  # fmt: skip
 NAMES = tuple(REGISTRY)  # what the runtime runs: torch, ort, aoti, trt
