@@ -330,7 +330,7 @@ def _timer(device: str):
     return harness.cuda_timer if device != "cpu" else harness.wall_timer()
 
 
-DENOISER_MODELS = {"tiny-sdxl": 32, "sd15": 256}  # model -> image size used here
+DENOISER_MODELS = {"tiny-sdxl": 32, "tiny-sd3": 32, "tiny-flux": 32, "sd15": 256}  # model -> image size here
 
 
 def denoiser_case(repeats: int, device: str) -> dict:
@@ -339,28 +339,33 @@ def denoiser_case(repeats: int, device: str) -> dict:
 
 def _denoiser(name: str, size: int, repeats: int, device: str) -> dict:
     import pladis
-    from pladis import families, models
+    from pladis import families, models, patch
     from pladis.export import ExportConfig, contracts, export
+    from pladis.manifest import open_engine, read_manifest
     from pladis.runtime.backends import OrtBackend
-    from pladis.runtime.engine import open_engine
 
+    meta = models.load(name, device="meta")
+    component = next(a for a in families.denoiser_components() if hasattr(meta, a))  # "unet" or "transformer"
     with tempfile.TemporaryDirectory() as tmp:
         for lam in (0.0, 2.0):
             export(ExportConfig(model=name, out=f"{tmp}/{lam}", lam=lam, height=size, width=size,
-                                components="unet", validate=False))  # fmt: skip
-        stock, patched = models.load(name).unet, models.load(name).unet
+                                components=component, validate=False))  # fmt: skip
+        manifest = read_manifest(f"{tmp}/0.0")
+        family = manifest.family
+        stock, patched = (patch.denoiser_of(models.load(name)) for _ in range(2))
         pladis.apply(patched)
-        meta = models.load(name, device="meta")
-        family = families.of_model(meta.unet).name
-        comp = next(c for c in contracts.components(meta, family) if c.name == "unet")  # stock contract
+        comp = next(c for c in contracts.components(meta, family) if c.name == component)  # stock contract
         pladis.apply(meta)
-        comp_p = next(c for c in contracts.components(meta, family) if c.name == "unet")  # + pladis_scale input
-        dims = {k: tuple(v) for k, v in open_engine(f"{tmp}/0.0").manifest["dims"].items()}
+        comp_p = next(c for c in contracts.components(meta, family) if c.name == component)  # + pladis_scale
+        dims = dict(manifest.dims)
         tensors = contracts.sample_inputs(comp, dims, torch.float32)
         inputs = dict(zip([i.name for i in comp.inputs], tensors, strict=True))
         # lam is a runtime input of the PLADIS graph: the default strength for every sample
         inputs_p = {**inputs, "pladis_scale": torch.full((dims["cfg_batch"][1],), 2.0)}
-        ort = {lam: OrtBackend(open_engine(f"{tmp}/{lam}"), "unet", device) for lam in (0.0, 2.0)}
+        ort = {}
+        for lam in (0.0, 2.0):
+            ort[lam] = OrtBackend(open_engine(f"{tmp}/{lam}"), component, device)
+            ort[lam].load()
 
         def eager(model, c, x):
             def run():

@@ -23,13 +23,13 @@ def device_info(device: str, precision: str) -> dict:
 
 
 def build(src, dims, precision, cfg, folder: Path) -> dict:
+    from pladis.eager import eager_components
     from pladis.export import contracts
-    from pladis.runtime.backends import eager_components
 
     denoiser = src.denoiser
     comps = eager_components(str(src.folder.resolve()), cfg.device)
     comp = comps[denoiser]
-    dtype = getattr(torch, src.component(denoiser)["dtype"])
+    dtype = getattr(torch, src.component(denoiser).dtype)
     samples = [t.to(cfg.device) for t in contracts.sample_inputs(comp, dims, dtype)]
     # every axis with a range is dynamic; torch.export works out how they relate (batch shared, etc.)
     axes = contracts.dynamic_axes(comp, dims)
@@ -38,6 +38,6 @@ def build(src, dims, precision, cfg, folder: Path) -> dict:
         program = torch.export.export(contracts.Traced(comp).eval(), tuple(samples), dynamic_shapes=dynamic)
         path = torch._inductor.aoti_compile_and_package(program, package_path=str(folder / f"{denoiser}.pt2"))
     out = {n: ort.build_component(src, n, "cpu" if cfg.device == "cpu" else cfg.device, cfg.opt_level, folder)
-           for n in src.manifest["components"] if n != denoiser}  # fmt: skip
+           for n in src.manifest.components if n != denoiser}  # fmt: skip
     out[denoiser] = {"file": Path(path).name, "kind": "aoti", "device": cfg.device, "dtype": str(dtype)}
     return out

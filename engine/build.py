@@ -15,14 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pladis import backends
 from pladis.engine import cache
 from pladis.errors import PladisError
-from pladis.export.manifest import sealed, sha256
-from pladis.files import check_output_folder, check_writable, folder_kind, temp_dir, write_text
+from pladis.files import check_output_folder, check_writable, folder_kind, sha256, temp_dir, write_text
+from pladis.manifest import ENGINE_FORMAT, MANIFEST_FILE, EngineError, Manifest, open_engine, sealed
 from pladis.options import option
 
-BACKENDS = ("ort", "aoti", "trt")
-FORMAT = "pladis-engine/1"
+BACKENDS = backends.BUILDABLE
+FORMAT = ENGINE_FORMAT
 # What PLADIS numerics come from (modules, or packages: every .py file in them), hashed into the cache key.
 _SOURCES = ["pladis.numerics", "pladis.ops", "pladis.export.onnx_op", "pladis.kernels", "pladis.plugins_trt"]
 
@@ -32,7 +33,7 @@ class BuildConfig:
     """Settings of ``pladis build``; the CLI flags are generated from these fields and defaults."""
 
     onnx: str = option("build/tiny-sdxl", "export folder (written by `pladis export`)")
-    backend: str = option("ort", "ort | aoti | trt")
+    backend: str = option("ort", " | ".join(BACKENDS))
     out: str = option("build/tiny-sdxl-ort", "engine folder to write")
     precision: str = option("", "fp32 | fp16 | bf16; default: the export's (only trt lowers an fp32 export)")
     dims: str = option("", "narrow shape ranges, e.g. cfg_batch=1:2:4,latent_height=16:16:32 (min:opt:max)")
@@ -59,9 +60,8 @@ def parse_dims(text: str) -> dict[str, tuple[int, int, int]]:
 
 
 def _versions(backend: str) -> dict[str, str | None]:
-    names = {"ort": ["onnxruntime", "onnxruntime-gpu"], "aoti": ["torch"], "trt": ["tensorrt", "polygraphy"]}[backend]
     out = {"pladis": None}
-    for n in ["pladis", *names]:
+    for n in ["pladis", *backends.get(backend).packages]:
         try:
             out[n] = importlib.metadata.version(n)
         except importlib.metadata.PackageNotFoundError:
@@ -89,16 +89,14 @@ def source_files(modules: list[str] = _SOURCES) -> list[Path]:
 
 def check(cfg: BuildConfig):
     """Validate settings against the export folder before any build; returns (engine, dims, precision)."""
-    from pladis.runtime.engine import EngineError, open_engine
-
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {cfg.backend!r}")
-    if not (Path(cfg.onnx) / "manifest.json").is_file():
+    if not (Path(cfg.onnx) / MANIFEST_FILE).is_file():
         raise EngineError(f"{cfg.onnx} has no manifest.json: build from a folder written by `pladis export`")
     src = open_engine(cfg.onnx, verify=cfg.verify)
     if src.built:
         raise EngineError(f"{cfg.onnx} is already an engine folder; build from the ONNX export folder")
-    dims = {k: tuple(v) for k, v in src.manifest["dims"].items()}
+    dims = dict(src.manifest.dims)
     for name, (lo, opt, hi) in parse_dims(cfg.dims).items():
         if name not in dims:
             raise ValueError(f"unknown dim {name!r}; this export has {', '.join(dims)}")
@@ -110,14 +108,15 @@ def check(cfg: BuildConfig):
         if not (old[0] <= lo and hi <= old[2]):
             raise ValueError(f"dim {name}: {lo}..{hi} is outside the exported range {old[0]}..{old[2]}; re-export")
         dims[name] = (lo, opt, hi)
-    precision = cfg.precision or src.manifest["precision"]
+    precision = cfg.precision or src.manifest.precision
     if precision not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"precision must be fp32, fp16 or bf16; got {precision!r}")
-    if precision != src.manifest["precision"] and cfg.backend != "trt":
+    if precision != src.manifest.precision and not backends.get(cfg.backend).lowers_precision:
+        lowering = " or ".join(f"--backend {n}" for n in BACKENDS if backends.get(n).lowers_precision)
         raise ValueError(
-            f"this folder was exported in {src.manifest['precision']}; the {cfg.backend} backend runs the graph as "
+            f"this folder was exported in {src.manifest.precision}; the {cfg.backend} backend runs the graph as "
             f"exported, so re-export with `pladis export --precision {precision}` (the exporter keeps the PLADIS "
-            "threshold math in float32), or build with --backend trt, which can lower an fp32 graph"
+            f"threshold math in float32), or build with {lowering}, which can lower an fp32 graph"
         )
     return src, dims, precision
 
@@ -129,19 +128,17 @@ def key_parts(cfg: BuildConfig, src, dims: dict, precision: str, device: dict) -
         "format": FORMAT, "backend": cfg.backend, "versions": _versions(cfg.backend), "device": device,
         "precision": precision, "dims": {k: list(v) for k, v in dims.items()},
         "flags": {"opt_level": cfg.opt_level, "refit": cfg.refit},
-        "onnx": {n: c["sha256"] for n, c in src.manifest["components"].items()},
+        "onnx": {n: c.sha256 for n, c in src.manifest.components.items()},
         # every other file the engine folder receives: a changed tokenizer or scheduler is another engine
-        "files": {"manifest.json": sha256(src.folder / "manifest.json"), **src.manifest.get("files", {})},
+        "files": {MANIFEST_FILE: sha256(src.folder / MANIFEST_FILE), **src.manifest.files},
         "sources": cache.source_hash(source_files()),
     }  # fmt: skip
 
 
 def build(cfg: BuildConfig) -> dict:
     """Build (or reuse from the cache) the engine folder ``cfg.out``; returns its engine.json."""
-    from pladis.engine import aoti, ort, trt
-
     src, dims, precision = check(cfg)
-    backend = {"ort": ort, "aoti": aoti, "trt": trt}[cfg.backend]
+    backend = backends.get(cfg.backend).builder_module()
     device = backend.device_info(cfg.device, precision)  # raises when the backend or the GPU cannot do it
     parts = key_parts(cfg, src, dims, precision, device)
     k = cache.key(parts)
@@ -163,8 +160,8 @@ def build(cfg: BuildConfig) -> dict:
                 _copy_pipeline_files(src.folder, built)
                 hashed = {n: {**c, "sha256": sha256(built / c["file"])} for n, c in components.items()}
                 meta = {**parts, "key": k, "build_seconds": round(time.perf_counter() - t0, 3),
-                        "source_manifest_sha256": sha256(src.folder / "manifest.json"),
-                        "components": hashed, "files": src.manifest.get("files", {}),
+                        "source_manifest_sha256": sha256(src.folder / MANIFEST_FILE),
+                        "components": hashed, "files": dict(src.manifest.files),
                         "lam": _lam_info(src.manifest)}  # fmt: skip
                 meta = sealed(meta)
                 write_text(built / cache.ENGINE_FILE, json.dumps(meta, indent=2) + "\n")
@@ -179,11 +176,11 @@ def build(cfg: BuildConfig) -> dict:
     return json.loads((out / cache.ENGINE_FILE).read_text())
 
 
-def _lam_info(manifest: dict) -> dict | None:
+def _lam_info(manifest: Manifest) -> dict | None:
     """How the engine takes lam: a runtime input (the graph holds no lam; the key does not depend on it)."""
-    pl = manifest["pladis"]
-    return {"runtime_input": pl["lam_input"], "default": pl["lam"], "range": pl["lam_range"]} \
-        if pl.get("lam_input") else None  # fmt: skip
+    pl = manifest.pladis
+    return {"runtime_input": pl.lam_input, "default": pl.lam, "range": list(pl.lam_range)} \
+        if pl.lam_input else None  # fmt: skip
 
 
 def _key_of(folder: Path) -> str | None:
@@ -195,7 +192,7 @@ def _key_of(folder: Path) -> str | None:
 
 def _copy_pipeline_files(src: Path, dst: Path) -> None:
     """What the runtime needs besides the artifacts: the export manifest, tokenizers, scheduler config."""
-    shutil.copy2(src / "manifest.json", dst / "manifest.json")
+    shutil.copy2(src / MANIFEST_FILE, dst / MANIFEST_FILE)
     for p in src.iterdir():
         if p.is_dir() and (p.name.startswith("tokenizer") or p.name == "scheduler"):
             shutil.copytree(p, dst / p.name)

@@ -20,11 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pladis.errors import PladisError
-from pladis.export.manifest import seal_ok, sha256
-from pladis.files import clean_stale, replace_folder, temp_dir, umask
+from pladis.files import clean_stale, replace_folder, sha256, temp_dir, umask
+from pladis.manifest import ENGINE_FILE, MANIFEST_FILE, EngineRecord, seal_ok
 from pladis.options import option
-
-ENGINE_FILE = "engine.json"
 
 
 def default_dir() -> Path:
@@ -46,9 +44,11 @@ def source_hash(paths: list[Path]) -> str:
 
 
 def recorded_files(meta: dict) -> dict[str, str | None]:
-    """{relative path: sha256} of every file an engine folder holds, as its engine.json records them."""
-    files = {c["file"]: c.get("sha256") for c in meta.get("components", {}).values()}
-    files["manifest.json"] = meta.get("source_manifest_sha256")
+    """{relative path: sha256 (None: presence only)} of every file an engine folder holds, as its engine.json
+    records them: the artifacts and their external data, the export manifest, tokenizers and scheduler."""
+    record = EngineRecord.from_dict(meta)
+    files = {f.file: f.sha256 for artifact in record.components.values() for f in artifact.files}
+    files[MANIFEST_FILE] = record.source_manifest_sha256
     files.update(meta.get("files", {}))
     return files
 
@@ -57,10 +57,11 @@ def problems(folder: Path) -> list[str]:
     """What is wrong with an entry (or an engine folder): unreadable engine.json, missing or changed files."""
     try:
         meta = json.loads((folder / ENGINE_FILE).read_text())
-    except (OSError, ValueError) as err:
+        recorded = recorded_files(meta)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return [f"{ENGINE_FILE}: {type(err).__name__}"]
     out = [] if seal_ok(meta) else [f"{ENGINE_FILE}: edited after the build"]
-    for rel, digest in recorded_files(meta).items():
+    for rel, digest in recorded.items():
         p = folder / rel
         if not p.is_file():
             out.append(f"{rel}: missing")

@@ -120,10 +120,10 @@ def build(src, dims, precision, cfg, folder: Path) -> dict:
     )
 
     out = {}
-    components = src.manifest["components"]
+    components = src.manifest.components
     # every component is checked before the first one is built: a refusal costs no build time
     nodes = {
-        name: check_plugin_nodes(onnx.load(str(src.folder / spec["file"]), load_external_data=False), name)
+        name: check_plugin_nodes(onnx.load(str(src.folder / spec.file), load_external_data=False), name)
         for name, spec in components.items()
     }
     if any(nodes.values()):
@@ -133,18 +133,18 @@ def build(src, dims, precision, cfg, folder: Path) -> dict:
     for name, spec in components.items():
         # the plugin-only graph next to the original, so external weights resolve by their relative path
         plugin_graph = src.folder / f".{name}.plugin-only.onnx"
-        _plugin_only(src.folder / spec["file"], plugin_graph)
+        _plugin_only(src.folder / spec.file, plugin_graph)
         try:
             # a typed graph (fp16/bf16 export, or fp32 kept fp32) builds strongly typed; an fp32 graph built in
             # fp16/bf16 is weakly typed and lowered by the precision flags
-            typed = spec["dtype"] != "float32" or precision == "fp32"
+            typed = spec.dtype != "float32" or precision == "fp32"
             network = network_from_onnx_path(str(plugin_graph), strongly_typed=typed)  # (builder, network, parser)
             _check_plugin_layers(network[1], nodes[name], name)
             profile = Profile()
-            for inp in spec["inputs"]:
-                t = contracts.Tensor(inp["name"], tuple(inp["shape"]))
+            for inp in spec.inputs:  # the build's (possibly narrowed) ranges, not the export's min/opt/max
+                t = contracts.Tensor(inp.name, inp.shape)
                 lo, opt, hi = (contracts.shape_of(t, dims, i) for i in range(3))
-                profile.add(inp["name"], min=lo, opt=opt, max=hi)
+                profile.add(inp.name, min=lo, opt=opt, max=hi)
             config = CreateConfig(
                 fp16=precision == "fp16" and not typed, bf16=precision == "bf16" and not typed, profiles=[profile],
                 builder_optimization_level=cfg.opt_level, refittable=cfg.refit,
@@ -167,7 +167,7 @@ def compare_with_ort(src, engine_folder: Path, component: str, feeds: dict, rtol
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
 
-    onnx_path = str(src.folder / src.component(component)["file"])
+    onnx_path = str(src.folder / src.component(component).file)
     plan = engine_folder / f"{component}.plan"
     runners = [OnnxrtRunner(SessionFromOnnx(onnx_path)), TrtRunner(EngineFromBytes(BytesFromPath(str(plan))))]
     results = Comparator.run(runners, data_loader=[feeds])

@@ -1,4 +1,8 @@
-"""``manifest.json`` of an export folder: what each file is, how it was made, and how it was checked."""
+"""Writing ``manifest.json`` of an export folder: what each file is, how it was made, and how it was checked.
+
+The format, its typed reading and its seal live in ``pladis.manifest`` (shared by every stage); this module
+only fills it in from the export's objects.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,8 @@ from pathlib import Path
 
 from pladis import families, ops
 from pladis.export import contracts, onnx_op
-from pladis.files import sha256  # noqa: F401  (re-exported: the export, engine and runtime stages hash with it)
-
-FORMAT = "pladis-onnx/2"  # 2: lam is the runtime input pladis_scale (1: lam was a node attribute)
-
-
-SEAL = "self_sha256"  # a JSON record's hash of itself (without this key): an edit by hand is detected
-
-
-def sealed(record: dict) -> dict:
-    """``record`` with its own sha256 (over its canonical JSON without the seal) added."""
-    body = {k: v for k, v in record.items() if k != SEAL}
-    return {**body, SEAL: hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()}
-
-
-def seal_ok(record: dict) -> bool:
-    """Whether ``record`` carries a seal that matches its content (records without one: False)."""
-    return SEAL in record and sealed(record)[SEAL] == record[SEAL]
+from pladis.files import sha256
+from pladis.manifest import FORMAT, Manifest, TensorSpec, sealed  # noqa: F401  (sealed: the exporter seals with it)
 
 
 def config_hash(module) -> str:
@@ -47,14 +36,10 @@ def versions() -> dict[str, str | None]:
 
 
 def _tensor(t: contracts.Tensor, dims: dict, float_dtype: str) -> dict:
-    return {
-        "name": t.name,
-        "dtype": float_dtype if t.dtype == contracts.FLOAT else t.dtype,
-        "shape": list(t.shape),
-        "min": list(contracts.shape_of(t, dims, 0)),
-        "opt": list(contracts.shape_of(t, dims, 1)),
-        "max": list(contracts.shape_of(t, dims, 2)),
-    }
+    dtype = float_dtype if t.dtype == contracts.FLOAT else t.dtype
+    return TensorSpec(
+        t.name, dtype, tuple(t.shape), *(tuple(contracts.shape_of(t, dims, i)) for i in range(3))
+    ).to_dict()
 
 
 PIPELINE_DIRS = ("tokenizer", "scheduler")  # folder name prefixes of the files the runtime reads
@@ -93,7 +78,7 @@ def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, val
             "validation": validation.get(comp.name, "not run (--no-validate)"),
         }
     vae = pipe.vae.config
-    return {
+    manifest = {
         "format": FORMAT,
         "model": {
             "source": cfg["model"],
@@ -133,3 +118,5 @@ def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, val
         "versions": versions(),
         "export_seconds": round(seconds, 3),
     }
+    Manifest.from_dict(manifest)  # every field the build and runtime stages read is there and well-formed
+    return manifest

@@ -33,11 +33,9 @@ def check_graph(path: Path) -> str:
 
 
 def ort_session(path: Path):
-    import onnxruntime as ort
+    from pladis import ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.session(path, "cpu")
 
 
 def compare(outputs: dict[str, np.ndarray], expected: dict[str, np.ndarray], tol: float) -> dict[str, dict]:

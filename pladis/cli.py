@@ -16,6 +16,7 @@ import sys
 import types
 import typing
 
+from pladis import backends
 from pladis.errors import EXTRAS, missing_extra
 
 DESCRIPTION = "PLADIS for diffusers models: export, build engines, generate, prove parity, serve."
@@ -28,7 +29,7 @@ COMMANDS = {
                "pladis.patch:LayersConfig", "pladis.patch:layers", "print"),
     "export": ("export a PLADIS-patched pipeline to ONNX (+ manifest.json)",
                "pladis.export:ExportConfig", "pladis.export:export", "export"),
-    "build": ("build an engine folder (ort | aoti | trt) from an export folder, cached",
+    "build": (f"build an engine folder ({' | '.join(backends.BUILDABLE)}) from an export folder, cached",
               "pladis.engine:BuildConfig", "pladis.engine:build", "build"),
     "generate": ("generate images with an engine folder",
                  "pladis.runtime.commands:GenerateConfig", "pladis.runtime.commands:generate", "generate"),

@@ -97,7 +97,7 @@ class Family:
 
 def latent_hw(rt, height: int, width: int) -> tuple[int, int]:
     """Latent height and width of an image of ``height`` x ``width`` pixels."""
-    vae = rt.engine.manifest["vae"]["scale_factor"]
+    vae = rt.engine.manifest.vae.scale_factor
     return height // vae, width // vae
 
 

@@ -1,26 +1,34 @@
-"""Backends: one small interface, ``run(inputs) -> outputs`` over named CPU/GPU torch tensors.
+"""Runtime backends: ``load()``, ``warm_up(inputs)`` and ``run(inputs) -> outputs`` over named torch tensors.
 
-- ``torch``: eager PyTorch, the reference. It rebuilds the pipeline the manifest describes (same source,
-  seed and dtype), patches it with the same PLADIS settings and runs each component through the export
-  contract's own forward, so both sides of a parity check call the same function.
-- ``ort``: ONNX Runtime on the exported file. CPU provider by default; with ``onnxruntime-gpu`` the CUDA
-  (or TensorRT) execution provider with I/O binding, so tensors stay on the device.
+Which class runs which backend name is in the registry (``pladis.backends``); ``create`` makes one for a
+component (nothing heavy yet), ``load`` creates its session or engine, ``warm_up`` runs it once on inputs of
+the shapes about to be used (first-run allocations, per-shape output buffers), so the runtime can do both
+before it starts its clocks. Inputs may be on any device and in any dtype: a backend moves and casts them to
+its device and the manifest's input dtypes. Outputs are on the backend's device in the exported dtype; a
+backend with ``reuses_outputs`` returns its own buffers, overwritten by its next run (copy what you keep).
+
+- ``torch``: eager PyTorch, the reference (``pladis.eager``): the pipeline the manifest describes, patched
+  the same way, run through the export contract's own forward, so both sides of a parity check call the
+  same function.
+- ``ort``: ONNX Runtime on the exported (or built) file. On CPU, numpy in and out. On CUDA (onnxruntime-gpu)
+  with I/O binding: inputs bound in place, outputs written into buffers allocated once per input shapes.
 - ``aoti``: a ``.pt2`` package from ``pladis build --backend aoti``.
-- ``trt``: TensorRT engines from ``pladis build --backend trt`` (TensorRT 10 tensor API on CUDA tensors;
-  written against TensorRT's documented API, not run in CI).
+- ``trt``: TensorRT engines from ``pladis build --backend trt`` (TensorRT 10 tensor API on CUDA tensors,
+  output buffers allocated once per input shapes; written against TensorRT's documented API, not run in CI).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from pladis.runtime.engine import Engine, EngineError
+from pladis import backends as registry
+from pladis.eager import eager_components  # noqa: F401  (the torch backend's model; tests clear its cache)
+from pladis.manifest import Engine, EngineError
 
-BACKENDS = ("torch", "ort", "aoti", "trt")
+BACKENDS = registry.NAMES
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
@@ -28,28 +36,59 @@ class Backend(Protocol):
     """Runs one exported component: named input tensors in, named output tensors out."""
 
     name: str
+    device: str
+    reuses_outputs: bool
+
+    def load(self) -> None: ...
+
+    def warm_up(self, inputs: dict[str, torch.Tensor]) -> None: ...
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
-def load(engine: Engine, component: str, backend: str, device: str = "cpu") -> Backend:
-    """The backend ``backend`` for ``component`` of ``engine``."""
-    if backend == "torch":
-        return TorchBackend(engine, component, device)
-    if backend == "ort":
-        return OrtBackend(engine, component, device)
+def check(engine: Engine, component: str, backend: str) -> registry.BackendRecord:
+    """The registry record of ``backend``, refused (EngineError) when this folder cannot run it for
+    ``component`` (an unknown name, or aoti/trt without the artifact ``pladis build`` makes for them)."""
+    spec = registry.get(backend)
     artifact = engine.artifact(component)
-    if backend in ("aoti", "trt") and (artifact is None or artifact["kind"] != backend):
+    if spec.needs_artifact and (artifact is None or artifact.kind != backend):
         raise EngineError(
             f"the {backend} backend needs an engine folder built by `pladis build --backend {backend}` "
-            f"(this folder has {artifact['kind'] if artifact else 'ONNX files only'} for {component}); "
+            f"(this folder has {artifact.kind if artifact else 'ONNX files only'} for {component}); "
             "use --backend ort (ONNX Runtime) or --backend torch"
         )
-    if backend == "aoti":
-        return AotiBackend(engine, component, device)
-    if backend == "trt":
-        return TrtBackend(engine, component, device)
-    raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return spec
+
+
+def create(engine: Engine, component: str, backend: str, device: str = "cpu") -> Backend:
+    """The backend ``backend`` for ``component`` of ``engine``, not loaded yet, on the device the registry
+    gives it for ``device``."""
+    spec = check(engine, component, backend)
+    return spec.runner_class()(engine, component, spec.run_device(device))
+
+
+_TYPESTR = {"float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4"}
+
+
+class _Memory:
+    """A buffer by address, shape and dtype, for ``torch.as_tensor`` / ``numpy.asarray`` (the CUDA and NumPy
+    array interface protocols), so a tensor can view memory ONNX Runtime allocated without copying it."""
+
+    def __init__(self, attribute: str, interface: dict):
+        setattr(self, attribute, interface)
+
+
+def _view(value, dtype: str, device: torch.device) -> torch.Tensor:
+    """A torch tensor over the memory of the OrtValue ``value`` (on ``device``, of ``dtype``), sharing it."""
+    interface = {"shape": tuple(value.shape()), "typestr": _TYPESTR[dtype], "data": (value.data_ptr(), False),
+                 "strides": None}  # fmt: skip
+    if device.type == "cuda":
+        return torch.as_tensor(_Memory("__cuda_array_interface__", {**interface, "version": 2}), device=device)
+    return torch.from_numpy(np.asarray(_Memory("__array_interface__", {**interface, "version": 3})))
+
+
+def _shapes(inputs: dict[str, torch.Tensor]) -> tuple:
+    return tuple((n, tuple(t.shape)) for n, t in sorted(inputs.items()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,35 +96,27 @@ def load(engine: Engine, component: str, backend: str, device: str = "cpu") -> B
 # --------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=2)
-def eager_components(folder: str, device: str) -> dict:
-    """The patched eager pipeline an engine folder was exported from, as export contract components."""
-    import pladis
-    from pladis import patch, sources
-    from pladis.export import PRECISIONS, contracts
-    from pladis.runtime.engine import open_engine
-
-    m = open_engine(folder, verify=False).manifest
-    # the same source, checked unchanged, with the same LoRAs fused (SourceChanged if moved or changed)
-    pipe = sources.load_recorded(m["model"], seed=m["model"]["seed"], dtype=PRECISIONS[m["precision"]])
-    if m["pladis"]["patched"]:
-        pladis.apply(pipe, lam=m["pladis"]["lam"], alpha=m["pladis"]["alpha"], layers=m["pladis"]["layer_selection"])
-    comps = {c.name: c for c in contracts.components(pipe, patch.family_of(patch.denoiser_of(pipe)).name)}
-    for name, comp in comps.items():  # each component in the dtype it was exported in
-        comp.module.to(device=device, dtype=getattr(torch, m["components"][name]["dtype"]))
-    return comps
-
-
 class TorchBackend:
     name = "torch"
+    reuses_outputs = False
 
     def __init__(self, engine: Engine, component: str, device: str = "cpu"):
-        self.component = eager_components(str(engine.folder.resolve()), device)[component]
-        self.dtypes = {i["name"]: i["dtype"] for i in engine.component(component)["inputs"]}
+        self.folder, self.component_name = str(engine.folder.resolve()), component
+        self.spec = engine.component(component)
         self.device = device
+        self.component = None
+
+    def load(self) -> None:
+        if self.component is None:
+            self.component = eager_components(self.folder, self.device)[self.component_name]
+
+    def warm_up(self, inputs: dict[str, torch.Tensor]) -> None:
+        self.run(inputs)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        args = {n: t.to(self.device, getattr(torch, self.dtypes[n])) for n, t in inputs.items()}
+        self.load()
+        dtypes = self.spec.input_dtypes
+        args = {n: t.to(self.device, getattr(torch, dtypes[n])) for n, t in inputs.items()}
         with torch.no_grad():
             outs = self.component.forward(self.component.module, **args)
         return {o.name: t for o, t in zip(self.component.outputs, outs, strict=True)}
@@ -96,61 +127,71 @@ class TorchBackend:
 # --------------------------------------------------------------------------------------------------
 
 
-def ort_providers(device: str) -> list[str]:
-    """Execution providers for ``device``: CPU, or CUDA (TensorRT first when that provider is present)."""
-    import onnxruntime as ort
-
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" not in available:
-        raise EngineError(
-            f"device {device!r} needs onnxruntime-gpu (providers here: {', '.join(available)}); install the `gpu` "
-            "extra instead of `cpu` (never both), or run on device cpu"
-        )
-    wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    return [p for p in wanted if p in available]
-
-
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, engine: Engine, component: str, device: str = "cpu"):
-        import onnxruntime as ort
+    @property
+    def reuses_outputs(self) -> bool:  # bound outputs are the per-shape buffers
+        return self.bound
 
-        spec = engine.component(component)
+    def __init__(self, engine: Engine, component: str, device: str = "cpu"):
+        self.spec = engine.component(component)
         artifact = engine.artifact(component)
-        path = engine.folder / (artifact["file"] if artifact and artifact["kind"] == "ort" else spec["file"])
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = artifact.get("intra_op_num_threads", 0) if artifact else 0  # as built
-        self.session = ort.InferenceSession(str(path), opts, providers=ort_providers(device))
-        self.inputs = {i["name"]: i["dtype"] for i in spec["inputs"]}
-        self.outputs = [o["name"] for o in spec["outputs"]]
+        built = artifact is not None and artifact.kind == "ort"
+        self.path = engine.folder / (artifact.file if built else self.spec.file)
+        self.threads = artifact.settings.get("intra_op_num_threads", 0) if built else 0  # as built
+        self.inputs = self.spec.input_dtypes
+        self.outputs = self.spec.output_names
         self.device = device
+        self.output_dtypes = {t.name: t.dtype for t in self.spec.outputs}
+        self.bound = device != "cpu"  # I/O binding; on the CPU only when asked (numpy in and out needs none)
+        self.session = None
+        self._outputs: dict[tuple, tuple] = {}  # input shapes -> (OrtValues, torch views of them)
+
+    def load(self) -> None:
+        if self.session is None:
+            from pladis import ort
+
+            self.session = ort.session(self.path, self.device, threads=self.threads)
+
+    def warm_up(self, inputs: dict[str, torch.Tensor]) -> None:
+        self.run(inputs)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.device != "cpu":
+        self.load()
+        if self.bound:
             return self._run_bound(inputs)
         feeds = {n: t.detach().cpu().numpy().astype(_NP[self.inputs[n]], copy=False) for n, t in inputs.items()}
         outs = self.session.run(self.outputs, feeds)
         return {n: torch.from_numpy(np.ascontiguousarray(o)) for n, o in zip(self.outputs, outs, strict=True)}
 
     def _run_bound(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """I/O binding on the GPU: inputs are bound in place, outputs stay on the device (ORT allocates)."""
+        """I/O binding: inputs bound in place; outputs written into buffers kept per input shapes (the first run
+        of new shapes lets ONNX Runtime allocate them; later runs bind those same buffers again). The returned
+        tensors are views of those buffers, on the backend's device: no copy, no ``.numpy()``."""
+        device = torch.device(self.device)
+        index = 0 if device.type == "cpu" else device.index if device.index is not None else torch.cuda.current_device()
         binding = self.session.io_binding()
-        kept = []  # keep the contiguous, converted inputs alive until the run is over
+        kept = []  # the contiguous, converted inputs stay alive until the run is over
         for name, t in inputs.items():
-            t = t.to(self.device, getattr(torch, self.inputs[name])).contiguous()
+            t = t.to(device, getattr(torch, self.inputs[name])).contiguous()
             kept.append(t)
-            binding.bind_input(name, "cuda", t.device.index or 0, _NP[self.inputs[name]], tuple(t.shape), t.data_ptr())
-        for name in self.outputs:
-            binding.bind_output(name, "cuda")
+            binding.bind_input(name, device.type, index, _NP[self.inputs[name]], tuple(t.shape), t.data_ptr())
+        key = _shapes(inputs)
+        held = self._outputs.get(key)  # (OrtValues, torch views of them)
+        for name, value in zip(self.outputs, held[0] if held else [None] * len(self.outputs), strict=True):
+            if value is None:
+                binding.bind_output(name, device.type, index)
+            else:
+                binding.bind_ortvalue_output(name, value)
+        if device.type == "cuda":  # ONNX Runtime reads the inputs on its own stream: torch's work must be done
+            torch.cuda.current_stream(device).synchronize()
         self.session.run_with_iobinding(binding)
-        outs = binding.get_outputs()
-        return {n: torch.from_dlpack(o.to_dlpack()) if hasattr(o, "to_dlpack") else torch.from_numpy(o.numpy())
-                for n, o in zip(self.outputs, outs, strict=True)}  # fmt: skip
+        if held is None:
+            values = binding.get_outputs()
+            views = {n: _view(v, self.output_dtypes[n], device) for n, v in zip(self.outputs, values, strict=True)}
+            held = self._outputs[key] = (values, views)
+        return dict(held[1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,15 +203,25 @@ class AotiBackend:
     """A ``.pt2`` package from ``pladis build --backend aoti``, called with the contract's positional inputs."""
 
     name = "aoti"
+    reuses_outputs = False
 
     def __init__(self, engine: Engine, component: str, device: str = "cpu"):
         spec = engine.component(component)
-        self.model = torch._inductor.aoti_load_package(str(engine.folder / engine.artifact(component)["file"]))
-        self.inputs = [(i["name"], i["dtype"]) for i in spec["inputs"]]
-        self.outputs = [o["name"] for o in spec["outputs"]]
+        self.path = engine.folder / engine.artifact(component).file
+        self.inputs = [(i.name, i.dtype) for i in spec.inputs]
+        self.outputs = spec.output_names
         self.device = device
+        self.model = None
+
+    def load(self) -> None:
+        if self.model is None:
+            self.model = torch._inductor.aoti_load_package(str(self.path))
+
+    def warm_up(self, inputs: dict[str, torch.Tensor]) -> None:
+        self.run(inputs)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.load()
         args = [inputs[n].to(self.device, getattr(torch, d)).contiguous() for n, d in self.inputs]
         with torch.no_grad():
             outs = self.model(*args)
@@ -179,40 +230,61 @@ class AotiBackend:
 
 
 class TrtBackend:
-    """A serialized TensorRT engine (``.plan``), run with the TensorRT 10 name-based tensor API on torch
-    CUDA tensors. Not exercised in CI (no TensorRT there)."""
+    """A serialized TensorRT engine (``.plan``), run with the TensorRT 10 name-based tensor API on torch CUDA
+    tensors on the current stream; output buffers are allocated once per input shapes and reused. Not
+    exercised in CI (no TensorRT there)."""
 
     name = "trt"
+    reuses_outputs = True
 
     def __init__(self, engine: Engine, component: str, device: str = "cuda"):
+        spec = engine.component(component)
+        self.path = engine.folder / engine.artifact(component).file
+        self.inputs = spec.input_dtypes
+        self.outputs = spec.output_names
+        self.device = device
+        self.engine = self.context = None
+        self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}  # input shapes -> output tensors
+        self._shapes = None  # the input shapes the context is set to
+
+    def load(self) -> None:
+        if self.engine is not None:
+            return
         try:
             import tensorrt as trt
         except ImportError:
             raise EngineError("the trt backend needs TensorRT installed (NVIDIA's package index, not PyPI)") from None
-        spec = engine.component(component)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine((engine.folder / engine.artifact(component)["file"]).read_bytes())
+        self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         self.context = self.engine.create_execution_context()
-        self.inputs = {i["name"]: i["dtype"] for i in spec["inputs"]}
-        self.outputs = [o["name"] for o in spec["outputs"]]
-        self.device = "cuda" if device == "cpu" else device
+        self._dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+                        trt.DataType.BF16: torch.bfloat16, trt.DataType.INT32: torch.int32,
+                        trt.DataType.INT64: torch.int64}  # fmt: skip
+
+    def warm_up(self, inputs: dict[str, torch.Tensor]) -> None:
+        self.run(inputs)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.load()
         stream = torch.cuda.current_stream(self.device)
-        kept = []
+        key = _shapes(inputs)
+        kept = []  # the contiguous, converted inputs stay alive until the run is over
         for name, t in inputs.items():
             t = t.to(self.device, getattr(torch, self.inputs[name])).contiguous()
             kept.append(t)
-            self.context.set_input_shape(name, tuple(t.shape))
+            if self._shapes != key:
+                self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
-        outs = {}
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            dtype = {"DataType.FLOAT": torch.float32, "DataType.HALF": torch.float16,
-                     "DataType.BF16": torch.bfloat16}[str(self.engine.get_tensor_dtype(name))]  # fmt: skip
-            outs[name] = torch.empty(shape, dtype=dtype, device=self.device)
-            self.context.set_tensor_address(name, outs[name].data_ptr())
+        self._shapes = key
+        buffers = self._buffers.get(key)
+        if buffers is None:  # first run of these shapes: the output shapes follow from the input shapes
+            buffers = {n: torch.empty(tuple(self.context.get_tensor_shape(n)),
+                                      dtype=self._dtypes[self.engine.get_tensor_dtype(n)], device=self.device)
+                       for n in self.outputs}  # fmt: skip
+            self._buffers[key] = buffers
+        for name, buf in buffers.items():
+            self.context.set_tensor_address(name, buf.data_ptr())
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         stream.synchronize()
-        return outs
+        return dict(buffers)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pladis import backends
 from pladis.files import atomic_path, check_output_file
 from pladis.options import DEFAULT_PROMPT, option
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # by file suffix
 LAM_HELP = "PLADIS strength lambda, a runtime input (0 = stock model; default: the export's)"
 ENGINE_HELP = "engine folder (pladis build) or export folder (pladis export)"
-BACKEND_HELP = "torch | ort | aoti | trt for every component; default: as built (ort for an export folder)"
+BACKEND_HELP = f"{' | '.join(backends.NAMES)} for every component; default: as built (ort for an export folder)"
 SCHEDULER_HELP = "euler | euler_a | dpmpp_2m | ddim | lcm | flow_euler (SD3/FLUX); default: the engine's"
 GUIDANCE_HELP = "CFG scale (FLUX: the embedded guidance); <= 1 turns CFG off; default: per family"
 

@@ -34,7 +34,7 @@ def uses_cfg(family: str) -> bool:
 def latent_shape(rt, batch: int, height: int, width: int) -> tuple[int, ...]:
     """Shape of the initial noise (B, C, h, w), before any packing."""
     lh, lw = _latent_hw(rt, height, width)
-    return (batch, rt.engine.manifest["vae"]["latent_channels"], lh, lw)
+    return (batch, rt.engine.manifest.vae.latent_channels, lh, lw)
 
 
 def pack(rt, latents: torch.Tensor) -> torch.Tensor:
@@ -57,13 +57,13 @@ def step_inputs(rt, latents: torch.Tensor, t: torch.Tensor, cond: dict) -> dict[
 
 def noise_prediction(rt, out: torch.Tensor) -> torch.Tensor:
     """The denoiser output as the scheduler's model output (PixArt predicts [noise, variance]: keep noise)."""
-    return family(rt).noise(out, rt.engine.manifest["vae"]["latent_channels"])
+    return family(rt).noise(out, rt.engine.manifest.vae.latent_channels)
 
 
 def vae_input(rt, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Final latents -> the VAE decoder's input, by the family's VAE rule and the manifest's factors."""
-    vae = rt.engine.manifest["vae"]
-    return family(rt).vae_input(unpack(rt, latents, height, width), vae["scaling_factor"], vae.get("shift_factor"))
+    vae = rt.engine.manifest.vae
+    return family(rt).vae_input(unpack(rt, latents, height, width), vae.scaling_factor, vae.shift_factor)
 
 
 def set_timesteps(rt, scheduler, steps: int, height: int, width: int) -> None:

@@ -3,6 +3,19 @@
 ``Runtime`` binds an engine folder to one backend per component; ``generate`` samples images. The loop is
 split into ``prepare`` / ``predict`` / ``step`` / ``decode`` so the parity harness can drive two
 runtimes in lockstep through the very same code.
+
+Loading: ``load`` creates every component's session (engine) and ``warm_up`` runs a component once on the
+shapes about to be used; ``generate`` does both before it starts its clocks, and reports their time as
+``timings["load"]`` (0 once everything is loaded and warm), so step timings never include session creation.
+
+Devices: every tensor the runtime holds (noise, latents, conditioning, predictions, scheduler output) is on
+``device``; the scheduler's own tables stay where diffusers keeps them (CPU scalars).
+With ``device="cpu"`` nothing leaves the CPU. With a CUDA device the initial noise is drawn from a CPU
+generator seeded per image (the same images on any device, as diffusers does) and moved once; the
+conditioning is moved once after encoding; in the loop backends take and return device tensors (ONNX Runtime
+through I/O binding, TensorRT on CUDA buffers), so nothing round-trips through ``.numpy()`` until decoding
+hands the final image to PIL. A backend that runs elsewhere (TensorRT: CUDA only) gets its inputs moved in
+and its outputs moved back to ``device``.
 """
 
 from __future__ import annotations
@@ -17,9 +30,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pladis import backends as registry
 from pladis.families import get as family_record
+from pladis.manifest import Engine, EngineError, open_engine
 from pladis.runtime import backends, families
-from pladis.runtime.engine import Engine, EngineError, open_engine
 
 SCHEDULERS = {  # name -> diffusers class; flow-matching families take only flow schedulers
     "euler": "EulerDiscreteScheduler",
@@ -80,32 +94,55 @@ class Runtime:
         self.engine = engine if isinstance(engine, Engine) else open_engine(engine, verify=verify)
         self.engine.check_complete()
         overrides = overrides or {}
-        unknown = set(overrides) - set(self.engine.manifest["components"])
+        names = self.engine.component_names()
+        unknown = set(overrides) - set(names)
         if unknown:
             raise EngineError(f"no component {', '.join(sorted(unknown))} in this engine; it has "
-                              f"{', '.join(self.engine.manifest['components'])}")  # fmt: skip
+                              f"{', '.join(names)}")  # fmt: skip
         for name in [backend, *overrides.values()]:
-            if name is not None and name not in backends.BACKENDS:
-                raise EngineError(f"unknown backend {name!r}; choose one of {', '.join(backends.BACKENDS)}")
+            if name is not None:
+                registry.get(name)  # EngineError naming the known backends
 
         def default(name):
             artifact = self.engine.artifact(name)
-            return backend or (artifact["kind"] if artifact else "ort")
+            return backend or (artifact.kind if artifact else "ort")
 
-        self.backend_names = {n: overrides.get(n, default(n)) for n in self.engine.manifest["components"]}
+        self.backend_names = {n: overrides.get(n, default(n)) for n in names}
+        for name, b in self.backend_names.items():  # before any work: aoti/trt need their built artifacts
+            backends.check(self.engine, name, b)
         self.device = device
         self._backends: dict[str, backends.Backend] = {}
+        self._warm: set = set()  # (component, input shapes) already run once
         self._tokenizers: dict = {}
-        self.input_names = {i["name"] for i in self.engine.component(self.engine.denoiser)["inputs"]}
+        self.input_names = {i.name for i in self.engine.component(self.engine.denoiser).inputs}
         self.scheduler_config = _scheduler_config(self.engine.folder)  # read once: the folder may move later
 
     # -- components ----------------------------------------------------------------------------
 
-    def run(self, component: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def backend(self, component: str) -> backends.Backend:
+        """The loaded backend of ``component`` (created and loaded on first use)."""
         if component not in self._backends:
-            self._backends[component] = backends.load(self.engine, component, self.backend_names[component],
-                                                      self.device)  # fmt: skip
-        return {k: v.float() for k, v in self._backends[component].run(inputs).items()}
+            b = backends.create(self.engine, component, self.backend_names[component], self.device)
+            b.load()
+            self._backends[component] = b
+        return self._backends[component]
+
+    def load(self) -> None:
+        """Create every component's session (engine) now, rather than on its first call."""
+        for name in self.backend_names:
+            self.backend(name)
+
+    def warm_up(self, component: str, inputs: dict[str, torch.Tensor]) -> None:
+        """Run ``component`` once on ``inputs`` (output discarded) unless it already ran on these shapes."""
+        key = (component, tuple((n, tuple(t.shape)) for n, t in sorted(inputs.items())))
+        if key not in self._warm:
+            self.backend(component).warm_up(inputs)
+            self._warm.add(key)
+
+    def run(self, component: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``component``'s outputs as float32 tensors on the runtime's device, owned by the caller."""
+        b = self.backend(component)
+        return {k: v.to(self.device, torch.float32, copy=b.reuses_outputs) for k, v in b.run(inputs).items()}
 
     def tokenizer(self, encoder: str):
         name = encoder.replace("text_encoder", "tokenizer")
@@ -148,15 +185,15 @@ class Runtime:
         if len(prompts) > max_batch:
             raise ValueError(f"batch of {len(prompts)} prompts is over this engine's maximum of {max_batch}; "
                              "split the prompts or re-export with a larger --batch")  # fmt: skip
-        image = self.engine.manifest["image"]
-        height, width = height or image["height"], width or image["width"]
+        image = self.engine.manifest.image
+        height, width = height or image.height, width or image.width
         for name, size in (("height", height), ("width", width)):
             lo, _, hi = self.engine.dim(name)
             if not lo <= size <= hi:
                 raise ValueError(f"{name} {size} is outside the exported range [{lo}, {hi}]; pick a size inside "
                                  "it or re-export with another --height/--width")  # fmt: skip
-            if size % image["multiple"]:
-                raise ValueError(f"{name} {size} is not a multiple of {image['multiple']}, which this model needs")
+            if size % image.multiple:
+                raise ValueError(f"{name} {size} is not a multiple of {image.multiple}, which this model needs")
         names = scheduler_names(family)
         if scheduler is not None and scheduler not in names:
             raise ValueError(f"unknown scheduler {scheduler!r} for a {family} model; choose one of {', '.join(names)}")
@@ -184,16 +221,16 @@ class Runtime:
 
     def check_lam(self, lam, n: int) -> list[float] | None:
         """lam (None, a number or one per prompt) as n checked values, or None for an engine without PLADIS."""
-        pl = self.engine.manifest["pladis"]
-        if not pl.get("lam_input"):
+        pl = self.engine.manifest.pladis
+        if not pl.lam_input:
             if lam not in (None, 0, 0.0):
                 raise ValueError(f"lam: this engine was exported without PLADIS layers (lam=0), so it runs only "
                                  f"lam=0; got {lam!r}: export with --lam to get a PLADIS engine")  # fmt: skip
             return None
-        values = [pl["lam"]] * n if lam is None else [lam] * n if isinstance(lam, int | float) else list(lam)
+        values = [pl.lam] * n if lam is None else [lam] * n if isinstance(lam, int | float) else list(lam)
         if len(values) != n:
             raise ValueError(f"lam: {len(values)} values for {n} prompts; give one number or one per prompt")
-        lo, hi = pl["lam_range"]
+        lo, hi = pl.lam_range
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not lo <= v <= hi:
                 raise ValueError(f"lam must be a finite number in [{lo:g}, {hi:g}] (this engine's range; 0 = the "
@@ -206,12 +243,15 @@ class Runtime:
         """(constant denoiser inputs, scheduler with timesteps set, initial latents (packed for FLUX))."""
         cond = families.encode(self, s.prompts, s.negatives, s.height, s.width, s.guidance)
         if s.lams is not None:  # both CFG halves of a sample get that sample's lam: [uncond..., cond...]
-            lam = self.engine.manifest["pladis"]["lam_input"]
+            lam = self.engine.manifest.pladis.lam_input
             cond[lam] = torch.tensor(s.lams * (2 if s.negatives is not None else 1), dtype=torch.float32)
+        cond = {k: v.to(self.device) for k, v in cond.items()}  # once: constant over the steps
         sched = self.scheduler(s.scheduler)
         families.set_timesteps(self, sched, s.steps, s.height, s.width)
         shape = families.latent_shape(self, 1, s.height, s.width)
+        # drawn on the CPU, one generator per image: the same noise on every device
         noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in s.seeds])
+        noise = noise.to(self.device)
         return cond, sched, families.pack(self, noise) * getattr(sched, "init_noise_sigma", 1.0)  # flow: none
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: dict, sched, s: Settings) -> torch.Tensor:
@@ -237,15 +277,21 @@ class Runtime:
 
         x = families.vae_input(self, latents, s.height, s.width)
         images = self.run("vae_decoder", {"latent_sample": x})["sample"]
-        arr = ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        arr = ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(a) for a in arr]
 
     def generate(self, prompt, progress: bool = True, **kwargs) -> Result:
         """Sample images; kwargs as ``settings`` (negative_prompt, steps, guidance, guidance_rescale,
         scheduler, seed, batch, height, width, lam)."""
         s = self.settings(prompt, **kwargs)
+        t_load = time.perf_counter()
+        self.load()
+        loading = time.perf_counter() - t_load
         t0 = time.perf_counter()
         cond, sched, latents = self.prepare(s)
+        t_warm = time.perf_counter()
+        self.warm_loop(latents, cond, sched, s)
+        loading += time.perf_counter() - t_warm
         t1 = time.perf_counter()
         g = step_generators(s)
         for t in tqdm(sched.timesteps, desc="denoise", unit="step", disable=not progress):
@@ -254,8 +300,15 @@ class Runtime:
         images = self.decode(latents, s)
         t3 = time.perf_counter()
         n = len(sched.timesteps)
-        return Result(images, latents, {"encode": t1 - t0, "steps": n, "per_step": (t2 - t1) / n,
-                                        "decode": t3 - t2, "total": t3 - t0})  # fmt: skip
+        return Result(images, latents, {"encode": t_warm - t0, "steps": n, "per_step": (t2 - t1) / n,
+                                        "decode": t3 - t2, "total": t3 - t1 + t_warm - t0,
+                                        "load": loading})  # fmt: skip
+
+    def warm_loop(self, latents: torch.Tensor, cond: dict, sched, s: Settings) -> None:
+        """Warm the denoiser and the VAE decoder up on this call's shapes (a no-op for shapes already run)."""
+        x = torch.cat([latents] * 2) if s.negatives is not None else latents
+        self.warm_up(self.engine.denoiser, families.step_inputs(self, x, sched.timesteps[0], cond))
+        self.warm_up("vae_decoder", {"latent_sample": families.vae_input(self, latents, s.height, s.width)})
 
 
 def _scheduler_config(folder: Path) -> dict:

@@ -184,7 +184,7 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
         rt = state["runtime"]
         height, width, steps, scheduler, guidance, negative = jobs[0].key
         # lam is a runtime input: requests with different strengths share a batch, one value per image
-        default = rt.engine.manifest["pladis"]["lam"]
+        default = rt.engine.manifest.pladis.lam
         lams = None if all(j.lam is None for j in jobs) else \
             [default if j.lam is None else j.lam for j in jobs for _ in j.seeds]  # fmt: skip
         s = rt.settings([j.prompt for j in jobs for _ in j.seeds], negative_prompt=negative, steps=steps,
@@ -488,8 +488,8 @@ def check(body: ImageRequest, rt, cfg: ServeConfig) -> tuple[int, int, str]:
         raise bad("n", f"n = {n} is over this engine's batch of {max_batch}")
     if body.steps is not None and body.steps > cfg.max_steps:
         raise bad("steps", f"steps = {body.steps} is over the server's maximum of {cfg.max_steps}")
-    image = rt.engine.manifest["image"]
-    height, width = image["height"], image["width"]
+    image = rt.engine.manifest.image
+    height, width = image.height, image.width
     if body.size not in (None, "", "auto"):
         match = SIZE.fullmatch(body.size)
         if not match:
@@ -497,15 +497,15 @@ def check(body: ImageRequest, rt, cfg: ServeConfig) -> tuple[int, int, str]:
         width, height = int(match[1]), int(match[2])
         for name, value in (("width", width), ("height", height)):
             lo, _, hi = rt.engine.dim(name)
-            if not lo <= value <= hi or value % image["multiple"]:
+            if not lo <= value <= hi or value % image.multiple:
                 raise bad("size", f"size {body.size}: {name} must be in [{lo}, {hi}] and a multiple of "
-                                  f"{image['multiple']}")  # fmt: skip
+                                  f"{image.multiple}")  # fmt: skip
     names = scheduler_names(rt.engine.family)
     if body.scheduler is not None and body.scheduler not in names:
         raise bad("scheduler", f"unknown scheduler {_short(body.scheduler)}; choose one of {', '.join(names)}")
-    pl = rt.engine.manifest["pladis"]
-    if body.alpha is not None and body.alpha != pl["alpha"] and pl["patched"]:  # alpha selects the graph's algorithm
-        raise bad("alpha", f"this engine was exported with alpha={pl['alpha']}; re-export it to serve another alpha")
+    pl = rt.engine.manifest.pladis
+    if body.alpha is not None and body.alpha != pl.alpha and pl.patched:  # alpha selects the graph's algorithm
+        raise bad("alpha", f"this engine was exported with alpha={pl.alpha}; re-export it to serve another alpha")
     try:  # lam is a runtime input: any value in the engine's range, per request
         rt.check_lam(body.lam, 1)
     except ValueError as err:

@@ -1,0 +1,28 @@
+"""The patched eager pipeline an export folder was made from, rebuilt from its manifest: the reference the
+``torch`` backend runs and the model ``pladis build --backend aoti`` compiles."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=2)
+def eager_components(folder: str, device: str) -> dict:
+    """{component name: export contract component} of the export in ``folder``, each module on ``device`` in
+    the dtype it was exported in (same source, checked unchanged, same seed, LoRAs and PLADIS settings)."""
+    import pladis
+    from pladis import patch, sources
+    from pladis.export import PRECISIONS, contracts
+    from pladis.manifest import read_manifest
+
+    m = read_manifest(folder, verify=False)
+    # the same source, checked unchanged, with the same LoRAs fused (SourceChanged if moved or changed)
+    pipe = sources.load_recorded(dict(m.model), seed=m.seed, dtype=PRECISIONS[m.precision])
+    if m.pladis.patched:
+        pladis.apply(pipe, lam=m.pladis.lam, alpha=m.pladis.alpha, layers=m.pladis.layer_selection)
+    comps = {c.name: c for c in contracts.components(pipe, patch.family_of(patch.denoiser_of(pipe)).name)}
+    for name, comp in comps.items():  # each component in the dtype it was exported in
+        comp.module.to(device=device, dtype=getattr(torch, m.components[name].dtype))
+    return comps
