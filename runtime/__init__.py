@@ -2,8 +2,8 @@
 
 ``Runtime(engine_dir, backend)`` loads an engine folder by its manifest (one backend per component: torch,
 ort, aoti, trt, as named in ``pladis.backends``); ``Runtime.generate`` samples images; ``parity.check``
-compares an engine with eager PyTorch teacher-forced and free-running. ``commands`` holds the typed configs of ``pladis generate`` and
-``pladis parity``.
+compares an engine with eager PyTorch teacher-forced and free-running. ``commands`` holds the typed configs
+of ``pladis generate`` and ``pladis parity``.
 """
 
 from pladis.manifest import Engine, EngineError, open_engine
