@@ -199,22 +199,29 @@ def kernel_config(
 ) -> KernelConfig:
     """Pick the kernel for one call site. max_keys: the longest key row it will see (a shape profile's max).
 
-    The (BLOCK_M, BLOCK_N) float32 score tile holds 8192 elements, over 8 warps (4 would need more than 255
-    registers per thread at 128 keys and spill, per ``cuobjdump -res-usage``). What a dot stages in shared memory
-    (BLOCK_N x BLOCK_K of k, BLOCK_M x BLOCK_N of P, BLOCK_N x BLOCK_DV of v) stays under the 48 KiB
-    default; float32 at 512 keys would not (P alone is 32 KiB), so it forms ``P V`` a column at a time
-    without staging. tests/test_kernels.py compiles each of these kernels for sm_80-sm_90 and checks.
+    fp32: the (BLOCK_M, BLOCK_N) float32 score tile holds 8192 elements, over 8 warps. fp16/bf16: the tiles
+    and warps the H200 measured fastest (``make gpu-check``'s kernel_tiles case, 2026-11-26, fp16, CUDA graph
+    replay, same error): 64 x 128 at 4 warps (SDXL, 77 keys: 0.040 ms vs 0.048 at 8 warps) and 32 x 512 at 8
+    warps (PixArt, 300 padded keys: 0.66 ms vs 1.05 for 16 x 512). What a dot stages in shared memory
+    (BLOCK_N x BLOCK_K of k, BLOCK_M x BLOCK_N of P, BLOCK_N x BLOCK_DV of v) stays within the 48 KiB default;
+    float32 at 512 keys would not (P alone is 32 KiB), so it forms ``P V`` a column at a time without
+    staging. tests/test_kernels.py compiles each of these kernels for sm_80-sm_90 and checks.
     """
     check_supported(dtype, head_dim, value_dim, max_keys, alpha, mask_mode)
     if mask_dtype not in DTYPES:
         raise KernelUnsupported(f"the mask must be fp32, fp16 or bf16; got {mask_dtype}")
     block_n = next(n for n in KEY_TILES if max_keys <= n)
     chunk = 32 if dtype != "fp32" and block_n == 128 else 16  # head-dim / value-column chunk of the dots
+    block_m, warps = QUERY_TILES[dtype == "fp32", block_n]
     return KernelConfig(
         dtype=dtype, mask_dtype=mask_dtype, scale=float(scale), alpha=float(alpha), mask_mode=mask_mode,
-        steps=newton_steps(float(alpha), block_n), block_m=8192 // block_n, block_n=block_n, block_k=chunk,
-        block_dv=chunk, pv_columns=dtype == "fp32" and block_n == 512, num_warps=8, blhd=blhd,
+        steps=newton_steps(float(alpha), block_n), block_m=block_m, block_n=block_n, block_k=chunk,
+        block_dv=chunk, pv_columns=dtype == "fp32" and block_n == 512, num_warps=warps, blhd=blhd,
     )  # fmt: skip
+
+
+# (fp32?, key tile) -> (query tile BLOCK_M, warps); see kernel_config
+QUERY_TILES = {(True, 128): (64, 8), (True, 512): (16, 8), (False, 128): (64, 4), (False, 512): (32, 8)}
 
 
 class KernelUnsupported(ValueError):
