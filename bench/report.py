@@ -111,11 +111,11 @@ def _targets(res: dict) -> list[str]:
     return ["### Operator targets (issue 15)", "", *lines, "",
             "What limits the eager op: per tile it makes ~40 elementwise and row-reduction passes over the "
             "logits (softmax, 3-4 Newton steps, the closed form, the blend), each a short parallel region; "
-            "SDPA is one fused kernel. With one thread the passes run back to back from cache; with all "
-            "threads on a shared machine, other processes stall every region's barrier (compare the 1-thread "
-            "rows and the load average). Inductor fusion (`ops.inductor_fusion()`, opt-in) cuts the passes and "
-            "is robust to the load, but its generated row reductions still read the logits once per Newton "
-            "step: ~2.5x SDPA, short of 2x.", ""]  # fmt: skip
+            "SDPA is one fused kernel. On a quiet machine that costs 2.7-3.1x SDPA at one or two threads; on a "
+            "loaded one other processes stall every region's barrier (an earlier run at 1-minute load 3.75 on "
+            "these 2 cores measured 9-44x at two threads): compare the load average beside each row. Inductor "
+            "fusion (`ops.inductor_fusion()`, opt-in) cuts the passes, but its generated row reductions still "
+            "read the logits once per Newton step: 1.8-2.6x SDPA, around the 2x target.", ""]  # fmt: skip
 
 
 def _suite_section(data: dict) -> list[str]:
