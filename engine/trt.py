@@ -142,7 +142,7 @@ def build(src, dims, precision, cfg, folder: Path) -> dict:
             _check_plugin_layers(network[1], nodes[name], name)
             profile = Profile()
             for inp in spec.inputs:  # the build's (possibly narrowed) ranges, not the export's min/opt/max
-                t = contracts.Tensor(inp.name, inp.shape)
+                t = contracts.Port(inp.name, inp.shape)
                 lo, opt, hi = (contracts.shape_of(t, dims, i) for i in range(3))
                 profile.add(inp.name, min=lo, opt=opt, max=hi)
             config = CreateConfig(

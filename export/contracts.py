@@ -19,8 +19,9 @@ FLOAT = "float"  # the export precision's float type
 
 
 @dataclass(frozen=True)
-class Tensor:
-    """One graph input or output. shape: ints are static, strings name a dim; dtype: FLOAT or a torch dtype."""
+class Port:
+    """One graph input or output (a port of a component; not a tensor). shape: ints are static, strings name a
+    dim; dtype: FLOAT or a torch dtype."""
 
     name: str
     shape: tuple[int | str, ...]
@@ -34,8 +35,8 @@ class Component:
 
     name: str
     module: nn.Module
-    inputs: list[Tensor]
-    outputs: list[Tensor]
+    inputs: list[Port]
+    outputs: list[Port]
     forward: Callable[..., tuple]
     denoiser: bool = False
     extras: dict = field(default_factory=dict)  # per-input sampling parameters (vocab size, timestep scale)
@@ -121,11 +122,11 @@ def _clip(name: str, module) -> Component:
         pooled = out.text_embeds if projected else out.pooler_output
         return out.last_hidden_state, out.hidden_states[-2], pooled
 
-    pooled = (Tensor("text_embeds", ("batch", module.config.projection_dim)) if projected
-              else Tensor("pooler_output", ("batch", hidden)))  # fmt: skip
-    outputs = [Tensor("last_hidden_state", ("batch", "clip_text", hidden)),
-               Tensor("penultimate_hidden_state", ("batch", "clip_text", hidden)), pooled]  # fmt: skip
-    ids = Tensor("input_ids", ("batch", "clip_text"), "int64", "ids")
+    pooled = (Port("text_embeds", ("batch", module.config.projection_dim)) if projected
+              else Port("pooler_output", ("batch", hidden)))  # fmt: skip
+    outputs = [Port("last_hidden_state", ("batch", "clip_text", hidden)),
+               Port("penultimate_hidden_state", ("batch", "clip_text", hidden)), pooled]  # fmt: skip
+    ids = Port("input_ids", ("batch", "clip_text"), "int64", "ids")
     return Component(name, module, [ids], outputs, fwd, extras={"vocab": module.config.vocab_size})
 
 
@@ -133,9 +134,9 @@ def _t5(name: str, module) -> Component:
     def fwd(m, input_ids, attention_mask):
         return (m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,)
 
-    inputs = [Tensor("input_ids", ("batch", "t5_text"), "int64", "ids"),
-              Tensor("attention_mask", ("batch", "t5_text"), "int64", "mask")]  # fmt: skip
-    outputs = [Tensor("last_hidden_state", ("batch", "t5_text", module.config.d_model))]
+    inputs = [Port("input_ids", ("batch", "t5_text"), "int64", "ids"),
+              Port("attention_mask", ("batch", "t5_text"), "int64", "mask")]  # fmt: skip
+    outputs = [Port("last_hidden_state", ("batch", "t5_text", module.config.d_model))]
     return Component(name, module, inputs, outputs, fwd, extras={"vocab": module.config.vocab_size})
 
 
@@ -144,8 +145,8 @@ def _vae_decoder(vae) -> Component:
         return (m.decode(latent_sample, return_dict=False)[0],)
 
     c = vae.config.latent_channels
-    return Component("vae_decoder", vae, [Tensor("latent_sample", ("batch", c, "latent_height", "latent_width"))],
-                     [Tensor("sample", ("batch", vae.config.out_channels, "height", "width"))], fwd)  # fmt: skip
+    return Component("vae_decoder", vae, [Port("latent_sample", ("batch", c, "latent_height", "latent_width"))],
+                     [Port("sample", ("batch", vae.config.out_channels, "height", "width"))], fwd)  # fmt: skip
 
 
 def _text_encoders(pipe) -> list[Component]:
@@ -184,7 +185,7 @@ def _with_lam_input(comp: Component) -> Component:
         with patch.scale(m, inputs.pop(LAM_INPUT)):
             return inner(m, **inputs)
 
-    inputs = [*comp.inputs, Tensor(LAM_INPUT, ("cfg_batch",), "float32", "lam")]
+    inputs = [*comp.inputs, Port(LAM_INPUT, ("cfg_batch",), "float32", "lam")]
     return Component(comp.name, comp.module, inputs, comp.outputs, fwd, comp.denoiser, comp.extras)
 
 
@@ -220,12 +221,12 @@ def trace_dims(pipe, family: str, d: dict[str, tuple[int, int, int]]) -> dict[st
     return out
 
 
-def shape_of(inp: Tensor, d: dict[str, tuple[int, int, int]], which: int = 1) -> tuple[int, ...]:
+def shape_of(inp: Port, d: dict[str, tuple[int, int, int]], which: int = 1) -> tuple[int, ...]:
     """The concrete shape of ``inp`` at dim setting ``which`` (0 = min, 1 = opt, 2 = max)."""
     return tuple(x if isinstance(x, int) else d[x][which] for x in inp.shape)
 
 
-def torch_dtype(inp: Tensor, float_dtype: torch.dtype) -> torch.dtype:
+def torch_dtype(inp: Port, float_dtype: torch.dtype) -> torch.dtype:
     return float_dtype if inp.dtype == FLOAT else getattr(torch, inp.dtype)
 
 

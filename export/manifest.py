@@ -35,7 +35,7 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def _tensor(t: contracts.Tensor, dims: dict, float_dtype: str) -> dict:
+def _tensor(t: contracts.Port, dims: dict, float_dtype: str) -> dict:
     dtype = float_dtype if t.dtype == contracts.FLOAT else t.dtype
     return TensorSpec(
         t.name, dtype, tuple(t.shape), *(tuple(contracts.shape_of(t, dims, i)) for i in range(3))

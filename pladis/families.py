@@ -128,27 +128,27 @@ def _both(fn, prompts: list[str], negatives: list[str] | None):
 
 
 def _unet_contract(name: str, unet):
-    from pladis.export.contracts import Component, Tensor
+    from pladis.export.contracts import Component, Port
 
     cfg = unet.config
     inputs = [
-        Tensor("sample", ("cfg_batch", cfg.in_channels, "latent_height", "latent_width")),
-        Tensor("timestep", ("cfg_batch",), "float32", "timestep"),
-        Tensor("encoder_hidden_states", ("cfg_batch", "text", cfg.cross_attention_dim)),
+        Port("sample", ("cfg_batch", cfg.in_channels, "latent_height", "latent_width")),
+        Port("timestep", ("cfg_batch",), "float32", "timestep"),
+        Port("encoder_hidden_states", ("cfg_batch", "text", cfg.cross_attention_dim)),
     ]
     sdxl = cfg.addition_embed_type == "text_time"
     if sdxl:
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         inputs += [
-            Tensor("text_embeds", ("cfg_batch", pooled)),
-            Tensor("time_ids", ("cfg_batch", 6), sample="positions"),
+            Port("text_embeds", ("cfg_batch", pooled)),
+            Port("time_ids", ("cfg_batch", 6), sample="positions"),
         ]
 
     def fwd(m, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if sdxl else None
         return (m(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0],)
 
-    out = Tensor("out_sample", ("cfg_batch", cfg.out_channels, "latent_height", "latent_width"))
+    out = Port("out_sample", ("cfg_batch", cfg.out_channels, "latent_height", "latent_width"))
     return Component(name, unet, inputs, [out], fwd, denoiser=True)
 
 
@@ -180,19 +180,19 @@ def _unet_encode(rt, prompts, negatives, height, width, guidance) -> dict:
 
 
 def _pixart_contract(name: str, tr):
-    from pladis.export.contracts import Component, Tensor
+    from pladis.export.contracts import Component, Port
 
     cfg = tr.config
     inputs = [
-        Tensor("hidden_states", ("cfg_batch", cfg.in_channels, "latent_height", "latent_width")),
-        Tensor("encoder_hidden_states", ("cfg_batch", "text", cfg.caption_channels)),
-        Tensor("encoder_attention_mask", ("cfg_batch", "text"), "int64", "mask"),
-        Tensor("timestep", ("cfg_batch",), "float32", "timestep"),
+        Port("hidden_states", ("cfg_batch", cfg.in_channels, "latent_height", "latent_width")),
+        Port("encoder_hidden_states", ("cfg_batch", "text", cfg.caption_channels)),
+        Port("encoder_attention_mask", ("cfg_batch", "text"), "int64", "mask"),
+        Port("timestep", ("cfg_batch",), "float32", "timestep"),
     ]
     extra = cfg.sample_size == 128  # PixArt-alpha 1024 conditions on resolution and aspect ratio
     if extra:
-        inputs += [Tensor("resolution", ("cfg_batch", 2), sample="positions"),
-                   Tensor("aspect_ratio", ("cfg_batch", 1), sample="positions")]  # fmt: skip
+        inputs += [Port("resolution", ("cfg_batch", 2), sample="positions"),
+                   Port("aspect_ratio", ("cfg_batch", 1), sample="positions")]  # fmt: skip
 
     def fwd(
         m, hidden_states, encoder_hidden_states, encoder_attention_mask, timestep, resolution=None, aspect_ratio=None
@@ -201,7 +201,7 @@ def _pixart_contract(name: str, tr):
         return (m(hidden_states, encoder_hidden_states, timestep=timestep, added_cond_kwargs=added,
                   encoder_attention_mask=encoder_attention_mask, return_dict=False)[0],)  # fmt: skip
 
-    out = Tensor("out_hidden_states", ("cfg_batch", cfg.out_channels, "latent_height", "latent_width"))
+    out = Port("out_hidden_states", ("cfg_batch", cfg.out_channels, "latent_height", "latent_width"))
     return Component(name, tr, inputs, [out], fwd, denoiser=True)
 
 
@@ -227,20 +227,20 @@ def _pixart_noise(out: torch.Tensor, latent_channels: int) -> torch.Tensor:
 
 
 def _sd3_contract(name: str, tr):
-    from pladis.export.contracts import Component, Tensor
+    from pladis.export.contracts import Component, Port
 
     cfg = tr.config
     inputs = [
-        Tensor("hidden_states", ("cfg_batch", cfg.in_channels, "latent_height", "latent_width")),
-        Tensor("encoder_hidden_states", ("cfg_batch", "text", cfg.joint_attention_dim)),
-        Tensor("pooled_projections", ("cfg_batch", cfg.pooled_projection_dim)),
-        Tensor("timestep", ("cfg_batch",), "float32", "timestep"),
+        Port("hidden_states", ("cfg_batch", cfg.in_channels, "latent_height", "latent_width")),
+        Port("encoder_hidden_states", ("cfg_batch", "text", cfg.joint_attention_dim)),
+        Port("pooled_projections", ("cfg_batch", cfg.pooled_projection_dim)),
+        Port("timestep", ("cfg_batch",), "float32", "timestep"),
     ]
 
     def fwd(m, hidden_states, encoder_hidden_states, pooled_projections, timestep):
         return (m(hidden_states, encoder_hidden_states, pooled_projections, timestep, return_dict=False)[0],)
 
-    out = Tensor("out_hidden_states", ("cfg_batch", cfg.out_channels, "latent_height", "latent_width"))
+    out = Port("out_hidden_states", ("cfg_batch", cfg.out_channels, "latent_height", "latent_width"))
     return Component(name, tr, inputs, [out], fwd, denoiser=True)
 
 
@@ -265,25 +265,25 @@ def _sd3_encode(rt, prompts, negatives, height, width, guidance) -> dict:
 
 
 def _flux_contract(name: str, tr):
-    from pladis.export.contracts import Component, Tensor
+    from pladis.export.contracts import Component, Port
 
     cfg = tr.config
     inputs = [
-        Tensor("hidden_states", ("cfg_batch", "image_tokens", cfg.in_channels)),
-        Tensor("encoder_hidden_states", ("cfg_batch", "text", cfg.joint_attention_dim)),
-        Tensor("pooled_projections", ("cfg_batch", cfg.pooled_projection_dim)),
-        Tensor("timestep", ("cfg_batch",), "float32", "timestep"),
-        Tensor("img_ids", ("image_tokens", 3), "float32", "positions"),
-        Tensor("txt_ids", ("text", 3), "float32", "positions"),
+        Port("hidden_states", ("cfg_batch", "image_tokens", cfg.in_channels)),
+        Port("encoder_hidden_states", ("cfg_batch", "text", cfg.joint_attention_dim)),
+        Port("pooled_projections", ("cfg_batch", cfg.pooled_projection_dim)),
+        Port("timestep", ("cfg_batch",), "float32", "timestep"),
+        Port("img_ids", ("image_tokens", 3), "float32", "positions"),
+        Port("txt_ids", ("text", 3), "float32", "positions"),
     ]
     if cfg.guidance_embeds:
-        inputs.append(Tensor("guidance", ("cfg_batch",), "float32", "guidance"))
+        inputs.append(Port("guidance", ("cfg_batch",), "float32", "guidance"))
 
     def fwd(m, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None):
         return (m(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance,
                   return_dict=False)[0],)  # fmt: skip
 
-    out = Tensor("out_hidden_states", ("cfg_batch", "image_tokens", cfg.in_channels))
+    out = Port("out_hidden_states", ("cfg_batch", "image_tokens", cfg.in_channels))
     return Component(name, tr, inputs, [out], fwd, denoiser=True)
 
 

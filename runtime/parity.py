@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from pladis.files import atomic_path, write_text
-from pladis.options import DEFAULT_PROMPT
 from pladis.runtime import families
+from pladis.runtime.commands import ParityConfig as _CLI  # the one source of the defaults (and their help)
 from pladis.runtime.pipeline import Runtime, step_generators
 
 # Teacher-forced per-step tolerance on relative L2 (noise prediction and latent), by engine precision.
@@ -96,10 +96,10 @@ class ParityReport:
         return json.dumps({**self.__dict__, "ok": self.ok, "failures": self.failures}, indent=2) + "\n"
 
 
-def check(engine: str | Path, backend: str | None = None, *, prompt: str | list[str] = DEFAULT_PROMPT,
-        steps: int = 4, scheduler: str | None = None, guidance: float | None = None, seed: int = 0,
-        height: int | None = None, width: int | None = None, device: str = "cpu",
-        verify: bool = True, lam=None) -> ParityReport:  # fmt: skip
+def check(engine: str | Path, backend: str | None = None, *, prompt: str | list[str] = _CLI.prompt,
+          steps: int = _CLI.steps, scheduler: str | None = _CLI.scheduler, guidance: float | None = _CLI.guidance,
+          seed: int = _CLI.seed, height: int | None = _CLI.height, width: int | None = _CLI.width,
+          device: str = _CLI.device, verify: bool = _CLI.verify, lam=_CLI.lam) -> ParityReport:  # fmt: skip
     """Compare ``backend`` on ``engine`` with eager PyTorch through ``steps`` steps, both ways (backend None:
     each component as built, or ONNX Runtime for an export folder). lam: the strength both sides run at (a
     number or one per prompt; None: the export's default)."""

@@ -201,14 +201,14 @@ class Runtime:
         if steps < 1:
             raise ValueError(f"steps must be at least 1; got {steps}")
         guidance = family_record(family).default_guidance if guidance is None else float(guidance)
-        cfg = families.uses_cfg(family) and guidance > 1.0
-        if not cfg and negative_prompt:
+        use_cfg = families.uses_cfg(family) and guidance > 1.0
+        if not use_cfg and negative_prompt:
             raise ValueError("negative_prompt needs classifier-free guidance (guidance > 1, not FLUX)")
-        if cfg and self.engine.dim("cfg_batch")[2] < 2 * len(prompts):
+        if use_cfg and self.engine.dim("cfg_batch")[2] < 2 * len(prompts):
             raise ValueError(f"CFG doubles the batch to {2 * len(prompts)}, over the engine's maximum "
                              f"{self.engine.dim('cfg_batch')[2]}; use fewer prompts")  # fmt: skip
         negatives = None
-        if cfg:
+        if use_cfg:
             negatives = [negative_prompt or ""] * len(prompts) if isinstance(negative_prompt, str | None) \
                 else list(negative_prompt)  # fmt: skip
             if len(negatives) != len(prompts):
@@ -256,13 +256,13 @@ class Runtime:
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: dict, sched, s: Settings) -> torch.Tensor:
         """The guided noise prediction for ``latents`` at timestep ``t``."""
-        cfg = s.negatives is not None
-        x = torch.cat([latents] * 2) if cfg else latents
+        use_cfg = s.negatives is not None
+        x = torch.cat([latents] * 2) if use_cfg else latents
         if hasattr(sched, "scale_model_input"):  # flow-matching schedulers have no input scaling
             x = sched.scale_model_input(x, t)
         out = self.run(self.engine.denoiser, families.step_inputs(self, x, t, cond))
         noise = families.noise_prediction(self, next(iter(out.values())))
-        if not cfg:
+        if not use_cfg:
             return noise
         uncond, text = noise.chunk(2)
         guided = uncond + s.guidance * (text - uncond)
