@@ -140,9 +140,16 @@ def _suite_section(data: dict) -> list[str]:
         out += ["### Denoiser call (batch 2, CFG), fp32", ""]
         for name, case in _entries(res["denoiser"]).items():
             ratios = ", ".join(f"{k} = {v:.3f}" for k, v in case["ratios"].items())
-            out += [f"`{name}` U-Net at {case['image']}²:", "",
+            out += [f"`{name}` denoiser at {case['image']}²:", "",
                     _timing_table(case["summary_s"]), "", f"Ratios (medians): {ratios}.", ""]  # fmt: skip
-        out += [f"Machine: {_stamp(res['denoiser'])}.", ""]
+        out += [f"Machine: {_stamp(res['denoiser'])}.", "",
+                "Reading the rows: tiny models run in milliseconds, where the order of variants matters: ONNX "
+                "Runtime's worker threads keep spinning for a while after a call and slow whatever runs next "
+                "(each round runs torch stock, torch PLADIS, ORT stock, ORT PLADIS, so torch stock follows ORT "
+                "PLADIS), so their torch ratios say little; the full-size `sd15` row (seconds per call) is the "
+                "measurement. The ORT PLADIS / stock ratios of tiny-sd3 and tiny-flux are real: joint "
+                "attention's ONNX function body forms the (L x L) maps with ~40 standard ops per layer, which "
+                "dominates a denoiser this small.", ""]  # fmt: skip
     if "e2e" in res:
         out += ["### End to end (`generate`)", ""]
         for name, case in _entries(res["e2e"]).items():
