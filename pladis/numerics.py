@@ -6,6 +6,8 @@ docs/NUMERICS.md states the contract these numbers serve.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 DEFAULT_LAM = 2.0  # the paper's and the official code's `pladis_scale`
@@ -37,3 +39,17 @@ def capturing(device: torch.device) -> bool:
     if torch.compiler.is_compiling():
         return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def constant(value: float, shape: tuple[int, ...], device) -> torch.Tensor:
+    """A float32 tensor of ``shape`` filled with ``value`` on ``device``: one cached tensor per (value, shape,
+    device), never written to, so a layer call allocates nothing; a fresh one while ``capturing``."""
+    device = torch.device(device)
+    if capturing(device):
+        return torch.full(shape, float(value), dtype=torch.float32, device=device)
+    return _cached_constant(float(value), tuple(shape), device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(value: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.full(shape, value, dtype=torch.float32, device=device)

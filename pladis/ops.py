@@ -15,7 +15,6 @@ solve are computed in float32 for fp16/bf16/fp32 inputs (float64 for float64); t
 the value dtype only for the final ``A V``.
 """
 
-import functools
 import math
 from typing import Optional
 
@@ -29,7 +28,7 @@ from pladis.numerics import (  # noqa: F401 - re-exported: the op's constants, o
     LAM_RANGE,
     MASKED,
     NEWTON_STEPS,
-    capturing,
+    constant,
     newton_steps,
 )
 
@@ -577,14 +576,7 @@ def _lam_tensor(lam: float | Tensor, q: Tensor) -> Tensor:
     value and device: no allocation and fill per layer call; never written to)."""
     if isinstance(lam, Tensor):
         return lam.to(device=q.device, dtype=torch.float32)
-    if capturing(q.device):  # a fill recorded in a CUDA graph runs only on replay: never cache its result
-        return torch.full((1,), float(lam), dtype=torch.float32, device=q.device)
-    return _constant(float(lam), q.device)
-
-
-@functools.lru_cache(maxsize=64)
-def _constant(value: float, device: torch.device) -> Tensor:
-    return torch.full((1,), value, dtype=torch.float32, device=device)
+    return constant(float(lam), (1,), q.device)
 
 
 def check_params(lam: float | Tensor, alpha: float) -> None:

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pladis.numerics import MASKED, capturing, newton_steps
+from pladis.numerics import MASKED, constant, newton_steps
 
 MAX_KEYS = 512  # one tile holds the whole key row; longer rows (joint attention) use the PyTorch operator
 MAX_HEAD_DIM = 256
@@ -309,7 +309,7 @@ def supported(q, k, v, attn_mask, alpha: float, text_len: int) -> bool:
 def _lam_tensor(lam, batch: int, device) -> torch.Tensor:
     """lam as the kernel reads it: float32 (B,) or (1,) on q's device, from a float or such a tensor."""
     if not isinstance(lam, torch.Tensor):
-        return torch.full((1,), float(lam), dtype=torch.float32, device=device)
+        return constant(float(lam), (1,), device)
     lam = lam.to(device=device, dtype=torch.float32).reshape(-1).contiguous()
     if lam.numel() not in (1, batch):
         raise ValueError(f"lam must hold 1 or B={batch} values (one per batch sample); got shape {tuple(lam.shape)}")
@@ -319,19 +319,12 @@ def _lam_tensor(lam, batch: int, device) -> torch.Tensor:
 def _mask4(attn_mask, b: int, h: int, lq: int, lk: int, device) -> torch.Tensor:
     """The mask as the kernel reads it: additive, rank 4, each dim 1 or the full size, contiguous."""
     if attn_mask is None:
-        device = torch.device(device)
-        return torch.zeros((1, 1, 1, 1), device=device) if capturing(device) else _no_mask(device)
+        return constant(0.0, (1, 1, 1, 1), device)
     if attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros((), device=device).masked_fill(~attn_mask, float("-inf"))
     m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     full = (b, h, lq, lk)
     return m.expand(*(1 if m.shape[i] == 1 else full[i] for i in range(4))).contiguous()
-
-
-@functools.lru_cache(maxsize=16)
-def _no_mask(device: torch.device) -> torch.Tensor:
-    """The (1, 1, 1, 1) zero mask the kernel reads when there is none: one per device, never written to."""
-    return torch.zeros((1, 1, 1, 1), device=device)
 
 
 def attention(q, k, v, attn_mask, lam, alpha: float, scale: float) -> torch.Tensor:
