@@ -20,6 +20,7 @@ Cases, each comparing its variants interleaved in one process on the same inputs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -139,6 +140,11 @@ def _graphed(fn):
     return replay
 
 
+def _error_line(e: Exception, limit: int = 300) -> str:
+    """An exception as one line for the results: its type and the first line of its message."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:limit]}"
+
+
 def _runnable(variants: dict) -> tuple[dict, dict]:
     """The variants whose first call succeeds, and {name: error} for the others (a compiler that fails on
     one device should cost its row, not the whole suite)."""
@@ -148,7 +154,7 @@ def _runnable(variants: dict) -> tuple[dict, dict]:
             fn()
             ok[name] = fn
         except Exception as e:  # noqa: BLE001 - recorded in the results
-            failed[name] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            failed[name] = _error_line(e)
     return ok, failed
 
 
@@ -222,7 +228,10 @@ def _unet_step(shape: tuple[int, int, int], repeats: int, device: str) -> dict:
     patched = dict(unet.attn_processors)
 
     def forward(no_kernel: bool = False):
-        with torch.no_grad(), mock.patch.object(kernel, "supported", lambda *a: False) if no_kernel else _null():
+        with (
+            torch.no_grad(),
+            mock.patch.object(kernel, "supported", lambda *a: False) if no_kernel else contextlib.nullcontext(),
+        ):
             return unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
 
     # name: (processors to set before the call or None, the call returning the output)
@@ -239,7 +248,7 @@ def _unet_step(shape: tuple[int, int, int], repeats: int, device: str) -> dict:
                 static_out = forward()
             variants[name] = (None, lambda graph=graph, out=static_out: graph.replay() or out)
         except Exception as e:  # noqa: BLE001 - recorded in the results
-            failed[name] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            failed[name] = _error_line(e)
     samples: dict[str, list[float]] = {name: [] for name in variants}
     outs = {}
     for round_ in range(2 + max(5, repeats // 2)):  # 2 warm-up rounds, then timed rounds, variants interleaved
@@ -312,18 +321,12 @@ def _kernel_tiles(shape, device: str) -> dict:
                 errors[name] = ((out.double() - ref).norm() / ref.norm()).item()
                 rows[name] = _graphed(call)
             except Exception as e:  # noqa: BLE001 - a tile that does not compile or fit is a result too
-                errors[name] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                errors[name] = _error_line(e, 200)
     rows, failed = _runnable(rows)
     samples = harness.interleaved(rows, warmup=2, repeats=20, timer=_timer(device))
     summary = {name: harness.summary(x) for name, x in samples.items()}
     return {"shape": [b, h, lq, lk, d], "dtype": "float16", "summary_s": summary, "ratios": _ratios(summary),
             "rel_l2": errors, **({"failed": failed} if failed else {})}  # fmt: skip
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _timer(device: str):
