@@ -2,8 +2,11 @@
 
 Cases (CPU; the machine is recorded with the results):
 - ``denoiser``: the ``small-sd15`` U-Net (SD 1.5 layout, 92 M parameters) at 256², batch 2 (CFG), fp32:
-  eager PyTorch and ONNX Runtime (CPU provider), stock attention and PLADIS, interleaved. The export
-  contract's target: ORT with PLADIS function bodies at most 1.25x ORT stock.
+  eager PyTorch, ONNX Runtime (CPU provider) and AOTInductor engines (``pladis build --backend aoti``),
+  stock attention and PLADIS, interleaved. Targets (issue 15): PLADIS / stock at most 1.10 for torch and
+  AOTI, 1.15 for ORT.
+- ``aoti-shapes``: the same U-Net through AOTInductor with dynamic and with static shapes, stock and
+  PLADIS (the op kept a call, or traced into), interleaved: why dynamic-shape builds keep the op a call.
 - ``sdxl-fp16``: ``pladis export --model sdxl --precision fp16`` (no validation) in a child process:
   wall time and peak RSS, the check that full-size SDXL exports on a 24 GB machine.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -24,12 +28,12 @@ def denoiser_case(repeats: int) -> dict:
     """The suite's denoiser comparison on ``small-sd15`` at 256², with the export contract's target."""
     from pladis.bench import suite
 
-    out = suite._denoiser("small-sd15", 256, repeats, "cpu")
+    out = suite._denoiser("small-sd15", 256, repeats, "cpu", aoti=True)
     return {
         "model": "small-sd15",
         "threads": torch.get_num_threads(),
         **out,
-        "target": "ORT PLADIS / ORT stock <= 1.25",
+        "target": "PLADIS / stock <= 1.10 for torch and AOTI, <= 1.15 for ORT (issue 15)",
     }
 
 
@@ -44,7 +48,58 @@ def sdxl_fp16_case() -> dict:
     return out
 
 
-CASES = {"denoiser": denoiser_case, "sdxl-fp16": sdxl_fp16_case}
+def aoti_shapes_case(repeats: int, name: str = "small-sd15", size: int = 256) -> dict:
+    """The ``small-sd15`` U-Net (256², batch 2, fp32) compiled by AOTInductor with the dynamic shapes
+    ``pladis build --backend aoti`` uses and with static ones: stock, PLADIS with the op kept a call, and
+    PLADIS with the compiler tracing into the op (``ops.fused_form``), interleaved. The evidence for the
+    rule in ``ops`` that symbolic sizes keep the op. About 25 minutes on 2 cores (five builds)."""
+    import pladis
+    from pladis import families, models, ops, patch
+    from pladis.export import contracts
+
+    def component(patched: bool):
+        pipe = models.load(name)
+        if patched:
+            pladis.apply(pipe)
+        family = patch.family_of(patch.denoiser_of(pipe)).name
+        dims = contracts.dims(pipe, family, height=size, width=size, batch=1, static=False)
+        comp = next(c for c in contracts.components(pipe, family) if c.name == families.get(family).component)
+        return comp, dims
+
+    variants, build_s = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, patched, shapes, trace_in in (("stock, dynamic", False, "dynamic", False),
+                                                 ("PLADIS op call, dynamic", True, "dynamic", False),
+                                                 ("PLADIS fused, dynamic", True, "dynamic", True),
+                                                 ("stock, static", False, "static", False),
+                                                 ("PLADIS fused, static", True, "static", True)):  # fmt: skip
+            comp, dims = component(patched)
+            samples = tuple(contracts.sample_inputs(comp, dims, torch.float32))
+            axes = contracts.dynamic_axes(comp, dims)
+            dynamic = {"args": tuple({a: torch.export.Dim.AUTO for a in axes.get(i.name, {})} for i in comp.inputs)}
+            t0 = time.perf_counter()
+            ops._FUSION["symbolic"] = trace_in
+            try:
+                with torch.no_grad():
+                    program = torch.export.export(contracts.Traced(comp).eval(), samples,
+                                                  dynamic_shapes=dynamic if shapes == "dynamic" else None)  # fmt: skip
+                    path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/{len(variants)}.pt2")
+            finally:
+                ops._FUSION["symbolic"] = False
+            build_s[label] = round(time.perf_counter() - t0, 1)
+            print(f"{label}: built in {build_s[label]:.0f} s", flush=True)
+            model = torch._inductor.aoti_load_package(path)
+            variants[label] = lambda model=model, samples=samples: model(*samples)
+        with torch.no_grad():
+            samples = harness.interleaved(variants, warmup=2, repeats=repeats)
+    med = {k: harness.summary(v)["median"] for k, v in samples.items()}
+    return {"model": name, "image": size, "cfg_batch": 2, "threads": torch.get_num_threads(),
+            "build_s": build_s, "summary_s": {k: harness.summary(v) for k, v in samples.items()},
+            "ratios": {f"{k} / stock, {k.rsplit(', ', 1)[1]}": med[k] / med[f"stock, {k.rsplit(', ', 1)[1]}"]
+                       for k in med if k.startswith("PLADIS")}}  # fmt: skip
+
+
+CASES = {"denoiser": denoiser_case, "sdxl-fp16": sdxl_fp16_case, "aoti-shapes": aoti_shapes_case}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = harness.chosen_cases(parser, args.cases, CASES)
     results = {}
     for case in cases:  # cases run one after the other, never side by side: each gets the whole machine
-        results[case] = CASES[case](args.repeats) if case == "denoiser" else CASES[case]()
-        if case == "denoiser":
+        results[case] = CASES[case](args.repeats) if case in ("denoiser", "aoti-shapes") else CASES[case]()
+        if case in ("denoiser", "aoti-shapes"):
             rows = [[k, f"{v['median']:.3f}", f"{v['min']:.3f}", f"{v['max']:.3f}"]
                     for k, v in results[case]["summary_s"].items()]  # fmt: skip
             print(harness.markdown_table(["variant", "median s", "min s", "max s"], rows))  # seconds

@@ -51,8 +51,35 @@ def _export_section(data: dict) -> list[str]:
             "",
             markdown_table(["ratio (medians)", "value"], [[k, f"{v:.3f}"] for k, v in den["ratios"].items()]),
             "",
+            *(
+                [
+                    "AOTInductor engine builds (`pladis build --backend aoti`, dynamic shapes): "
+                    + ", ".join(f"{k} {v:.0f} s" for k, v in den["aoti_build_s"].items())
+                    + ".",
+                    "",
+                ]
+                if den.get("aoti_build_s")
+                else []
+            ),
             f"Target: {den['target']}. Reproduce: `make bench-export` (or "
             "`python -m pladis.bench.export_bench --cases denoiser`).",
+            "",
+        ]
+    shapes = data["results"].get("aoti-shapes")
+    if shapes:
+        out += [
+            f"AOTInductor, dynamic vs static shapes: `{shapes['model']}` U-Net at {shapes['image']}², batch "
+            f'{shapes["cfg_batch"]}, fp32, {shapes["threads"]} threads, interleaved. "op call": the compiled '
+            'model calls `pladis::attention` (its fast path); "fused": the compiler traced into the op '
+            f"(`ops.fused_form`). Machine: {_stamp(shapes)}.",
+            "",
+            _timing_table(shapes["summary_s"]),
+            "",
+            markdown_table(["ratio (medians)", "value"], [[k, f"{v:.3f}"] for k, v in shapes["ratios"].items()]),
+            "",
+            "Builds: " + ", ".join(f"{k} {v:.0f} s" for k, v in shapes["build_s"].items()) + ". Hence the rule in "
+            "`pladis/ops.py`: compilers trace into the op for static shapes only. Reproduce: "
+            "`python -m pladis.bench.export_bench --cases aoti-shapes`.",
             "",
         ]
     sdxl = data["results"].get("sdxl-fp16")
@@ -113,9 +140,11 @@ def _targets(res: dict) -> list[str]:
             "logits (softmax, 3-4 Newton steps, the closed form, the blend), each a short parallel region; "
             "SDPA is one fused kernel. On a quiet machine that costs 2.7-3.1x SDPA at one or two threads; on a "
             "loaded one other processes stall every region's barrier (an earlier run at 1-minute load 3.75 on "
-            "these 2 cores measured 9-44x at two threads): compare the load average beside each row. Inductor "
-            "fusion (`ops.inductor_fusion()`, opt-in) cuts the passes, but its generated row reductions still "
-            "read the logits once per Newton step: 1.8-2.6x SDPA, around the 2x target.", ""]  # fmt: skip
+            "these 2 cores measured 9-44x at two threads): compare the load average beside each row. Under "
+            "torch.compile Inductor fuses the op's tensor code (`ops.fused_form`) into one kernel, but that "
+            "kernel still loops over all rows once per pass (softmax, each Newton step, the closed form), "
+            "reading the whole logits tensor from memory each time where the eager op's tiles stay in cache: "
+            "1.8-2.6x SDPA, around the 2x target.", ""]  # fmt: skip
 
 
 def _suite_section(data: dict) -> list[str]:

@@ -60,20 +60,9 @@ def operator_case(repeats: int, device: str) -> dict:
 
 
 def _compiled_fused(fn):
-    """``fn`` under torch.compile with Inductor fusing the op (``ops.inductor_fusion``), compiled on first use
-    (Inductor fixes the thread count of its kernels when it compiles them)."""
-    from pladis import ops
-
-    compiled = torch.compile(fn, fullgraph=True)
-
-    def run():
-        ops.inductor_fusion(True)
-        try:
-            return compiled()
-        finally:
-            ops.inductor_fusion(False)
-
-    return run
+    """``fn`` under torch.compile, where Inductor fuses the op's tensor code (``ops.fused_form``), compiled on
+    first use (Inductor fixes the thread count of its kernels when it compiles them)."""
+    return torch.compile(fn, fullgraph=True)
 
 
 def _load() -> dict:
@@ -340,7 +329,10 @@ def denoiser_case(repeats: int, device: str) -> dict:
     return {name: _denoiser(name, size, repeats, device) for name, size in DENOISER_MODELS.items()}
 
 
-def _denoiser(name: str, size: int, repeats: int, device: str) -> dict:
+def _denoiser(name: str, size: int, repeats: int, device: str, aoti: bool = False) -> dict:
+    """One denoiser call (batch 2, CFG, fp32), stock vs PLADIS: eager torch and ORT engines, and with ``aoti``
+    also AOTInductor engines made by ``pladis build --backend aoti`` (about 2 minutes each for small-sd15 on
+    2 cores), all interleaved."""
     import pladis
     from pladis import families, models, patch
     from pladis.export import ExportConfig, contracts, export
@@ -365,10 +357,19 @@ def _denoiser(name: str, size: int, repeats: int, device: str) -> dict:
         inputs = dict(zip([i.name for i in comp.inputs], tensors, strict=True))
         # lam is a runtime input of the PLADIS graph: the default strength for every sample
         inputs_p = {**inputs, "pladis_scale": torch.full((dims["cfg_batch"][1],), 2.0)}
-        ort = {}
+        ort, compiled, build_s = {}, {}, {}
         for lam in (0.0, 2.0):
             ort[lam] = OrtBackend(open_engine(f"{tmp}/{lam}"), component, device)
             ort[lam].load()
+            if aoti:
+                from pladis.engine import BuildConfig, build
+                from pladis.runtime.backends import AotiBackend
+
+                meta = build(BuildConfig(onnx=f"{tmp}/{lam}", out=f"{tmp}/{lam}-aoti", backend="aoti",
+                                         device=device, cache_dir=f"{tmp}/cache"))  # fmt: skip
+                build_s["PLADIS" if lam else "stock"] = meta["build_seconds"]
+                compiled[lam] = AotiBackend(open_engine(f"{tmp}/{lam}-aoti"), component, device)
+                compiled[lam].load()
 
         def eager(model, c, x):
             def run():
@@ -380,16 +381,18 @@ def _denoiser(name: str, size: int, repeats: int, device: str) -> dict:
         variants = {"torch stock": eager(stock, comp, inputs), "torch PLADIS": eager(patched, comp_p, inputs_p),
                     "ORT stock": lambda: ort[0.0].run(inputs),
                     "ORT PLADIS": lambda: ort[2.0].run(inputs_p)}  # fmt: skip
+        if aoti:
+            variants |= {"AOTI stock": lambda: compiled[0.0].run(inputs),
+                         "AOTI PLADIS": lambda: compiled[2.0].run(inputs_p)}  # fmt: skip
         # tiny models run in milliseconds, where scheduling noise dominates: more rounds for them
         rounds = repeats if size >= 256 else max(repeats, 30)
         samples = harness.interleaved(variants, warmup=3, repeats=rounds, timer=_timer(device))
     med = {k: harness.summary(v)["median"] for k, v in samples.items()}
-    return {"image": size, "cfg_batch": dims["cfg_batch"][1],
+    pairs = [("torch PLADIS", "torch stock"), ("ORT PLADIS", "ORT stock"), ("AOTI PLADIS", "AOTI stock"),
+             ("ORT stock", "torch stock"), ("ORT PLADIS", "torch PLADIS"), ("AOTI stock", "torch stock")]  # fmt: skip
+    return {"image": size, "cfg_batch": dims["cfg_batch"][1], **({"aoti_build_s": build_s} if aoti else {}),
             "summary_s": {k: harness.summary(v) for k, v in samples.items()},
-            "ratios": {"torch PLADIS / torch stock": med["torch PLADIS"] / med["torch stock"],
-                       "ORT PLADIS / ORT stock": med["ORT PLADIS"] / med["ORT stock"],
-                       "ORT stock / torch stock": med["ORT stock"] / med["torch stock"],
-                       "ORT PLADIS / torch PLADIS": med["ORT PLADIS"] / med["torch PLADIS"]}}  # fmt: skip
+            "ratios": {f"{a} / {b}": med[a] / med[b] for a, b in pairs if a in med and b in med}}  # fmt: skip
 
 
 def e2e_case(repeats: int, device: str) -> dict:

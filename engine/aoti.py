@@ -1,11 +1,12 @@
 """AOTInductor engines: the PLADIS-patched denoiser through ``torch.export`` (``pladis::attention`` stays one
 node) and ``torch._inductor.aoti_compile_and_package`` into a ``.pt2``; the other components as ONNX
-Runtime engines. On a CPU the op compiles to its PyTorch implementation; on a GPU the CUDA kernel
-registered for the op (``pladis/kernels``) is what Inductor calls.
+Runtime engines. The build's shapes are dynamic, so the op stays a call (its fast path on a CPU, the
+Triton kernel on a GPU); compilers trace into it only for static shapes (``ops.inductor_fusion``).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -35,8 +36,12 @@ def build(src, dims, precision, cfg, folder: Path) -> dict:
     axes = contracts.dynamic_axes(comp, dims)
     dynamic = {"args": tuple({a: torch.export.Dim.AUTO for a in axes.get(i.name, {})} for i in comp.inputs)}
     with torch.no_grad():
+        t0 = time.perf_counter()
+        print(f"aoti: torch.export of {denoiser} ...", flush=True)
         program = torch.export.export(contracts.Traced(comp).eval(), tuple(samples), dynamic_shapes=dynamic)
+        print(f"aoti: compiling {denoiser} with AOTInductor (minutes on a CPU) ...", flush=True)
         path = torch._inductor.aoti_compile_and_package(program, package_path=str(folder / f"{denoiser}.pt2"))
+        print(f"aoti: {denoiser} compiled in {time.perf_counter() - t0:.0f} s", flush=True)
     out = {n: ort.build_component(src, n, "cpu" if cfg.device == "cpu" else cfg.device, cfg.opt_level, folder)
            for n in src.manifest.components if n != denoiser}  # fmt: skip
     out[denoiser] = {"file": Path(path).name, "kind": "aoti", "device": cfg.device, "dtype": str(dtype)}

@@ -222,17 +222,17 @@ def function_proto(
         s = b.op("Max", b.op("Add", s, b.op("Cast", "mask", to=f32)), b.const(_MASKED))
     dense = b.op("Softmax", s, axis=-1)
     lam = b.op("Reshape", "lam", b.const([-1, 1, 1, 1], np.int64))  # (B,) or (1,) -> against (B, H, Lq, Lk)
-    one_minus_lam = b.op("Sub", b.const(1.0), lam)
+    steps = newton_steps(alpha, max_keys)
     if joint is None:  # P = (1 - lam) dense + lam c u
-        u, c = _entmax(b, s, alpha, newton_steps(alpha, max_keys))
+        u, c = _entmax(b, s, alpha, steps)
+        one_minus_lam = b.op("Sub", b.const(1.0), lam)
         p = b.op("Add", b.op("Mul", dense, one_minus_lam), b.op("Mul", u, b.op("Mul", lam, b.const(c))))
+        out = b.op("MatMul", b.op("CastLike", p, "v"), "v")
     else:
-        steps = newton_steps(alpha, max_keys)
-        p = _joint_map(b, s, dense, lam, one_minus_lam, alpha, steps, text_first=joint == "text-first")
+        out = _joint_out(b, s, dense, lam, alpha, steps, text_first=joint == "text-first")
     if masked:  # a row whose keys are all masked gives zeros, as the PyTorch operator does
         row_has_keys = b.op("Greater", b.reduce("ReduceMax", s), b.const(_MASKED / 10))
-        p = b.op("Mul", p, b.op("Cast", row_has_keys, to=f32))
-    out = b.op("MatMul", b.op("CastLike", p, "v"), "v")
+        out = b.op("Mul", out, b.op("CastLike", row_has_keys, "v"))
     b.nodes.append(helper.make_node("Identity", [out], ["out"]))
     return helper.make_function(
         DOMAIN, OP_TYPE, inputs=["q", "k", "v", "mask", "lam"], outputs=["out"], nodes=b.nodes,
@@ -241,31 +241,35 @@ def function_proto(
     )  # fmt: skip
 
 
-def _joint_map(
-    b: _Body, s: str, dense: str, lam: str, one_minus_lam: str, alpha: float, steps: int, text_first: bool
-) -> str:
-    """Joint attention: image-query rows x text-key columns get PLADIS with their dense mass kept."""
+def _joint_out(b: _Body, s: str, dense: str, lam: str, alpha: float, steps: int, text_first: bool) -> str:
+    """Joint attention as dense attention plus a correction on the image-query x text-key block only:
+    ``out = P V``, then on image rows ``+= lam (m c u - P_t) V_t`` (in float32), with ``P_t`` the dense
+    weights of the text keys, ``m = sum P_t`` their mass and ``c u`` the entmax of the block's logits. Text
+    rows keep dense attention. No (L x L) map beyond the softmax's; Newton runs on (L - T) x T logits."""
     t = b.op("Reshape", b.attr_const("text_len", "int"), b.const([1], np.int64))
-    last, big = b.const([-1], np.int64), b.const([2**62], np.int64)
-    zero = b.const([0], np.int64)
-    neg_t = b.op("Neg", t)
-    # text columns, and the others, along the key axis
-    t_from, t_to, o_from, o_to = (zero, t, t, big) if text_first else (neg_t, big, zero, neg_t)
-    s_t = b.op("Slice", s, t_from, t_to, last)
-    d_t = b.op("Slice", dense, t_from, t_to, last)
-    d_other = b.op("Slice", dense, o_from, o_to, last)
-    mass = b.reduce("ReduceSum", d_t)
-    u, c = _entmax(b, s_t, alpha, steps)  # block = (1 - lam) d_t + lam m c u
-    block = b.op(
-        "Add", b.op("Mul", d_t, one_minus_lam), b.op("Mul", u, b.op("Mul", mass, b.op("Mul", lam, b.const(c))))
-    )
-    # text-query rows keep the dense map: row index < t (text first) or >= L - t (text last)
-    length = b.op("Gather", b.op("Shape", s), b.const(-2, np.int64))
-    rows = b.op("Unsqueeze", b.op("Range", b.const(0, np.int64), length, b.const(1, np.int64)), last)
-    t0 = b.op("Squeeze", t, zero)
-    is_text_row = b.op("Less", rows, t0) if text_first else b.op("GreaterOrEqual", rows, b.op("Sub", length, t0))
-    new_t = b.op("Where", is_text_row, d_t, block)
-    return b.op("Concat", new_t, d_other, axis=-1) if text_first else b.op("Concat", d_other, new_t, axis=-1)
+    big, zero, neg_t = b.const([2**62], np.int64), b.const([0], np.int64), b.op("Neg", t)
+    # [from, to) of the text and image tokens, on the key axis of s and the row axis of the output
+    text, image = ((zero, t), (t, big)) if text_first else ((neg_t, big), (zero, neg_t))
+    both = b.const([-2, -1], np.int64)
+
+    def block(x: str) -> str:  # image rows x text columns
+        return b.op("Slice", x, b.op("Concat", image[0], text[0], axis=0), b.op("Concat", image[1], text[1], axis=0),
+                    both)  # fmt: skip
+
+    def rows(x: str, span: tuple[str, str]) -> str:
+        return b.op("Slice", x, span[0], span[1], b.const([-2], np.int64))
+
+    p_t = block(dense)
+    u, c = _entmax(b, block(s), alpha, steps)
+    mass_c = b.op("Mul", b.reduce("ReduceSum", p_t), b.const(c))
+    corr = b.op("Mul", b.op("Sub", b.op("Mul", u, mass_c), p_t), lam)  # lam (m c u - P_t)
+    f32 = TensorProto.FLOAT
+    out = b.op("MatMul", b.op("CastLike", dense, "v"), "v")
+    v_t = rows(b.op("Cast", "v", to=f32), text)
+    out_image = b.op("Add", b.op("Cast", rows(out, image), to=f32), b.op("MatMul", corr, v_t))
+    out_image = b.op("CastLike", out_image, "v")
+    out_text = rows(out, text)
+    return b.op("Concat", *((out_text, out_image) if text_first else (out_image, out_text)), axis=-2)
 
 
 # --------------------------------------------------------------------------------------------------

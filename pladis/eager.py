@@ -22,7 +22,9 @@ def eager_components(folder: str, device: str) -> dict:
     pipe = sources.load_recorded(dict(m.model), seed=m.seed, dtype=PRECISIONS[m.precision])
     if m.pladis.patched:
         pladis.apply(pipe, lam=m.pladis.lam, alpha=m.pladis.alpha, layers=m.pladis.layer_selection)
-    comps = {c.name: c for c in contracts.components(pipe, patch.family_of(patch.denoiser_of(pipe)).name)}
+    family = patch.family_of(patch.denoiser_of(pipe)).name
+    # the components the export holds (``pladis export --components`` may have written a subset)
+    comps = {c.name: c for c in contracts.components(pipe, family) if c.name in m.components}
     for name, comp in comps.items():  # each component in the dtype it was exported in
         comp.module.to(device=device, dtype=getattr(torch, m.components[name].dtype))
     return comps

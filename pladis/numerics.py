@@ -35,8 +35,11 @@ def newton_steps(alpha: float, max_keys: int | None = None) -> int:
 
 def capturing(device: torch.device) -> bool:
     """Whether tensors made now must not be cached: the current CUDA stream is capturing a graph (they are
-    filled on replay), or torch.compile is tracing (they become graph values)."""
-    if torch.compiler.is_compiling():
+    filled on replay), or torch.compile, torch.export or AOTInductor is tracing (they become graph values:
+    a dispatch mode such as FakeTensorMode or FunctionalTensorMode is active)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 

@@ -474,8 +474,7 @@ def fused_form(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
     attention (whose op avoids the (L x L) map), CUDA tensors when the fused Triton kernel serves them.
 
     The math of ``fast_attention`` without its Python tiling (Inductor fuses the passes instead):
-    q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> (B, H, Lq, Dv) in q's dtype. torch.export and the
-    ONNX exporters do not use Inductor's decomposition table, so they still see one node.
+    q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> (B, H, Lq, Dv) in q's dtype.
     """
     if text_len != 0 or not fast_path_applies(q.dtype, alpha) or (q.is_cuda and _CUDA_KERNEL):
         return NotImplemented
@@ -488,21 +487,69 @@ def fused_form(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
     return torch.matmul(p.to(v.dtype), v)
 
 
-def inductor_fusion(enabled: bool = True) -> None:
-    """Opt in (or back out) of Inductor fusing the op: with it, torch.compile and AOTInductor replace
-    ``pladis::attention`` by ``fused_form`` (plain tensor code) where that applies; torch.export and the
-    ONNX exporters still see one node. Off by default: it also changes what AOTInductor engines compile,
-    not yet verified end to end; speed on the measured CPU is in docs/PERFORMANCE.md."""
-    from torch._inductor.decomposition import decompositions, register_decomposition
-    from torch._inductor.lowering import lowerings, make_fallback
+# Compiled paths trace into the op: AOTDispatcher (torch.compile, AOTInductor) runs under
+# FunctionalTensorMode, where the rule below replaces the op by ``fused_form`` or the traced kernel.
+# torch.export switches that decomposition off (the switch triton_op uses), so exported programs and the
+# ONNX exporters keep one node.
+_FUSION = {"enabled": True, "symbolic": False}  # symbolic: trace in for symbolic sizes too (benchmarks only)
 
-    op = torch.ops.pladis.attention.default
-    if enabled:
-        register_decomposition(op)(fused_form)
-        if op not in lowerings:  # where fused_form declines, the op stays and Inductor calls it as it is
-            make_fallback(op, warn=False, override_decomp=True)
-    else:
-        decompositions.pop(op, None)
+
+def inductor_fusion(enabled: bool = True) -> None:
+    """Whether torch.compile and AOTInductor trace into ``pladis::attention`` for static shapes (the default:
+    ``fused_form`` on a CPU, the Triton kernel on CUDA) or call the op as an opaque kernel
+    (``enabled=False``). torch.export and the ONNX exporters see one node either way. Needs torch >= 2.6
+    (``torch._functorch.config.decompose_custom_triton_ops``); older versions keep the op opaque."""
+    _FUSION["enabled"] = bool(enabled)
+
+
+def _decompose_in_compiled_graphs(mode, op, types, args, kwargs):
+    """FunctionalTensorMode rule of ``pladis::attention``: while AOTDispatcher traces for a compiler, the op's
+    tensor code (``fused_form``) or its Triton kernel, for static shapes; the op itself under torch.export,
+    for symbolic sizes, and where neither applies.
+
+    Symbolic sizes keep the op because that measured faster: a dynamic-shape AOTInductor build of the
+    small-sd15 U-Net ran 1.73x stock with the fused form and 1.09x with the op (docs/PERFORMANCE.md); its
+    static build 1.09x fused. The Triton kernel's launch configuration needs numbers too."""
+    from torch._subclasses import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    plain = all(issubclass(t, FakeTensor) or t in (Tensor, FunctionalTensor) for t in types)
+    q, k, v, attn_mask = args[:4]
+    sizes = (*q.shape, *k.shape, *v.shape, *(() if attn_mask is None else attn_mask.shape))
+    static = all(isinstance(n, int) for n in sizes) or _FUSION["symbolic"]
+    if _FUSION["enabled"] and plain and static and torch._functorch.config.decompose_custom_triton_ops:
+        with mode:
+            out = fused_form(*args, **kwargs)
+            if out is NotImplemented:
+                out = _traced_kernel(*args, **kwargs)
+        if out is not NotImplemented:
+            return out
+    return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+def _traced_kernel(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
+    """The Triton kernel launched through ``wrap_triton`` (what a triton_op does), where it serves the call;
+    else ``NotImplemented`` (the op stays a call: joint attention, keys past 512, other alpha)."""
+    if not (q.is_cuda and _CUDA_KERNEL and hasattr(torch.library, "wrap_triton")):  # torch >= 2.6
+        return NotImplemented
+    from pladis.kernels import attention as kernel
+
+    if not kernel.supported(q, k, v, attn_mask, alpha, text_len):
+        return NotImplemented
+    return kernel.attention(q, k, v, attn_mask, lam, alpha, scale, traced=True)
+
+
+def _register_fusion() -> bool:
+    import torch._functorch.config
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    if not hasattr(torch._functorch.config, "decompose_custom_triton_ops"):
+        return False
+    attention_op.register_torch_dispatch(FunctionalTensorMode, _decompose_in_compiled_graphs)
+    return True
+
+
+_FUSES = _register_fusion()
 
 
 def _register_cuda_kernel() -> bool:

@@ -1,4 +1,5 @@
-"""The ``pladis::attention`` custom op: registration checks, one node under torch.export and torch.compile."""
+"""The ``pladis::attention`` custom op: registration checks, one node under torch.export, fused tensor code
+under torch.compile."""
 
 import pytest
 import tolerances
@@ -59,45 +60,70 @@ def test_torch_export_keeps_one_node_with_dynamic_shapes():
     assert torch.equal(ep.module()(q2, k2, v2), pladis.attention(q2, k2, v2))
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph_without_fusion_calls_the_op():
     q, k, v, *_ = _args()
-    compiled = torch.compile(_Cross(), backend="aot_eager", fullgraph=True)
-    # aot_eager runs the same eager kernels after tracing through the fake twin: identical results.
-    assert torch.equal(compiled(q, k, v), pladis.attention(q, k, v))
-
-
-def test_inductor_fusion_opt_in_fuses_under_compile_and_keeps_one_export_node(monkeypatch):
-    q, k, v, m, lam, *_ = _args(mask=True)
-    calls = []
-    eager = ops.fast_attention
-    monkeypatch.setattr(ops, "fast_attention", lambda *a: calls.append(1) or eager(*a))
-    expected = pladis.attention(q.double(), k.double(), v.double(), attn_mask=m, lam=lam)
-    ops.inductor_fusion(True)
+    ops.inductor_fusion(False)
     try:
         torch._dynamo.reset()
-        fn = torch.compile(lambda q, k, v, m, lam: pladis.attention(q, k, v, attn_mask=m, lam=lam), fullgraph=True)
-        out = fn(q, k, v, m, lam)
-        assert calls == []  # Inductor ran the fused tensor code, not the op
-        # float32 vs float64 on O(1) scores: as test_ops.TOL_FP32
-        torch.testing.assert_close(out.double(), expected, rtol=tolerances.FP32, atol=tolerances.FP32)
-        ep = torch.export.export(_Cross(), (q, k, v))
-        assert [str(n.target) for n in _pladis_nodes(ep.graph)] == ["pladis.attention.default"]
+        compiled = torch.compile(_Cross(), backend="aot_eager", fullgraph=True)
+        # aot_eager runs the same eager kernels after tracing through the fake twin: identical results.
+        assert torch.equal(compiled(q, k, v), pladis.attention(q, k, v))
     finally:
-        ops.inductor_fusion(False)
+        ops.inductor_fusion(True)
         torch._dynamo.reset()
 
 
-def test_inductor_fusion_keeps_the_op_where_the_fused_form_declines():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_graphs_trace_into_the_op_and_export_keeps_one_node(eager_op_calls, backend):
+    q, k, v, m, lam, *_ = _args(mask=True)
+    expected = pladis.attention(q.double(), k.double(), v.double(), attn_mask=m, lam=lam)
+    torch._dynamo.reset()
+    try:
+        fn = torch.compile(lambda q, k, v, m, lam: pladis.attention(q, k, v, attn_mask=m, lam=lam), backend=backend,
+                           fullgraph=True)  # fmt: skip
+        out = fn(q, k, v, m, lam)
+    finally:
+        torch._dynamo.reset()
+    assert eager_op_calls == []  # the compiled graph holds the fused tensor code, not a call of the op
+    # float32 vs float64 on O(1) scores: as test_ops.TOL_FP32
+    torch.testing.assert_close(out.double(), expected, rtol=tolerances.FP32, atol=tolerances.FP32)
+    ep = torch.export.export(_Cross(), (q, k, v))
+    assert [str(n.target) for n in _pladis_nodes(ep.graph)] == ["pladis.attention.default"]
+    ep = ep.run_decompositions()  # the core ATen decompositions too
+    assert [str(n.target) for n in _pladis_nodes(ep.graph)] == ["pladis.attention.default"]
+
+
+def test_compiled_graphs_keep_the_op_where_the_fused_form_declines():
     # joint attention: fused_form returns NotImplemented, so the op stays in the graph and Inductor must call
     # it as a fallback (it used to assert "both a fallback and a decomp"; first seen on CUDA, where the kernel
     # makes fused_form decline for every call)
     q = torch.randn(1, 2, 24, 16)
     eager = pladis.joint_attention(q, q, q, text_len=8, text_first=True)
-    ops.inductor_fusion(True)
+    torch._dynamo.reset()
     try:
-        torch._dynamo.reset()
         fn = torch.compile(lambda q: pladis.joint_attention(q, q, q, text_len=8, text_first=True), fullgraph=True)
         assert torch.equal(fn(q), eager)  # the same op on the same inputs: identical
     finally:
-        ops.inductor_fusion(False)
         torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_aoti_fuses_the_op_for_static_shapes_and_calls_it_for_symbolic_ones(eager_op_calls, tmp_path):
+    q, k, v, m, lam, *_ = _args(mask=True)
+
+    class Cross(torch.nn.Module):
+        def forward(self, q, k, v, m, lam):
+            return pladis.attention(q, k, v, attn_mask=m, lam=lam)
+
+    expected = pladis.attention(q.double(), k.double(), v.double(), attn_mask=m, lam=lam)
+    lq = torch.export.Dim("lq", min=2, max=4096)
+    for name, dynamic in (("static", None), ("dynamic", ({2: lq}, None, None, None, None))):
+        ep = torch.export.export(Cross(), (q, k, v, m, lam), dynamic_shapes=dynamic)
+        assert [str(n.target) for n in _pladis_nodes(ep.graph)] == ["pladis.attention.default"]
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / f"{name}.pt2"))
+        eager_op_calls.clear()
+        out = torch._inductor.aoti_load_package(path)(q, k, v, m, lam)
+        # static: compiled tensor code, no call of the op; symbolic sizes: the op (faster there, see ops)
+        assert (eager_op_calls == []) == (name == "static"), name
+        # float32 vs float64 on O(1) scores: as test_ops.TOL_FP32
+        torch.testing.assert_close(out.double(), expected, rtol=tolerances.FP32, atol=tolerances.FP32)

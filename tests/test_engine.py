@@ -5,11 +5,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pladis import cli
+from pladis.eager import eager_components
 from pladis.engine import BuildConfig, build, cache, check, key_parts
-from pladis.export import ExportConfig, export
+from pladis.export import ExportConfig, contracts, export
+from pladis.manifest import open_engine, read_manifest
 from pladis.runtime import EngineError, Runtime, parity
+from pladis.runtime.backends import AotiBackend
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +41,24 @@ def test_ort_build_runs_in_the_runtime(onnx_dirs, tmp_path, name):
 
 
 @pytest.mark.slow
-def test_aoti_build_on_cpu_matches_eager(onnx_dirs, tmp_path):
-    # torch.export keeps pladis::attention as one node; Inductor compiles the rest (about 40 s here)
+def test_aoti_build_on_cpu_matches_eager(onnx_dirs, tmp_path, eager_op_calls):
+    # torch.export keeps pladis::attention as one node; with the build's dynamic shapes AOTInductor keeps it
+    # a call of the op (measured faster than its fused form there; static shapes fuse it, test_custom_op.py)
     meta = build(cfg(onnx_dirs["tiny-sd15"], tmp_path, backend="aoti"))
     assert meta["components"]["unet"]["kind"] == "aoti" and meta["components"]["unet"]["file"].endswith(".pt2")
+    # one denoiser call vs the eager patched U-Net (rebuilt from the export's record), same fp32 inputs
+    comp = eager_components(str(onnx_dirs["tiny-sd15"]), "cpu")["unet"]
+    dims = dict(read_manifest(onnx_dirs["tiny-sd15"]).dims)
+    inputs = dict(zip([i.name for i in comp.inputs], contracts.sample_inputs(comp, dims, torch.float32), strict=True))
+    with torch.no_grad():
+        expected = comp.forward(comp.module, **inputs)[0]
+    eager_op_calls.clear()
+    got = next(iter(AotiBackend(open_engine(tmp_path / "engine"), "unet").run(inputs).values()))
+    assert eager_op_calls  # the engine calls the op's fast path
+    rel = float((got - expected).norm() / expected.norm())
+    # fp32: Inductor's fused reductions sum in another order than eager; issue 15 asks <= 1e-5 per call
+    # (measured 2.6e-6 on small-sd15 at 256²)
+    assert rel <= 1e-5, rel
     report = parity.check(tmp_path / "engine", steps=2, height=24, width=40)  # not the export size: dynamic
     assert report.backend == "aoti+ort" and report.ok, report.table()
 

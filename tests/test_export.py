@@ -79,7 +79,8 @@ def single_node_model(alpha, text_len, text_first, scale, max_keys, elem=TensorP
 
 
 CASES = [  # (text_len, text_first, Lq, Lk)
-    (0, False, 33, 77), (0, False, 9, 300), (7, True, 40, 40), (77, False, 300, 300),
+    (0, False, 33, 77), (0, False, 9, 300), (7, True, 40, 40), (77, False, 300, 300), (1, False, 50, 50),
+    (77, True, 200, 200),
 ]  # fmt: skip
 
 

@@ -358,6 +358,43 @@ def test_cuda_implementation_accepts_lam_as_float_or_tensor():
         K._lam_tensor(torch.ones(3), 2, "cpu")
 
 
+def test_compiled_graphs_launch_the_kernel_itself_on_cuda_and_export_keeps_one_node():
+    # Fake CUDA tensors need no GPU: torch.export traces the op as one node; decomposing it the way
+    # AOTDispatcher does for torch.compile and AOTInductor gives the Triton kernel as a graph node (what a
+    # triton_op gives), which Inductor compiles into its own code. Running it needs a GPU (the gpu test below).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class Cross(torch.nn.Module):
+        def forward(self, q, k, v, lam):
+            return ops.attention(q, k, v, lam=lam)
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q = torch.empty(2, 8, 64, 40, device="cuda", dtype=torch.float16)
+        k, v = (torch.empty(2, 8, 77, 40, device="cuda", dtype=torch.float16) for _ in range(2))
+        lam = torch.empty(2, device="cuda")
+    ep = torch.export.export(Cross(), (q, k, v, lam))
+    assert "pladis.attention.default" in _targets(ep)
+    ep = ep.run_decompositions(decompose_custom_triton_ops=True)
+    launches = [n for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(launches) == 1 and not any("pladis" in str(n.target) for n in ep.graph.nodes)
+    args = launches[0].kwargs["kwargs"]
+    assert (args["LK"], args["STEPS"], args["SPARSEMAX"]) == (77, 3, False)  # the op's call, specialised
+    # symbolic sizes (dynamic shapes): the kernel's launch configuration needs numbers, so the op stays a call
+    lq = torch.export.Dim("lq", min=2, max=8192)
+    ep = torch.export.export(Cross(), (q, k, v, lam), dynamic_shapes=({2: lq}, None, None, None))
+    assert "pladis.attention.default" in _targets(ep.run_decompositions(decompose_custom_triton_ops=True))
+    ops.inductor_fusion(False)  # opted out: the op stays one call under compilers too
+    try:
+        ep = torch.export.export(Cross(), (q, k, v, lam)).run_decompositions(decompose_custom_triton_ops=True)
+        assert "pladis.attention.default" in _targets(ep)
+    finally:
+        ops.inductor_fusion(True)
+
+
+def _targets(ep) -> list[str]:
+    return [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+
+
 # --------------------------------------------------------------------------------------------------
 # On a GPU: the launcher, and the plugin's PTX launched through the CUDA driver as TensorRT launches it
 # --------------------------------------------------------------------------------------------------
@@ -486,3 +523,21 @@ def _time(fn, repeats: int = 50) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return float(np.median(times))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cuda() is not None, reason=str(_cuda()))
+@pytest.mark.parametrize("lk", [77, 600])  # 600 keys: past the kernel's tile, the op's PyTorch path
+def test_torch_compile_on_gpu_compiles_the_kernel_and_matches_eager(lk):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 8, 1024, 64, device="cuda", generator=g, dtype=torch.float16)
+    k, v = (torch.randn(2, 8, lk, 64, device="cuda", generator=g, dtype=torch.float16) for _ in range(2))
+    lam = torch.tensor([2.0, 1.0], device="cuda")
+    eager = ops.attention(q, k, v, lam=lam)
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(lambda q, k, v, lam: ops.attention(q, k, v, lam=lam), fullgraph=True)(q, k, v, lam)
+    finally:
+        torch._dynamo.reset()
+    # the same kernel (or the same PyTorch path) on the same inputs: only Inductor's copies in between
+    assert torch.equal(got, eager)
