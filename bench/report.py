@@ -177,8 +177,9 @@ def _suite_section(data: dict) -> list[str]:
                 "(each round runs torch stock, torch PLADIS, ORT stock, ORT PLADIS, so torch stock follows ORT "
                 "PLADIS), so their torch ratios say little; the full-size `sd15` row (seconds per call) is the "
                 "measurement. The ORT PLADIS / stock ratios of tiny-sd3 and tiny-flux are real: joint "
-                "attention's ONNX function body forms the (L x L) maps with ~40 standard ops per layer, which "
-                "dominates a denoiser this small.", ""]  # fmt: skip
+                "attention's ONNX function body adds ~30 standard ops per layer on the image-row x text-key "
+                "block (dense attention plus a correction; before 2026-11-26 it blended whole (L x L) maps: "
+                "4.1x and 3.4x), which weighs heavily in a denoiser this small.", ""]  # fmt: skip
     if "e2e" in res:
         out += ["### End to end (`generate`)", ""]
         for name, case in _entries(res["e2e"]).items():

@@ -508,8 +508,9 @@ def _decompose_in_compiled_graphs(mode, op, types, args, kwargs):
     for symbolic sizes, and where neither applies.
 
     Symbolic sizes keep the op because that measured faster: a dynamic-shape AOTInductor build of the
-    small-sd15 U-Net ran 1.73x stock with the fused form and 1.09x with the op (docs/PERFORMANCE.md); its
-    static build 1.09x fused. The Triton kernel's launch configuration needs numbers too."""
+    small-sd15 U-Net ran 1.76x stock with the fused form and 1.09x with the op; its static build 1.04x
+    fused (docs/PERFORMANCE.md, ``export_bench --cases aoti-shapes``). The Triton kernel's launch
+    configuration needs numbers too."""
     from torch._subclasses import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor
 
