@@ -55,6 +55,7 @@ def aoti_shapes_case(repeats: int, name: str = "small-sd15", size: int = 256) ->
     rule in ``ops`` that symbolic sizes keep the op. About 25 minutes on 2 cores (five builds)."""
     import pladis
     from pladis import families, models, ops, patch
+    from pladis.engine import aoti
     from pladis.export import contracts
 
     def component(patched: bool):
@@ -75,15 +76,11 @@ def aoti_shapes_case(repeats: int, name: str = "small-sd15", size: int = 256) ->
                                                  ("PLADIS fused, static", True, "static", True)):  # fmt: skip
             comp, dims = component(patched)
             samples = tuple(contracts.sample_inputs(comp, dims, torch.float32))
-            axes = contracts.dynamic_axes(comp, dims)
-            dynamic = {"args": tuple({a: torch.export.Dim.AUTO for a in axes.get(i.name, {})} for i in comp.inputs)}
             t0 = time.perf_counter()
             ops._FUSION["symbolic"] = trace_in
-            try:
-                with torch.no_grad():
-                    program = torch.export.export(contracts.Traced(comp).eval(), samples,
-                                                  dynamic_shapes=dynamic if shapes == "dynamic" else None)  # fmt: skip
-                    path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/{len(variants)}.pt2")
+            try:  # what `pladis build --backend aoti` runs, here also with static shapes
+                path = aoti.compile_package(comp, list(samples), dims if shapes == "dynamic" else None,
+                                            Path(tmp, f"{len(variants)}.pt2"))  # fmt: skip
             finally:
                 ops._FUSION["symbolic"] = False
             build_s[label] = round(time.perf_counter() - t0, 1)
@@ -100,6 +97,7 @@ def aoti_shapes_case(repeats: int, name: str = "small-sd15", size: int = 256) ->
 
 
 CASES = {"denoiser": denoiser_case, "sdxl-fp16": sdxl_fp16_case, "aoti-shapes": aoti_shapes_case}
+TIMED_CASES = ("denoiser", "aoti-shapes")  # interleaved variants: take --repeats, print a timing table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     cases = harness.chosen_cases(parser, args.cases, CASES)
     results = {}
     for case in cases:  # cases run one after the other, never side by side: each gets the whole machine
-        results[case] = CASES[case](args.repeats) if case in ("denoiser", "aoti-shapes") else CASES[case]()
-        if case in ("denoiser", "aoti-shapes"):
+        timed = case in TIMED_CASES
+        results[case] = CASES[case](args.repeats) if timed else CASES[case]()
+        if timed:
             rows = [[k, f"{v['median']:.3f}", f"{v['min']:.3f}", f"{v['max']:.3f}"]
                     for k, v in results[case]["summary_s"].items()]  # fmt: skip
             print(harness.markdown_table(["variant", "median s", "min s", "max s"], rows))  # seconds

@@ -23,6 +23,26 @@ def device_info(device: str, precision: str) -> dict:
     return info
 
 
+def compile_package(comp, samples: list, dims: dict | None, path: Path) -> str:
+    """``torch.export`` of the contract component ``comp`` on ``samples`` and AOTInductor into ``path``
+    (a ``.pt2``); returns the package path. dims: the export's shape ranges, whose ranged axes become dynamic
+    (torch.export works out how they relate: batch shared, etc.); None for static shapes."""
+    from pladis.export import contracts
+
+    dynamic = None
+    if dims is not None:
+        axes = contracts.dynamic_axes(comp, dims)
+        dynamic = {"args": tuple({a: torch.export.Dim.AUTO for a in axes.get(i.name, {})} for i in comp.inputs)}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        print(f"aoti: torch.export of {comp.name} ...", flush=True)
+        program = torch.export.export(contracts.Traced(comp).eval(), tuple(samples), dynamic_shapes=dynamic)
+        print(f"aoti: compiling {comp.name} with AOTInductor (minutes on a CPU) ...", flush=True)
+        out = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        print(f"aoti: {comp.name} compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
 def build(src, dims, precision, cfg, folder: Path) -> dict:
     from pladis.eager import eager_components
     from pladis.export import contracts
@@ -32,16 +52,7 @@ def build(src, dims, precision, cfg, folder: Path) -> dict:
     comp = comps[denoiser]
     dtype = getattr(torch, src.component(denoiser).dtype)
     samples = [t.to(cfg.device) for t in contracts.sample_inputs(comp, dims, dtype)]
-    # every axis with a range is dynamic; torch.export works out how they relate (batch shared, etc.)
-    axes = contracts.dynamic_axes(comp, dims)
-    dynamic = {"args": tuple({a: torch.export.Dim.AUTO for a in axes.get(i.name, {})} for i in comp.inputs)}
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        print(f"aoti: torch.export of {denoiser} ...", flush=True)
-        program = torch.export.export(contracts.Traced(comp).eval(), tuple(samples), dynamic_shapes=dynamic)
-        print(f"aoti: compiling {denoiser} with AOTInductor (minutes on a CPU) ...", flush=True)
-        path = torch._inductor.aoti_compile_and_package(program, package_path=str(folder / f"{denoiser}.pt2"))
-        print(f"aoti: {denoiser} compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+    path = compile_package(comp, samples, dims, folder / f"{denoiser}.pt2")
     out = {n: ort.build_component(src, n, "cpu" if cfg.device == "cpu" else cfg.device, cfg.opt_level, folder)
            for n in src.manifest.components if n != denoiser}  # fmt: skip
     out[denoiser] = {"file": Path(path).name, "kind": "aoti", "device": cfg.device, "dtype": str(dtype)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 DEFAULT_LAM = 2.0  # the paper's and the official code's `pladis_scale`
 DEFAULT_ALPHA = 1.5  # entmax15
@@ -37,8 +38,6 @@ def capturing(device: torch.device) -> bool:
     """Whether tensors made now must not be cached: the current CUDA stream is capturing a graph (they are
     filled on replay), or torch.compile, torch.export or AOTInductor is tracing (they become graph values:
     a dispatch mode such as FakeTensorMode or FunctionalTensorMode is active)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

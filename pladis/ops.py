@@ -540,17 +540,15 @@ def _traced_kernel(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
     return kernel.attention(q, k, v, attn_mask, lam, alpha, scale, traced=True)
 
 
-def _register_fusion() -> bool:
+def _register_fusion() -> None:
     import torch._functorch.config
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-    if not hasattr(torch._functorch.config, "decompose_custom_triton_ops"):
-        return False
-    attention_op.register_torch_dispatch(FunctionalTensorMode, _decompose_in_compiled_graphs)
-    return True
+    if hasattr(torch._functorch.config, "decompose_custom_triton_ops"):  # else the op stays opaque
+        attention_op.register_torch_dispatch(FunctionalTensorMode, _decompose_in_compiled_graphs)
 
 
-_FUSES = _register_fusion()
+_register_fusion()
 
 
 def _register_cuda_kernel() -> bool:
