@@ -18,6 +18,15 @@ class MissingExtra(PladisError):
     """An optional dependency of one command is not installed."""
 
 
+class SettingError(PladisError):
+    """One setting of a request or a command is invalid; ``field`` names it (``lam``, ``steps``, ``size`` ...),
+    so the server can report it as OpenAI's ``param`` and the CLI as the flag."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 # Optional top-level modules -> the extra of pyproject.toml that installs them.
 EXTRAS = {
     "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "serve",
