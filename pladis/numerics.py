@@ -1,20 +1,36 @@
 """The numeric constants of PLADIS attention, shared by every implementation of the op: the PyTorch
 operator (``pladis.ops``), the Triton kernel (``pladis.kernels``) and the ONNX function body
-(``pladis.export.onnx_op``). This module imports nothing of pladis, so each of them can import it.
+(``pladis.export.onnx_op``). This module imports nothing of pladis but its error types, so each of them can import it.
 docs/NUMERICS.md states the contract these numbers serve.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from pladis.errors import SettingError
 
 DEFAULT_LAM = 2.0  # the paper's and the official code's `pladis_scale`
 DEFAULT_ALPHA = 1.5  # entmax15
 # What engines and the server accept as a runtime lam: 0 (stock) up to well past the paper's useful 1-3.
 LAM_RANGE = (0.0, 10.0)
+
+
+def check_lam(value, lam_range: tuple[float, float] = LAM_RANGE, field: str = "lam") -> float:
+    """``value`` as a float when it is a finite real number (not a bool) in ``lam_range``, else a
+    ``SettingError`` naming ``field``. The one check of a user's lam, made at each public boundary."""
+    lo, hi = lam_range
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not lo <= value <= hi:
+        stock = " (this engine was exported without PLADIS layers: it runs only 0)" if lo == hi == 0 else ""
+        raise SettingError(field, f"{field} must be a finite number in [{lo:g}, {hi:g}]{stock}; 0 = the stock "
+                                  f"model, the paper's useful range is 1-3; got {value!r}")  # fmt: skip
+    return float(value)
 
 
 # Sort-free threshold (ONNX function body, Triton kernel): Newton steps by alpha, for key lengths up to

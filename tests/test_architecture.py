@@ -16,7 +16,7 @@ STAGE_SHARED = {"errors", "files", "options", "manifest", "backends", "ort"}
 ALLOWED = {
     "errors": set(),
     "options": set(),
-    "numerics": set(),
+    "numerics": {"errors"},
     "kernels": {"numerics"},
     "ops": {"numerics", "kernels"},
     "plugins_trt": {"errors", "kernels"},
