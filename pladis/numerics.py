@@ -26,7 +26,8 @@ def check_lam(value, lam_range: tuple[float, float] = LAM_RANGE, field: str = "l
     lo, hi = lam_range
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not lo <= value <= hi:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not lo <= value <= hi:
         stock = " (this engine was exported without PLADIS layers: it runs only 0)" if lo == hi == 0 else ""
         raise SettingError(field, f"{field} must be a finite number in [{lo:g}, {hi:g}]{stock}; 0 = the stock "
                                   f"model, the paper's useful range is 1-3; got {value!r}")  # fmt: skip
