@@ -18,3 +18,8 @@ def option(default, help: str, *, repeat: bool = False, positional: bool = False
 
 
 DEFAULT_PROMPT = "a photo of a red cube on a wooden table"
+# The default folders, one each for every command and the Makefile (`make engine` with its defaults writes
+# DEFAULT_ENGINE from DEFAULT_EXPORT): `pladis export` writes an export, `pladis build` an engine from it, and
+# `generate`, `parity` and `serve` read the engine.
+DEFAULT_EXPORT = "build/tiny-sdxl-onnx-fp32"
+DEFAULT_ENGINE = "build/tiny-sdxl-ort-fp32"
