@@ -14,7 +14,7 @@ REPORT  = $(BIN)/python -m pladis.bench.report --results bench/results --doc doc
 MODEL ?= tiny-sdxl
 BACKEND ?= ort
 PRECISION ?= fp32
-ONNX_PRECISION = $(if $(filter trt,$(BACKEND)),fp32,$(PRECISION))
+ONNX_PRECISION = $(PRECISION)
 ONNX_DIR = build/$(MODEL)-onnx-$(ONNX_PRECISION)
 
 setup: $(STAMP)
@@ -39,7 +39,8 @@ export: setup
 
 # Export (once: delete the folder to re-export) then build, cached:
 #   make engine MODEL=tiny-sdxl BACKEND=ort|aoti|trt PRECISION=fp32|fp16|bf16
-# trt lowers an fp32 export to PRECISION; ort and aoti run the graph in the exported precision.
+# Every backend runs the graph in the exported precision (TensorRT builds are strongly typed), so the export is
+# made in PRECISION.
 engine: setup
 	test -f $(ONNX_DIR)/manifest.json || $(BIN)/pladis export --model $(MODEL) --out $(ONNX_DIR) \
 		--precision $(ONNX_PRECISION) $(ARGS)

@@ -116,7 +116,8 @@ def check(cfg: BuildConfig):
         raise ValueError(
             f"this folder was exported in {src.manifest.precision}; the {cfg.backend} backend runs the graph as "
             f"exported, so re-export with `pladis export --precision {precision}` (the exporter keeps the PLADIS "
-            f"threshold math in float32), or build with {lowering}, which can lower an fp32 graph"
+            f"threshold math in float32)"
+            + (f", or build with {lowering}, which can lower an fp32 graph" if lowering else "")
         )
     return src, dims, precision
 

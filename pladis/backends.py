@@ -52,8 +52,7 @@ REGISTRY: dict[str, BackendRecord] = {
         BackendRecord("aoti", f"{_RUN}:AotiBackend", builder="pladis.engine.aoti", devices=("cpu", "cuda"),
                       packages=("torch",), needs_artifact=True),
         BackendRecord("trt", f"{_RUN}:TrtBackend", builder="pladis.engine.trt", devices=("cuda",),
-                      packages=("tensorrt", "polygraphy"), extras=("gpu",), needs_artifact=True,
-                      lowers_precision=True),
+                      packages=("tensorrt",), extras=("gpu",), needs_artifact=True),
     )
 }  # fmt: skip
 NAMES = tuple(REGISTRY)  # what the runtime runs: torch, ort, aoti, trt

@@ -1,6 +1,6 @@
 """pladis.plugins_trt: the TensorRT plugin for the ``PladisAttention`` node.
 
-An ahead-of-time plugin of TensorRT's Python plugin API (``tensorrt.plugin``, TensorRT >= 10.9): the node's
+An ahead-of-time plugin of TensorRT's Python plugin API (``tensorrt.plugin``, TensorRT 10.9 to 11.x): the node's
 kernel is ``pladis_fwd`` (pladis/kernels/attention.py), compiled to PTX for the build GPU by ``aot_impl`` and
 embedded in the engine, so running the engine needs neither Python nor this package. The functions live
 undecorated in ``plugins_trt/plugin.py``; ``register()`` is what the engine builder calls before parsing a
@@ -14,7 +14,15 @@ import typing
 
 from pladis.errors import PladisError
 
-MIN_TENSORRT = (10, 9)  # trtp.aot_impl, KernelLaunchParams, SymInt32
+# The supported TensorRT range, [SUPPORTED[0], SUPPORTED[1]): 10.9 brought trtp.aot_impl, KernelLaunchParams and
+# SymInt32; 12 does not exist yet. pyproject's `gpu` extra and the README state the same range.
+SUPPORTED = ((10, 9), (12, 0))
+SUPPORTED_TEXT = "TensorRT 10.9 to 11.x"
+MIN_TENSORRT = SUPPORTED[0]
+# TensorRT's plugin layer before 11.2 converts each ONNX-parsed scalar attribute with float()/int() on a
+# one-element NumPy array, which NumPy >= 2.4 refuses (TypeError while the graph is parsed); 11.2 fixed it.
+NUMPY_SCALAR_FIX = (11, 2)
+NUMPY_REFUSES = (2, 4)
 _registered = False
 
 
@@ -24,30 +32,45 @@ class PluginUnavailable(PladisError):
 
 def _version(text: str) -> tuple[int, int]:
     major, minor = text.split(".")[:2]
-    return int(major), int(minor)
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def check_version(tensorrt_version: str, numpy_version: str | None) -> None:
+    """Refuse a TensorRT outside ``SUPPORTED`` (naming the range) and the NumPy that TensorRT's plugin layer
+    cannot read attributes with (None: not checked); both from version strings only."""
+    v = _version(tensorrt_version)
+    if not SUPPORTED[0] <= v < SUPPORTED[1]:
+        why = "ahead-of-time Python plugins (tensorrt.plugin.aot_impl) need 10.9" if v < SUPPORTED[0] else "not tested"
+        raise PluginUnavailable(
+            f"TensorRT {tensorrt_version} is outside the supported range, {SUPPORTED_TEXT} ({why}); "
+            "install one in range: pip install 'pladis[gpu]' (Jetson: JetPack's TensorRT 10.x)"
+        )
+    if numpy_version and v < NUMPY_SCALAR_FIX and _version(numpy_version) >= NUMPY_REFUSES:
+        raise PluginUnavailable(
+            f"TensorRT {tensorrt_version}'s plugin layer reads ONNX attributes in a way NumPy {numpy_version} "
+            "refuses (fixed in TensorRT 11.2): pip install 'numpy<2.4', or TensorRT >= 11.2"
+        )
 
 
 def check_environment() -> None:
-    """Raise PluginUnavailable saying exactly what is missing: TensorRT, a new enough TensorRT, Triton, a GPU."""
+    """Raise PluginUnavailable saying exactly what is missing: TensorRT, a TensorRT in range, Triton, a GPU."""
     try:
         import tensorrt
     except ImportError:
         raise PluginUnavailable(
-            "TensorRT is not installed: the PladisAttention plugin needs TensorRT >= 10.9 with its Python "
-            "bindings (NVIDIA's package index or containers); meanwhile build with --backend ort or --backend aoti"
+            f"TensorRT is not installed: the PladisAttention plugin needs {SUPPORTED_TEXT} with its Python "
+            "bindings (pip install 'pladis[gpu]', NVIDIA's package index, or NVIDIA's containers)"
         ) from None
-    if _version(tensorrt.__version__) < MIN_TENSORRT:
-        raise PluginUnavailable(
-            f"TensorRT {tensorrt.__version__} is too old for the PladisAttention plugin: ahead-of-time Python "
-            "plugins (tensorrt.plugin.aot_impl) need TensorRT >= 10.9; upgrade TensorRT"
-        )
+    import numpy
+
+    check_version(tensorrt.__version__, numpy.__version__)
     try:
         import tensorrt.plugin as trtp
     except ImportError as e:
-        raise PluginUnavailable(f"tensorrt.plugin does not import ({e}); reinstall TensorRT >= 10.9") from None
+        raise PluginUnavailable(f"tensorrt.plugin does not import ({e}); reinstall {SUPPORTED_TEXT}") from None
     if not hasattr(trtp, "aot_impl"):
         raise PluginUnavailable(
-            f"this TensorRT ({tensorrt.__version__}) has no tensorrt.plugin.aot_impl; the plugin needs >= 10.9"
+            f"this TensorRT ({tensorrt.__version__}) has no tensorrt.plugin.aot_impl; the plugin needs {SUPPORTED_TEXT}"
         )
     from pladis import kernels
 
@@ -78,10 +101,19 @@ def register() -> None:
     if hasattr(getattr(trtp.op, plugin.NAMESPACE, None), plugin.NAME):
         _registered = True
         return
-    trtp.register(plugin.PLUGIN_ID)(_typed(plugin.register_fn, trtp))
+    decorate(trtp)
+    _registered = True
+
+
+def decorate(trtp, lazy: bool = False) -> None:
+    """Apply ``trtp.register`` / ``trtp.autotune`` / ``trtp.aot_impl`` (TensorRT's validators run here) to the
+    plugin functions; ``lazy``: defer the creator's registration with TensorRT's plugin registry until first use
+    (``trtp.register``'s ``lazy_register``)."""
+    from pladis.plugins_trt import plugin
+
+    trtp.register(plugin.PLUGIN_ID, lazy_register=lazy)(_typed(plugin.register_fn, trtp))
     trtp.autotune(plugin.PLUGIN_ID)(_typed(plugin.autotune_fn, trtp))
     trtp.aot_impl(plugin.PLUGIN_ID)(_typed(plugin.aot_impl_fn, trtp))
-    _registered = True
 
 
 def _typed(fn, trtp) -> types.FunctionType:

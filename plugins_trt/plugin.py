@@ -159,7 +159,7 @@ def aot_impl_fn(
     check_attributes(alpha, text_len)
     names = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16"}
 
-    def info(desc) -> TensorInfo:
+    def info(desc: trtp.TensorDesc) -> TensorInfo:
         if desc.dtype not in names:
             raise ValueError(f"PladisAttention takes fp32, fp16 or bf16 tensors; got {desc.dtype}")
         shape = desc.shape  # concrete dims, -1 where the optimisation profile lets them vary
