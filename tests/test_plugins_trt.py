@@ -1,7 +1,9 @@
 """The PladisAttention TensorRT plugin and the TensorRT build, as far as a machine without TensorRT proves them:
 the plugin functions follow TensorRT's rules (checked on the undecorated functions), the node's attributes
-are the ones the plugin registers, ``register()`` and ``pladis build --backend trt`` say what is missing.
-The build and the engine under TensorRT on a GPU are the ``gpu`` tests at the end (skipped here)."""
+are the ones the plugin registers, ``register()`` and ``pladis build --backend trt`` say what is missing or
+out of range. The TensorRT API surface of 10.9, 10.16 and 11.4 is tests/test_trt_api.py; the build plan
+tests/test_trt_plan.py. The build and the engine under TensorRT on a GPU are the ``gpu`` tests at the end
+(skipped here)."""
 
 import ast
 import inspect
@@ -193,6 +195,22 @@ def test_pladis_build_trt_stops_at_the_tensorrt_check_with_exit_2(sd15_onnx, tmp
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "pladis build: error:" in proc.stderr and ("TensorRT" in proc.stderr or "GPU" in proc.stderr)
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("version", ["10.8.0.43", "12.0.0.1"])
+def test_pladis_build_trt_names_the_supported_range_for_another_version(sd15_onnx, tmp_path, version):
+    # only the version string is simulated (a module named tensorrt with that __version__): no TensorRT runs
+    from pladis.plugins_trt import SUPPORTED_TEXT
+
+    cmd = ["build", "--onnx", str(sd15_onnx), "--backend", "trt", "--out", str(tmp_path / "e"),
+           "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    code = ("import sys, types; fake = types.ModuleType('tensorrt'); fake.__version__ = sys.argv[1]; "
+            f"sys.modules['tensorrt'] = fake; from pladis import cli; sys.exit(cli.main({cmd!r}))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, version], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert f"TensorRT {version} is outside the supported range, {SUPPORTED_TEXT}" in proc.stderr
     assert not (tmp_path / "e").exists()
 
 
