@@ -5,7 +5,8 @@ These tests check names and signatures only: TensorRT itself never runs here. Ea
 imported over stand-ins for libnvinfer / libnvonnxparser / libnvinfer_plugin that are derived from the wheel
 (one aborting function per symbol it imports) and do nothing else (tests/trt_surface.py). What is checked:
 every attribute and call the project's TensorRT code reaches exists in that version with a fitting signature,
-the build plan's flag names exist there, and the plugin functions pass that version's own validators.
+the build plan's flag names exist there, the plugin functions pass that version's own validators, and its
+plugin creator parses the node's attributes under this NumPy exactly when ``check_version`` says it can.
 The wheels are downloaded with pip (cached in $PLADIS_TRT_WHEELS or ~/.cache/pladis/tensorrt-bindings);
 without PyPI these tests skip, except under CI=true, where they fail.
 """
@@ -99,3 +100,21 @@ def test_tensorrt_itself_never_runs_here(wheel):
     proc = subprocess.run([sys.executable, "-c", code, str(wheel.dir)], capture_output=True, text=True, env=env,
                           timeout=120)  # fmt: skip
     assert proc.returncode != 0 and "TensorRT stand-in: createInferBuilder_INTERNAL was called" in proc.stderr
+
+
+def test_the_numpy_rule_is_what_the_wheels_plugin_layer_does(wheel):
+    # the wheel's own creator parses the node's attributes as the ONNX parser delivers them; with this NumPy,
+    # check_version accepts exactly the versions whose creator succeeds (10.x fails under NumPy >= 2.4)
+    import numpy
+
+    from pladis.plugins_trt import PluginUnavailable, check_version
+
+    result = wheel.run("create", {"alpha": 1.5, "scale": 0.125, "text_len": 0, "text_first": 0})
+    try:
+        check_version(wheel.version, numpy.__version__)
+        accepted = True
+    except PluginUnavailable:
+        accepted = False
+    assert result["numpy"] == numpy.__version__ and result["created"] is accepted, result
+    if not accepted:
+        assert "0-dimensional arrays" in result["error"]

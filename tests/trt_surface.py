@@ -19,7 +19,10 @@ Python ``tensorrt.plugin`` (its validators). Neither libnvinfer nor a GPU is her
   one of the signatures. ``validators(wheel)`` applies the wheel's unchanged ``tensorrt.plugin`` decorators
   (register, autotune, aot_impl; lazy registration, so TensorRT's registry is not touched) to the plugin functions.
 
-Run as a script it is the checking subprocess: ``python trt_surface.py <wheel dir> check|validators <json>``.
+``create(wheel)`` has the wheel's plugin creator parse the node's attributes as the ONNX parser delivers them
+(one-element NumPy arrays), which is where TensorRT 10.9 … 11.1 fail with NumPy >= 2.4.
+
+Run as a script it is the checking subprocess: ``python trt_surface.py <wheel dir> check|validators|create``.
 """
 
 from __future__ import annotations
@@ -501,9 +504,38 @@ def _main_validators(trt, payload) -> dict:
     return out
 
 
+def _main_create(trt, payload) -> dict:
+    """The wheel's plugin creator parses the attributes as the ONNX parser hands them over (one-element arrays:
+    FLOAT32 for float, INT32 for int); TensorRT's registry and libraries are not involved."""
+    import numpy as np
+    import tensorrt.plugin as trtp
+    from tensorrt.plugin import _lib
+
+    from pladis import plugins_trt
+    from pladis.plugins_trt import plugin
+
+    plugins_trt.decorate(trtp, lazy=True)
+    desc = _lib.QDP_REGISTRY[plugin.PLUGIN_ID]
+    creator = _lib._TemplatePluginCreator(
+        plugin.NAME, plugin.NAMESPACE, {k: (True, t) for k, t in desc.input_attrs.items()}
+    )
+    kinds = {float: (np.float32, trt.PluginFieldType.FLOAT32), int: (np.int32, trt.PluginFieldType.INT32)}
+    fields = [trt.PluginField(name, np.array([payload[name]], kinds[t][0]), kinds[t][1])
+              for name, t in plugin.ATTRIBUTES.items()]  # fmt: skip
+    out = {"version": trt.__version__, "numpy": np.__version__}
+    try:
+        creator.create_plugin(plugin.NAME, plugin.NAMESPACE, trt.PluginFieldCollection(fields), trt.TensorRTPhase.BUILD)
+        out["created"] = True
+    except Exception as e:
+        out["created"], out["error"] = False, f"{type(e).__name__}: {e}"
+    return out
+
+
+MODES = {"check": _main_check, "validators": _main_validators, "create": _main_create}
+
 if __name__ == "__main__":
     wheel_dir, mode = Path(sys.argv[1]), sys.argv[2]
     payload = json.loads(sys.stdin.read() or "null")
     trt_module = _load(wheel_dir)
-    result = _main_check(trt_module, payload) if mode == "check" else _main_validators(trt_module, payload or {})
+    result = MODES[mode](trt_module, payload if mode == "check" else payload or {})
     print(json.dumps(result))
