@@ -214,6 +214,36 @@ def test_pladis_build_trt_names_the_supported_range_for_another_version(sd15_onn
     assert not (tmp_path / "e").exists()
 
 
+def test_a_tensorrt_exception_during_the_build_is_one_line_naming_the_component(sd15_onnx, tmp_path, monkeypatch):
+    # a module named tensorrt whose Builder raises as pybind11 does (a multi-line RuntimeError): not TensorRT
+    import types
+    from types import SimpleNamespace
+
+    from pladis import plugins_trt
+    from pladis.engine import BuildConfig
+    from pladis.manifest import open_engine
+
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "11.4.0.106"
+    severity = SimpleNamespace(ERROR=4, INTERNAL_ERROR=5, WARNING=3)
+    fake.ILogger = type("ILogger", (), {"__init__": lambda self: None, "Severity": severity})
+
+    def builder(logger):
+        raise RuntimeError("[TRT] [E] IBuilder::createNetworkV2: Error Code 3\nAPI Usage Error (more lines)")
+
+    fake.Builder = builder
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(plugins_trt, "register", lambda: None)
+    src = open_engine(sd15_onnx)
+    cfg = BuildConfig(onnx=str(sd15_onnx), backend="trt", out=str(tmp_path / "e"))
+    with pytest.raises(trt_engine.TrtBuildError) as e:
+        trt_engine.build(src, dict(src.manifest.dims), "fp32", cfg, tmp_path)
+    msg = str(e.value)
+    first = next(iter(src.manifest.components))
+    assert "\n" not in msg and msg.startswith(f"{first}: TensorRT 11.4.0.106 failed: [TRT] [E] IBuilder")
+    assert "run with -v" in msg and not list(tmp_path.glob("*.plan"))
+
+
 # --------------------------------------------------------------------------------------------------
 # With TensorRT >= 10.9 and a GPU (make gpu-check on such a machine): the real build and the engine
 # --------------------------------------------------------------------------------------------------
