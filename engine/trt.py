@@ -269,8 +269,10 @@ def build(src, dims, precision, cfg, folder: Path) -> dict:
         except PladisError:
             raise
         except Exception as e:  # TensorRT's validators or registry
-            raise TrtBuildError(f"the PladisAttention plugin did not register with TensorRT {trt.__version__}: "
-                                f"{_line(e)}; report it with `pladis --version` and this line") from None  # fmt: skip
+            raise TrtBuildError(
+                f"the PladisAttention plugin did not register with TensorRT {trt.__version__}: {_line(e)}; "
+                "pladis's plugin is checked against TensorRT 10.9, 10.16 and 11.4: use one of those"
+            ) from None
     logger = _logger()
     out = {}
     for name, spec in components.items():
@@ -292,9 +294,10 @@ def build(src, dims, precision, cfg, folder: Path) -> dict:
 _FIX = "run with -v for TensorRT's log; narrower --dims or --opt-level 3 can help, or rebuild after `pladis export`"
 
 
-def _line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:300]
+def _line(e: BaseException | str) -> str:
+    """``e``'s text on one line (at most 300 characters); an exception without text: its type's name."""
+    text = " ".join(str(e).split())
+    return (text or ("" if isinstance(e, str) else type(e).__name__))[:300]
 
 
 def _build_component(logger, path: Path, shapes: dict, plan: ComponentPlan, plugin_layers: int, name: str,
