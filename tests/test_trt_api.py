@@ -1,4 +1,4 @@
-"""The TensorRT API surface, checked against the real bindings wheels of TensorRT 10.9, 10.16 and 11.4.
+"""The TensorRT API surface, checked against the real bindings wheels of TensorRT 10.9, 10.16 and 11.4 (cu12, cu13).
 
 These tests check names and signatures only: TensorRT itself never runs here. Each version's
 ``tensorrt-cu12-bindings`` wheel (its compiled module and its ``tensorrt.plugin`` sources, unchanged) is
@@ -23,14 +23,16 @@ import pladis
 from pladis.engine import trt as trt_engine
 
 OLDEST, RECENT_10, CURRENT = "10.9.0.34", "10.16.1.11", "11.4.0.106"
-VERSIONS = [OLDEST, RECENT_10, CURRENT]
+# (version, distribution): CUDA 12 builds of each, and the CUDA 13 build of 11.4 (what `pip install tensorrt` picks)
+VERSIONS = [(OLDEST, "tensorrt-cu12-bindings"), (RECENT_10, "tensorrt-cu12-bindings"),
+            (CURRENT, "tensorrt-cu12-bindings"), (CURRENT, "tensorrt-cu13-bindings")]  # fmt: skip
 FILES = ts.tensorrt_files(Path(pladis.__file__).parent)
 
 
-@pytest.fixture(scope="module", params=VERSIONS)
+@pytest.fixture(scope="module", params=VERSIONS, ids=lambda v: f"{v[1].split('-')[1]}-{v[0]}")
 def wheel(request):
     try:
-        return ts.Wheel(request.param).prepare()
+        return ts.Wheel(*request.param).prepare()
     except ts.Unavailable as e:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must check the TensorRT API surface: {e}")

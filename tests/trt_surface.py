@@ -6,7 +6,10 @@ Python ``tensorrt.plugin`` (its validators). Neither libnvinfer nor a GPU is her
 
 - ``uses(files)`` reads the project's TensorRT code (every module that imports ``tensorrt``) and lists each chain
   of attributes and calls it makes from ``tensorrt`` / ``tensorrt.plugin`` (through variables, annotated
-  parameters and ``self`` attributes), with the keyword arguments of each call.
+  parameters and ``self`` attributes), with the keyword arguments of each call. A value it cannot trace to
+  those roots (an unannotated parameter, a helper's return value) is not followed: the TensorRT code
+  annotates such parameters with TensorRT's classes, and names it looks up by string are checked from the
+  build plan (``enum_uses``).
 - ``Wheel(version)`` downloads that version's bindings wheel (``pip download --no-deps``, cached) and writes
   stand-ins for the three libraries the compiled module links against (libnvinfer, libnvonnxparser,
   libnvinfer_plugin). The stand-ins are derived mechanically from the wheel: one function per symbol the module
