@@ -35,7 +35,7 @@ class BuildConfig:
     onnx: str = option("build/tiny-sdxl", "export folder (written by `pladis export`)")
     backend: str = option("ort", " | ".join(BACKENDS))
     out: str = option("build/tiny-sdxl-ort", "engine folder to write")
-    precision: str = option("", "fp32 | fp16 | bf16; default: the export's (every backend builds the export's)")
+    precision: str = option("", "fp32 | fp16 | bf16: the export's (default); no backend changes a graph's precision")
     dims: str = option("", "narrow shape ranges, e.g. cfg_batch=1:2:4,latent_height=16:16:32 (min:opt:max)")
     device: str = option("cpu", "cpu or cuda (trt always builds for the current GPU)")
     cache_dir: str = option("", "engine cache; default: $PLADIS_CACHE or ~/.cache/pladis/engines")
