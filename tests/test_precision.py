@@ -4,7 +4,10 @@ TensorRT builds are strongly typed, so an fp16 engine is built from an fp16 expo
 the build receives it: the fp16 tiny-sd15 U-Net and tiny-pixart transformer (exported with
 ``--precision fp16``), whose plugin-only form is what TensorRT parses and whose function-body form ONNX Runtime
 runs, vs the eager PLADIS-patched PyTorch denoiser in float32 on the same inputs; the PLADIS node's threshold
-math stays float32; the build plan makes each an fp16 engine on 10.x and 11.x."""
+math stays float32; the build plan makes each an fp16 engine on 10.x and 11.x. bf16: both denoisers have a Conv,
+which opsets <= 20 lack in bfloat16, so their bf16 exports are float32 and the bf16 build is refused with the
+reason and the fp16 commands (bf16 values cannot be checked on a CPU either: ONNX Runtime's CPU provider has no
+bfloat16 kernels)."""
 
 import numpy as np
 import onnx
@@ -69,3 +72,19 @@ def test_fp16_denoiser_as_tensorrt_receives_it_matches_eager(tmp_path, name, com
     assert got.shape == expected.shape and np.isfinite(got).all()
     rel = np.linalg.norm(got - expected) / np.linalg.norm(expected)
     assert rel <= FP16_REL_L2, f"{name} {component}: fp16 graph vs eager float32, rel-L2 {rel:.3g}"
+
+
+@pytest.mark.parametrize("name, component", [("tiny-sd15", "unet"), ("tiny-pixart", "transformer")])
+def test_a_bf16_denoiser_with_conv_is_refused_naming_the_reason_and_the_fp16_path(tmp_path, name, component):
+    # opsets <= 20 have no bfloat16 Conv: the exporter writes these denoisers in float32, and a strongly typed
+    # TensorRT build cannot make a bf16 engine of a float32 graph
+    manifest = export(ExportConfig(model=name, out=str(tmp_path / name), precision="bf16", components=component,
+                                   validate=False))  # fmt: skip
+    assert manifest["components"][component]["dtype"] == "float32"
+    assert "Conv" in manifest["components"][component]["note"]
+    for version in ("10.9.0.34", "11.4.0.106"):
+        with pytest.raises(trt_engine.TrtBuildError) as e:
+            trt_engine.build_plan(Manifest.from_dict(manifest), "bf16", version)
+        msg = str(e.value)
+        assert msg.startswith(f"{component}: the bf16 export holds it in float32 (requested bf16, exported float32:")
+        assert "no bfloat16 Conv" in msg and "`pladis export --precision fp16`" in msg and "\n" not in msg
