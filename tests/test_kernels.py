@@ -16,6 +16,7 @@ import tolerances
 import torch
 
 from pladis import ops
+from pladis.errors import PladisError
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (dev extra)")
 
@@ -339,19 +340,24 @@ def test_supported_covers_cross_attention_only():
     assert not K.supported(q, k, k, None, 1.25, 0)  # bisection alphas: PyTorch operator
     long = torch.zeros(1, 2, 513, 64)
     assert not K.supported(q, long, long, None, 1.5, 0)  # more keys than one tile: PyTorch operator
-    with pytest.raises(ValueError, match="at most 512 keys"):
+    # a user-facing failure (a TensorRT build of a call site the kernel cannot serve reports it on one line)
+    with pytest.raises(PladisError, match="at most 512 keys"):
         K.kernel_config("fp16", "fp32", 64, 64, 600, 1.5, 0.125, K.MASK_NONE)
 
 
-def test_cuda_implementation_accepts_lam_as_float_or_tensor():
-    # the op before and after lam became a tensor: the kernel path takes both (checked in the interpreter
-    # above); the fallback passes lam through unchanged to the operator
+def test_cuda_implementation_falls_back_to_the_operator():
+    # what the kernel does not serve goes to the operator with the op's arguments unchanged (lam a tensor)
     from pladis.kernels import cuda_implementation
 
     impl = cuda_implementation(ops.pytorch_attention)
-    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)  # float64: not the kernel's, so the operator runs
-    ref = ops.reference_attention(q, q, q, None, 2.0, 1.5, 0.3)
-    assert torch.equal(impl(q, q, q, None, 2.0, 1.5, 0.3, 0, False), ref)
+    q = torch.randn(2, 2, 5, 8, dtype=torch.float64)  # float64: not the kernel's, so the operator runs
+    lam = torch.tensor([0.7, 2.0], dtype=torch.float64)
+    ref = ops.reference_attention(q, q, q, None, lam, 1.5, 0.3)
+    assert torch.equal(impl(q, q, q, None, lam, 1.5, 0.3, 0, False), ref)
+    # a CPU tensor is never the kernel's, also when a compiler traces: the op stays a call
+    assert kernels.traced_kernel(q.float(), q.float(), q.float(), None, lam, 1.5, 0.3, 0, False, wrap=None) is (
+        NotImplemented
+    )
     assert torch.equal(K._lam_tensor(2.0, 3, "cpu"), torch.tensor([2.0]))
     assert torch.equal(K._lam_tensor(torch.tensor([1.0, 2.0], dtype=torch.float64), 2, "cpu"), torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="1 or B=2 values"):

@@ -71,18 +71,32 @@ def source_hash() -> str:
 
 def cuda_implementation(fallback):
     """The CUDA implementation of ``pladis::attention``: the kernel where ``attention.supported`` says it
-    applies, else ``fallback`` (the PyTorch operator, same signature). lam: a float (the op before lam became
-    a tensor) or a float32 tensor (B,) or (1,) on q's device."""
+    applies, else ``fallback`` (the PyTorch operator, same signature). lam: a float32 tensor (B,) or (1,)
+    on q's device (the op's argument)."""
 
     def impl(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
         from pladis.kernels import attention as kernel
 
-        plain_sdpa = not hasattr(lam, "shape") and lam == 0.0  # a float 0 is vanilla attention: the operator's
-        if not plain_sdpa and kernel.supported(q, k, v, attn_mask, alpha, text_len):
+        if kernel.supported(q, k, v, attn_mask, alpha, text_len):
             return kernel.attention(q, k, v, attn_mask, lam, alpha, scale)
         return fallback(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
 
     return impl
+
+
+def traced_kernel(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first, *, wrap):
+    """The kernel for a compiler tracing into ``pladis::attention`` (``pladis.torch_internals.trace_into``):
+    launched through ``wrap`` (``torch.library.wrap_triton``), so the graph holds the Triton kernel itself,
+    which Inductor compiles into its output code (AOTInductor into the ``.pt2``), as for a triton_op.
+    ``NotImplemented`` where the kernel does not serve the call (the op stays a call: CPU tensors, joint
+    attention, keys past 512, other alpha). Arguments: the op's."""
+    if not q.is_cuda:
+        return NotImplemented
+    from pladis.kernels import attention as kernel
+
+    if not kernel.supported(q, k, v, attn_mask, alpha, text_len):
+        return NotImplemented
+    return kernel.attention(q, k, v, attn_mask, lam, alpha, scale, wrap=wrap)
 
 
 def register(op, fallback) -> bool:

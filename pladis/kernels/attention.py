@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pladis.errors import PladisError
 from pladis.numerics import MASKED, constant, newton_steps
 
 MAX_KEYS = 512  # one tile holds the whole key row; longer rows (joint attention) use the PyTorch operator
@@ -224,8 +225,8 @@ def kernel_config(
 QUERY_TILES = {(True, 128): (64, 8), (True, 512): (16, 8), (False, 128): (64, 4), (False, 512): (32, 8)}
 
 
-class KernelUnsupported(ValueError):
-    """The fused kernel does not cover these shapes or parameters."""
+class KernelUnsupported(PladisError):
+    """The fused kernel does not cover these shapes or parameters (a build that needs it reports this)."""
 
 
 def check_supported(dtype: str, head_dim: int, value_dim: int, max_keys: int, alpha: float, mask_mode: int) -> None:
@@ -327,15 +328,14 @@ def _mask4(attn_mask, b: int, h: int, lq: int, lk: int, device) -> torch.Tensor:
     return m.expand(*(1 if m.shape[i] == 1 else full[i] for i in range(4))).contiguous()
 
 
-def attention(q, k, v, attn_mask, lam, alpha: float, scale: float, traced: bool = False) -> torch.Tensor:
+def attention(q, k, v, attn_mask, lam, alpha: float, scale: float, wrap=None) -> torch.Tensor:
     """Launch the kernel. q: (B, H, Lq, D), k: (B, H, Lk, D), v: (B, H, Lk, Dv) (broadcastable batch/head dims,
     any strides: read in place when all three are (B, L, H, D) in memory, else made contiguous); attn_mask:
     bool or additive, broadcastable to (B, H, Lq, Lk), or None; lam: a float or a float32 tensor (B,) or (1,).
     Returns (B, H, Lq, Dv) contiguous, in q's dtype.
 
-    traced: a compiler is tracing this call (``ops`` asks when torch.compile or AOTInductor traces into the
-    op): the launch goes through ``torch.library.wrap_triton``, so the graph holds the Triton kernel itself,
-    which Inductor compiles into its output code (and AOTInductor into the ``.pt2``), as for a triton_op."""
+    wrap: None for a plain launch; a compiler's kernel wrapper (``torch.library.wrap_triton``) while a compiler
+    traces into the op (``pladis.kernels.traced_kernel``)."""
     b, h = (max(x) for x in zip(q.shape[:2], k.shape[:2], v.shape[:2], strict=True))
     lq, lk, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     # diffusers hands over (B, L, H, D) projections viewed as (B, H, L, D): read them in place (3 copies per
@@ -363,6 +363,6 @@ def attention(q, k, v, attn_mask, lam, alpha: float, scale: float, traced: bool 
     out = torch.empty((b, h, lq, dv), device=q.device, dtype=q.dtype)
     grid = launch(b, h, lq, block_m=cfg.block_m, num_warps=cfg.num_warps, shared_mem=0).grid
     sizes = extra_args(q.shape, k.shape, v.shape, mask.shape, lam_t.shape)
-    kernel = torch.library.wrap_triton(pladis_fwd) if traced else pladis_fwd
+    kernel = pladis_fwd if wrap is None else wrap(pladis_fwd)
     kernel[grid](q, k, v, mask, lam_t, *sizes, out, **cfg.constexprs(), num_warps=cfg.num_warps)
     return out
