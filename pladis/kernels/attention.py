@@ -35,7 +35,7 @@ import triton.language as tl
 from pladis.errors import PladisError
 from pladis.numerics import MASKED, constant, newton_steps
 
-MAX_KEYS = 512  # one tile holds the whole key row; longer rows (joint attention) use the PyTorch operator
+MAX_KEYS = 512  # one tile holds the whole key row; longer rows use the PyTorch operator (joint: kernels.joint)
 MAX_HEAD_DIM = 256
 GRID_YZ_MAX = 65535  # CUDA's limit on grid y and z
 SHARED_MEMORY_LIMIT = 48 * 1024  # the default dynamic shared memory a launch may use without an opt-in
@@ -44,6 +44,40 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXTRA_ARGS = ("B", "H", "LQ", "LK", "D", "DV", "MB", "MH", "MQ", "MK", "NL")  # the int32 sizes, in kernel order
 _MASKED = tl.constexpr(MASKED)  # a global used in a jit function must be constexpr
 _GRID_YZ_MAX = tl.constexpr(GRID_YZ_MAX)
+
+
+@triton.jit
+def entmax_threshold(s, smax, SPARSEMAX: tl.constexpr, STEPS: tl.constexpr):
+    """The alpha-entmax threshold of each row of finite float32 logits s (BLOCK_M, BLOCK_N) whose row maxima
+    are smax, in units of s: sparsemax's tau, or t = 2 tau for entmax15. The sort-free solve of every
+    implementation (docs/NUMERICS.md §2): Newton from the lower end of the bracket, then the closed form."""
+    if SPARSEMAX:  # tau += (sum r - 1) / |support|, from max - 1
+        t = smax - 1.0
+        for _ in range(STEPS):
+            r = tl.maximum(s - t[:, None], 0.0)
+            count = tl.sum(tl.where(s > t[:, None], 1.0, 0.0), 1)
+            t += (tl.sum(r, 1) - 1.0) / tl.maximum(count, 1.0)
+    else:  # entmax15 in units of s (t = 2 tau): Newton on ||r|| / 2 - 1 from max - 2, then the closed form
+        t = smax - 2.0
+        for _ in range(STEPS):
+            r = tl.maximum(s - t[:, None], 0.0)
+            norm = tl.sqrt(tl.sum(r * r, 1))
+            t += (norm - 2.0) * norm / tl.maximum(tl.sum(r, 1), 1e-30)
+        r = tl.maximum(s - t[:, None], 0.0)
+        k_sup = tl.maximum(tl.sum(tl.where(s > t[:, None], 1.0, 0.0), 1), 1.0)
+        s1, s2 = tl.sum(r, 1), tl.sum(r * r, 1)
+        t += (s1 - tl.sqrt(tl.maximum(s1 * s1 - k_sup * (s2 - 4.0), 0.0))) / k_sup
+    return t
+
+
+@triton.jit
+def entmax_map(s, t, SPARSEMAX: tl.constexpr):
+    """alpha-entmax of logits s (BLOCK_M, BLOCK_N) given each row's threshold t (``entmax_threshold``); s may
+    be any block of the row's keys."""
+    r = tl.maximum(s - t[:, None], 0.0)
+    if not SPARSEMAX:
+        r = r * r * 0.25
+    return r
 
 
 @triton.jit
@@ -105,25 +139,7 @@ def pladis_fwd(
     smax = tl.max(s, 1)
     e = tl.exp(s - smax[:, None])
     dense = e / tl.sum(e, 1)[:, None]
-    if SPARSEMAX:  # tau += (sum r - 1) / |support|, from max - 1
-        tau = smax - 1.0
-        for _ in range(STEPS):
-            r = tl.maximum(s - tau[:, None], 0.0)
-            count = tl.sum(tl.where(s > tau[:, None], 1.0, 0.0), 1)
-            tau += (tl.sum(r, 1) - 1.0) / tl.maximum(count, 1.0)
-        sparse = tl.maximum(s - tau[:, None], 0.0)
-    else:  # entmax15 in units of s (t = 2 tau): Newton on ||r|| / 2 - 1 from max - 2, then the closed form
-        t = smax - 2.0
-        for _ in range(STEPS):
-            r = tl.maximum(s - t[:, None], 0.0)
-            norm = tl.sqrt(tl.sum(r * r, 1))
-            t += (norm - 2.0) * norm / tl.maximum(tl.sum(r, 1), 1e-30)
-        r = tl.maximum(s - t[:, None], 0.0)
-        k_sup = tl.maximum(tl.sum(tl.where(s > t[:, None], 1.0, 0.0), 1), 1.0)
-        s1, s2 = tl.sum(r, 1), tl.sum(r * r, 1)
-        t += (s1 - tl.sqrt(tl.maximum(s1 * s1 - k_sup * (s2 - 4.0), 0.0))) / k_sup
-        r = tl.maximum(s - t[:, None], 0.0)
-        sparse = r * r * 0.25
+    sparse = entmax_map(s, entmax_threshold(s, smax, SPARSEMAX, STEPS), SPARSEMAX)
     lam = tl.load(LAM + tl.minimum(b, NL - 1))  # lam (B,) one per sample, or (1,); in bounds for any program
     p = dense + lam * (sparse - dense)
     p = tl.where((smax > _MASKED / 10)[:, None], p, 0.0)  # a row whose keys are all masked gives zeros
