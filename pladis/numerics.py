@@ -1,6 +1,7 @@
 """The numeric constants of PLADIS attention, shared by every implementation of the op: the PyTorch
 operator (``pladis.ops``), the Triton kernel (``pladis.kernels``) and the ONNX function body
-(``pladis.export.onnx_op``). This module imports nothing of pladis but its error types, so each of them can import it.
+(``pladis.export.onnx_op``). This module imports nothing of pladis but its error types and
+``pladis.torch_internals`` (which imports none), so each of them can import it.
 docs/NUMERICS.md states the contract these numbers serve.
 """
 
@@ -10,9 +11,9 @@ import functools
 import math
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from pladis.errors import SettingError
+from pladis.torch_internals import dispatch_mode_active
 
 DEFAULT_LAM = 2.0  # the paper's and the official code's `pladis_scale`
 DEFAULT_ALPHA = 1.5  # entmax15
@@ -55,20 +56,20 @@ def capturing(device: torch.device) -> bool:
     """Whether tensors made now must not be cached: the current CUDA stream is capturing a graph (they are
     filled on replay), or torch.compile, torch.export or AOTInductor is tracing (they become graph values:
     a dispatch mode such as FakeTensorMode or FunctionalTensorMode is active)."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or dispatch_mode_active():
         return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def constant(value: float, shape: tuple[int, ...], device) -> torch.Tensor:
-    """A float32 tensor of ``shape`` filled with ``value`` on ``device``: one cached tensor per (value, shape,
-    device), never written to, so a layer call allocates nothing; a fresh one while ``capturing``."""
+def constant(value: float, shape: tuple[int, ...], device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A tensor of ``shape`` and ``dtype`` filled with ``value`` on ``device``: one cached tensor per (value,
+    shape, device, dtype), never written to, so a layer call allocates nothing; a fresh one while ``capturing``."""
     device = torch.device(device)
     if capturing(device):
-        return torch.full(shape, float(value), dtype=torch.float32, device=device)
-    return _cached_constant(float(value), tuple(shape), device)
+        return torch.full(shape, float(value), dtype=dtype, device=device)
+    return _cached_constant(float(value), tuple(shape), device, dtype)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_constant(value: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.full(shape, value, dtype=torch.float32, device=device)
+def _cached_constant(value: float, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(shape, value, dtype=dtype, device=device)

@@ -6,7 +6,9 @@
    chooses between them and is the op's implementation on every device the kernel does not serve.
 3. ``attention_op``: the ``torch.library`` custom op ``pladis::attention`` and its fake twin, so that
    ``torch.export``, ``torch.compile`` and the ONNX exporters see one node. The CUDA implementation
-   (the fused Triton kernel in ``pladis/kernels/``) registers itself on it when Triton is installed.
+   (the fused Triton kernel in ``pladis/kernels/``) registers itself on it when Triton is installed;
+   ``fused_form`` is what compilers trace into (the rule, and every private torch name pladis rests on,
+   live in ``pladis.torch_internals``).
 4. ``attention`` / ``joint_attention``: the public functions, which validate and call the op.
 
 Numerical contract (docs/NUMERICS.md; constants in ``pladis.numerics``): with logits ``S = Q K^T * scale``,
@@ -22,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pladis.numerics import (  # noqa: F401 - re-exported: the op's constants, owned by pladis.numerics
+from pladis import kernels, torch_internals
+from pladis.numerics import (
     DEFAULT_ALPHA,
     DEFAULT_LAM,
-    LAM_RANGE,
+    LAM_RANGE,  # noqa: F401 - the op's accepted lam range, read as ops.LAM_RANGE (export/manifest.py)
     MASKED,
     NEWTON_STEPS,
     constant,
@@ -353,7 +356,6 @@ def fast_attention(
     mask4 = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + attn_mask.shape)
     out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
     for b in range(n_batch):
-        lam_b = lam[b : b + 1] if isinstance(lam, Tensor) and lam.shape[0] > 1 else lam
         for h0 in range(0, n_heads, heads):
             h1 = min(n_heads, h0 + heads)
             for r0 in range(0, lq, rows):
@@ -361,9 +363,14 @@ def fast_attention(
                 tile = (slice(b, b + 1), slice(h0, h1), slice(r0, r1))
                 mask = None if mask4 is None else mask4[_broadcast_index(tile, mask4.shape)]
                 s, masked = _fast_logits(q[tile], k[b : b + 1, h0:h1], mask, scale)
-                p = _fast_map(s, _lam_view(lam_b, s), alpha, steps, masked, text_len, text_first, r0)
+                p = _fast_map(s, _lam_view(_sample(lam, b), s), alpha, steps, masked, text_len, text_first, r0)
                 torch.matmul(p.to(v.dtype), v[b : b + 1, h0:h1], out=out[tile])
     return out
+
+
+def _sample(lam: float | Tensor, b: int) -> float | Tensor:
+    """lam of batch sample b: a (1,) slice of a per-sample tensor, else lam itself."""
+    return lam[b : b + 1] if isinstance(lam, Tensor) and lam.shape[0] > 1 else lam
 
 
 def _broadcast_index(index: tuple[slice, ...], shape: torch.Size) -> tuple[slice, ...]:
@@ -371,32 +378,11 @@ def _broadcast_index(index: tuple[slice, ...], shape: torch.Size) -> tuple[slice
     return tuple(ix if n > 1 else slice(None) for ix, n in zip(index, shape, strict=False))
 
 
-def _sdpa_with_lse(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scale: float):
-    """Dense attention and its log-sum-exp (B, H, Lq) float32 from a kernel that returns both, or None
-    where none applies (then the caller uses the chunked form). CPU: the flash kernel for CPU; CUDA: the
-    memory-efficient kernel (any float dtype), without a mask."""
-    same = q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and q.shape[-1] == v.shape[-1]  # the kernels' limits
-    if q.device.type == "cuda" and attn_mask is None and q.dim() == 4 and same:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
-        return out, lse[..., : q.shape[-2]].float()  # some versions pad the lse's rows to a multiple of 32
-    if q.device.type != "cpu" or q.dim() != 4 or not same:
-        return None
-    if attn_mask is not None:
-        if attn_mask.dim() != 4:
-            return None
-        attn_mask = (
-            torch.zeros(attn_mask.shape, dtype=q.dtype).masked_fill_(~attn_mask, -math.inf)
-            if attn_mask.dtype == torch.bool
-            else attn_mask.to(q.dtype)
-        )
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=attn_mask, scale=scale)
-
-
 def _joint_with_lse(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first) -> Optional[Tensor]:
     """Joint PLADIS as dense attention plus a correction on the image-query x text-key block only:
     ``out = SDPA(q, k, v) + lam (m c u - P_t) V_t`` on image rows, with ``P_t = exp(S_t - lse)`` the dense
     weights of the text keys and ``m = sum P_t`` their mass. None where no lse-returning kernel applies."""
-    got = _sdpa_with_lse(q, k, v, attn_mask, scale)
+    got = torch_internals.sdpa_with_lse(q, k, v, attn_mask, scale)
     if got is None:
         return None
     out, lse = got
@@ -421,8 +407,7 @@ def _joint_with_lse(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
         s, _ = _fast_logits(q[..., r0:r1, :], k_t, mask, scale)
         p_t = torch.exp(s - lse[..., r0:r1, None])
         u, c = entmax_newton(s, alpha, steps)
-        lam_v = _lam_view(lam, s)
-        corr = u.mul_(p_t.sum(-1, keepdim=True) * c).sub_(p_t).mul_(lam_v)  # lam (m c u - P_t)
+        corr = u.mul_(p_t.sum(-1, keepdim=True) * c).sub_(p_t).mul_(_lam_view(lam, s))  # lam (m c u - P_t)
         out[..., r0:r1, :] = (out[..., r0:r1, :].float() + torch.matmul(corr, v_t)).to(out.dtype)
     return out
 
@@ -446,10 +431,10 @@ def attention_op(
 ) -> Tensor:
     """``pladis::attention``: validated arguments only (call ``attention``/``joint_attention``).
 
-    lam: float32 tensor of shape (B,) (one strength per sample of q's batch) or (1,) (all samples): a runtime
-    input, so one traced or exported graph serves every lam. text_len = 0 is cross-attention; text_len > 0
-    is joint attention with that many text tokens, first or last. The text range is stored as a length, not
-    as indices, so one exported graph serves every image size.
+    lam: float32 tensor (float64 for float64 q) of shape (B,) (one strength per sample of q's batch) or (1,)
+    (all samples): a runtime input, so one traced or exported graph serves every lam. text_len = 0 is
+    cross-attention; text_len > 0 is joint attention with that many text tokens, first or last. The text
+    range is stored as a length, not as indices, so one exported graph serves every image size.
     """
     return pytorch_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
 
@@ -480,84 +465,28 @@ def fused_form(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
         return NotImplemented
     s, masked = _fast_logits(q, k, attn_mask, scale, inplace=False)
     u, c = entmax_newton(s, alpha, newton_steps(float(alpha), k.shape[-2]), inplace=False)
-    lam_v = lam.to(s.dtype).reshape(-1, *[1] * (s.dim() - 1))
-    p = (1.0 - lam_v) * torch.softmax(s, -1) + (lam_v * c) * u
+    lam = _lam_view(lam, s)
+    p = (1.0 - lam) * torch.softmax(s, -1) + (lam * c) * u
     if masked:
         p = p * (s.amax(-1, keepdim=True) > MASKED / 10)
     return torch.matmul(p.to(v.dtype), v)
 
 
-# Compiled paths trace into the op: AOTDispatcher (torch.compile, AOTInductor) runs under
-# FunctionalTensorMode, where the rule below replaces the op by ``fused_form`` or the traced kernel.
-# torch.export switches that decomposition off (the switch triton_op uses), so exported programs and the
-# ONNX exporters keep one node.
+# Compiled paths (torch.compile, AOTInductor) trace into the op for static shapes: the rule, and every
+# private torch name it rests on, live in ``pladis.torch_internals``.
 _FUSION = {"enabled": True, "symbolic": False}  # symbolic: trace in for symbolic sizes too (benchmarks only)
 
 
 def inductor_fusion(enabled: bool = True) -> None:
     """Whether torch.compile and AOTInductor trace into ``pladis::attention`` for static shapes (the default:
     ``fused_form`` on a CPU, the Triton kernel on CUDA) or call the op as an opaque kernel
-    (``enabled=False``). torch.export and the ONNX exporters see one node either way. Needs torch >= 2.6
-    (``torch._functorch.config.decompose_custom_triton_ops``); older versions keep the op opaque."""
+    (``enabled=False``). torch.export and the ONNX exporters see one node either way. A torch that lacks
+    a name the tracing rule needs keeps the op opaque and says so (``torch_internals.missing``)."""
     _FUSION["enabled"] = bool(enabled)
 
 
-def _decompose_in_compiled_graphs(mode, op, types, args, kwargs):
-    """FunctionalTensorMode rule of ``pladis::attention``: while AOTDispatcher traces for a compiler, the op's
-    tensor code (``fused_form``) or its Triton kernel, for static shapes; the op itself under torch.export,
-    for symbolic sizes, and where neither applies.
-
-    Symbolic sizes keep the op because that measured faster: a dynamic-shape AOTInductor build of the
-    small-sd15 U-Net ran 1.76x stock with the fused form and 1.09x with the op; its static build 1.04x
-    fused (docs/PERFORMANCE.md, ``export_bench --cases aoti-shapes``). The Triton kernel's launch
-    configuration needs numbers too."""
-    from torch._subclasses import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    plain = all(issubclass(t, FakeTensor) or t in (Tensor, FunctionalTensor) for t in types)
-    q, k, v, attn_mask = args[:4]
-    sizes = (*q.shape, *k.shape, *v.shape, *(() if attn_mask is None else attn_mask.shape))
-    static = all(isinstance(n, int) for n in sizes) or _FUSION["symbolic"]
-    if _FUSION["enabled"] and plain and static and torch._functorch.config.decompose_custom_triton_ops:
-        with mode:
-            out = fused_form(*args, **kwargs)
-            if out is NotImplemented:
-                out = _traced_kernel(*args, **kwargs)
-        if out is not NotImplemented:
-            return out
-    return mode.__torch_dispatch__(op, types, args, kwargs)
-
-
-def _traced_kernel(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
-    """The Triton kernel launched through ``wrap_triton`` (what a triton_op does), where it serves the call;
-    else ``NotImplemented`` (the op stays a call: joint attention, keys past 512, other alpha)."""
-    if not (q.is_cuda and _CUDA_KERNEL and hasattr(torch.library, "wrap_triton")):  # torch >= 2.6
-        return NotImplemented
-    from pladis.kernels import attention as kernel
-
-    if not kernel.supported(q, k, v, attn_mask, alpha, text_len):
-        return NotImplemented
-    return kernel.attention(q, k, v, attn_mask, lam, alpha, scale, traced=True)
-
-
-def _register_fusion() -> None:
-    import torch._functorch.config
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    if hasattr(torch._functorch.config, "decompose_custom_triton_ops"):  # else the op stays opaque
-        attention_op.register_torch_dispatch(FunctionalTensorMode, _decompose_in_compiled_graphs)
-
-
-_register_fusion()
-
-
-def _register_cuda_kernel() -> bool:
-    from pladis import kernels  # the Triton kernel serves CUDA tensors when Triton is installed
-
-    return kernels.register(attention_op, pytorch_attention)
-
-
-_CUDA_KERNEL = _register_cuda_kernel()
+_CUDA_KERNEL = kernels.register(attention_op, pytorch_attention)  # the Triton kernel, when Triton is installed
+torch_internals.trace_into(attention_op, fused_form, kernels.traced_kernel if _CUDA_KERNEL else None, _FUSION)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -613,16 +542,18 @@ def joint_attention(
     _check_text(text_len, text_first, q.shape[-2], k.shape[-2])
     if not isinstance(lam, Tensor) and lam == 0.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    lam_t = _lam_tensor(lam, q)
-    return attention_op(q, k, v, attn_mask, lam_t, float(alpha), scale, int(text_len), bool(text_first))
+    lam = _lam_tensor(lam, q)
+    return attention_op(q, k, v, attn_mask, lam, float(alpha), scale, int(text_len), bool(text_first))
 
 
 def _lam_tensor(lam: float | Tensor, q: Tensor) -> Tensor:
-    """The op's lam argument: a float32 tensor on q's device, (1,) for a number (one cached tensor per
-    value and device: no allocation and fill per layer call; never written to)."""
+    """The op's lam argument: a float32 tensor on q's device (float64 for float64 q: the reference path
+    keeps every lam exact), (1,) for a number (one cached tensor per value, device and dtype: no allocation
+    and fill per layer call; never written to)."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if isinstance(lam, Tensor):
-        return lam.to(device=q.device, dtype=torch.float32)
-    return constant(float(lam), (1,), q.device)
+        return lam.to(device=q.device, dtype=dtype)
+    return constant(float(lam), (1,), q.device, dtype)
 
 
 def check_params(lam: float | Tensor, alpha: float) -> None:

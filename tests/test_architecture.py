@@ -16,9 +16,10 @@ STAGE_SHARED = {"errors", "files", "options", "manifest", "backends", "ort"}
 ALLOWED = {
     "errors": set(),
     "options": set(),
-    "numerics": {"errors"},
-    "kernels": {"numerics"},
-    "ops": {"numerics", "kernels"},
+    "torch_internals": set(),
+    "numerics": {"errors", "torch_internals"},
+    "kernels": {"errors", "numerics"},
+    "ops": {"numerics", "kernels", "torch_internals"},
     "plugins_trt": {"errors", "kernels"},
     "files": {"errors"},
     "manifest": {"errors", "files"},

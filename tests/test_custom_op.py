@@ -1,12 +1,17 @@
 """The ``pladis::attention`` custom op: registration checks, one node under torch.export, fused tensor code
-under torch.compile."""
+under torch.compile, and the private torch names the compiled paths rest on (``pladis.torch_internals``)."""
+
+import logging
+import re
+import tomllib
+from pathlib import Path
 
 import pytest
 import tolerances
 import torch
 
 import pladis
-from pladis import ops
+from pladis import ops, torch_internals
 
 
 def _args(lq=16, lk=77, dtype=torch.float32, mask=False, text=(0, False)):
@@ -127,3 +132,64 @@ def test_aoti_fuses_the_op_for_static_shapes_and_calls_it_for_symbolic_ones(eage
         assert (eager_op_calls == []) == (name == "static"), name
         # float32 vs float64 on O(1) scores: as test_ops.TOL_FP32
         torch.testing.assert_close(out.double(), expected, rtol=tolerances.FP32, atol=tolerances.FP32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The private torch names (pladis.torch_internals)
+# --------------------------------------------------------------------------------------------------
+
+
+def _supported_floor() -> tuple[int, int]:
+    """The oldest torch pladis supports, from pyproject.toml's ``torch>=X.Y``."""
+    deps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    (spec,) = [d for d in deps["dependencies"] if re.match(r"torch\b", d)]
+    major, minor = re.search(r">=\s*(\d+)\.(\d+)", spec).groups()
+    return int(major), int(minor)
+
+
+def test_a_supported_torch_has_every_private_name():
+    # Not a skip, not a fallback: a torch release that drops or moves one of these names fails here, naming it.
+    # PRIVATE states which release first has each name; all of them are at or below the supported floor,
+    # so no supported torch may lack any (an older torch may lack exactly those whose release is newer).
+    floor = _supported_floor()
+    for name, (since, feature) in torch_internals.PRIVATE.items():
+        assert since <= floor, f"{name} first ships in torch {since}, after the supported floor {floor}"
+        assert feature
+    assert torch_internals.torch_version() >= floor
+    assert torch_internals.missing() == {}, f"torch {torch.__version__} lacks private names pladis needs"
+
+
+def test_the_names_are_the_ones_the_code_uses():
+    # each name resolves to the kind of object the rule calls (a config flag, a mode class, a kernel)
+    look = torch_internals.lookup
+    assert isinstance(look("torch._functorch.config.decompose_custom_triton_ops"), bool)
+    assert issubclass(look("torch._subclasses.functional_tensor.FunctionalTensorMode"),
+                      torch.utils._python_dispatch.TorchDispatchMode)  # fmt: skip
+    assert issubclass(look("torch._subclasses.fake_tensor.FakeTensor"), torch.Tensor)
+    assert issubclass(look("torch._subclasses.functional_tensor.FunctionalTensor"), torch.Tensor)
+    assert callable(look("torch.library.wrap_triton"))
+    assert look("torch.utils._python_dispatch._get_current_dispatch_mode")() is None  # no mode active here
+    for kernel in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention"):
+        assert isinstance(look(f"torch.ops.aten.{kernel}"), torch._ops.OpOverloadPacket)
+
+
+def test_a_missing_name_is_reported_with_the_feature_it_turns_off(monkeypatch, caplog):
+    # the check above must be able to fail: a torch without the decomposition switch is reported by name
+    import torch._functorch.config as config
+
+    monkeypatch.delattr(config, "decompose_custom_triton_ops", raising=False)
+    monkeypatch.delattr(torch.library, "wrap_triton")
+    gone = torch_internals.missing()
+    assert set(gone) == {"torch._functorch.config.decompose_custom_triton_ops", "torch.library.wrap_triton"}
+    assert "compilers tracing into pladis::attention" in gone["torch._functorch.config.decompose_custom_triton_ops"]
+    with caplog.at_level(logging.WARNING, logger="pladis.torch_internals"):
+        torch_internals._warn_missing()
+    assert "decompose_custom_triton_ops" in caplog.text and "off: compilers tracing into" in caplog.text
+    # and no rule is registered (an object without register_torch_dispatch would raise): the op stays one call
+    assert torch_internals.trace_into(object(), lambda *a: NotImplemented, None, {"enabled": True}) is False
+
+
+def test_the_tracing_rule_is_registered_on_this_torch():
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    assert FunctionalTensorMode in ops.attention_op._torch_dispatch_fns

@@ -16,6 +16,7 @@ import tolerances
 import torch
 
 from pladis import ops
+from pladis.errors import PladisError
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (dev extra)")
 
@@ -339,19 +340,24 @@ def test_supported_covers_cross_attention_only():
     assert not K.supported(q, k, k, None, 1.25, 0)  # bisection alphas: PyTorch operator
     long = torch.zeros(1, 2, 513, 64)
     assert not K.supported(q, long, long, None, 1.5, 0)  # more keys than one tile: PyTorch operator
-    with pytest.raises(ValueError, match="at most 512 keys"):
+    # a user-facing failure (a TensorRT build of a call site the kernel cannot serve reports it on one line)
+    with pytest.raises(PladisError, match="at most 512 keys"):
         K.kernel_config("fp16", "fp32", 64, 64, 600, 1.5, 0.125, K.MASK_NONE)
 
 
-def test_cuda_implementation_accepts_lam_as_float_or_tensor():
-    # the op before and after lam became a tensor: the kernel path takes both (checked in the interpreter
-    # above); the fallback passes lam through unchanged to the operator
+def test_cuda_implementation_falls_back_to_the_operator():
+    # what the kernel does not serve goes to the operator with the op's arguments unchanged (lam a tensor)
     from pladis.kernels import cuda_implementation
 
     impl = cuda_implementation(ops.pytorch_attention)
-    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)  # float64: not the kernel's, so the operator runs
-    ref = ops.reference_attention(q, q, q, None, 2.0, 1.5, 0.3)
-    assert torch.equal(impl(q, q, q, None, 2.0, 1.5, 0.3, 0, False), ref)
+    q = torch.randn(2, 2, 5, 8, dtype=torch.float64)  # float64: not the kernel's, so the operator runs
+    lam = torch.tensor([0.7, 2.0], dtype=torch.float64)
+    ref = ops.reference_attention(q, q, q, None, lam, 1.5, 0.3)
+    assert torch.equal(impl(q, q, q, None, lam, 1.5, 0.3, 0, False), ref)
+    # a CPU tensor is never the kernel's, also when a compiler traces: the op stays a call
+    assert kernels.traced_kernel(q.float(), q.float(), q.float(), None, lam, 1.5, 0.3, 0, False, wrap=None) is (
+        NotImplemented
+    )
     assert torch.equal(K._lam_tensor(2.0, 3, "cpu"), torch.tensor([2.0]))
     assert torch.equal(K._lam_tensor(torch.tensor([1.0, 2.0], dtype=torch.float64), 2, "cpu"), torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="1 or B=2 values"):
@@ -541,3 +547,167 @@ def test_torch_compile_on_gpu_compiles_the_kernel_and_matches_eager(lk):
         torch._dynamo.reset()
     # the same kernel (or the same PyTorch path) on the same inputs: only Inductor's copies in between
     assert torch.equal(got, eager)
+
+
+# --------------------------------------------------------------------------------------------------
+# The joint-attention kernel (MMDiT: SD3, FLUX) in Triton's interpreter, against the float64 operator
+# --------------------------------------------------------------------------------------------------
+
+_JOINT_SCRIPT = """
+import json, sys, torch
+import triton.language as tl
+from pladis import ops
+from pladis.kernels import attention as A, joint as J
+
+calls = []
+jit = J.pladis_joint_fwd
+
+class Recorder:  # what the launcher passes: grid and positional arguments, in order
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            calls.append({"grid": list(grid), "args": [("tensor", str(a.dtype), list(a.shape))
+                          if isinstance(a, torch.Tensor) else ("int", a) for a in args],
+                          "block_m": kw["BLOCK_M"], "block_t": kw["BLOCK_T"]})
+            return jit[grid](*args, **kw)
+        return run
+
+J.pladis_joint_fwd = Recorder()
+out = []
+for b, h, text, image, d, dtype, text_first, alpha, mask, lam in json.loads(sys.argv[1]):
+    J._GRID_YZ_MAX = tl.constexpr(4) if b == 3 else tl.constexpr(65535)
+    A.GRID_YZ_MAX = 4 if b == 3 else 65535
+    length = text + image
+    g = torch.Generator().manual_seed(text * 100 + image)
+    q, k = ((torch.randn(b, h, length, d, generator=g, dtype=torch.float64) * 1.5).to(getattr(torch, dtype))
+            for _ in range(2))
+    v = torch.randn(b, h, length, d, generator=g, dtype=torch.float64).to(getattr(torch, dtype))
+    t0 = 0 if text_first else image
+    m = None
+    if mask == "padding":  # padded text tokens (T5), a different count per sample
+        m = torch.ones(b, 1, 1, length, dtype=torch.bool)
+        for i in range(b):
+            m[i, ..., t0 + max(1, text - text // (i + 2)) : t0 + text] = False
+    elif mask == "empty":  # sample 0 sees no key at all: zero rows, never NaN
+        m = torch.ones(b, 1, 1, length, dtype=torch.bool)
+        m[0] = False
+    lam_t = torch.tensor(lam, dtype=torch.float32)
+    got = J.joint_attention(q, k, v, m, lam_t, alpha, d ** -0.5, text, text_first)
+    err = 0.0
+    for i in range(b):  # each sample against the float64 operator on that sample alone, with its own lam
+        mi = None if m is None else m[i : i + 1]
+        li = float(lam_t[i if len(lam) > 1 else 0])
+        qi, ki, vi = (t[i : i + 1].double() for t in (q, k, v))
+        if mask == "empty" and i == 0:
+            err = max(err, got[i].double().abs().max().item())  # all keys masked: exactly zero
+            continue
+        ref = ops.reference_attention(qi, ki, vi, mi, li, alpha, d ** -0.5, text, text_first)
+        if li == 0.0:  # lam 0: plain softmax attention (float64 SDPA as the reference)
+            ref = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mi, scale=d ** -0.5)
+        err = max(err, ((got[i : i + 1].double() - ref).norm() / ref.norm()).item())
+    call = calls[-1]
+    out.append({"err": err, "nan": bool(got.isnan().any()), "dtype": str(got.dtype), "shape": list(got.shape),
+                "grid": call["grid"], "args": call["args"], "block_m": call["block_m"],
+                "block_t": call["block_t"]})
+print(json.dumps(out))
+"""
+
+# (B, H, text, image, D, dtype, text_first, alpha, mask, lam): text lengths 1, 7, 77 and 129 (one past the
+# 128 text tile), image lengths that are no multiple of the query tile (64/32/16) or the key block (32)
+JOINT_CASES = [
+    (2, 2, 7, 45, 32, "float32", True, 1.5, None, [2.0, 1.0]),
+    (2, 2, 7, 45, 32, "float32", False, 1.5, None, [2.0, 1.0]),
+    (2, 1, 1, 37, 64, "float32", True, 2.0, None, [3.0]),
+    (2, 1, 77, 51, 64, "float32", False, 1.5, "padding", [2.0, 0.0]),
+    (2, 1, 77, 51, 64, "float16", True, 2.0, "padding", [0.0, 2.5]),
+    (1, 2, 129, 23, 64, "float32", True, 1.5, None, [2.0]),
+    (1, 2, 129, 23, 40, "float16", False, 1.5, "padding", [1.5]),
+    (2, 1, 7, 30, 32, "float16", True, 1.5, "empty", [2.0]),
+    (3, 2, 7, 20, 16, "float32", False, 2.0, None, [2.0, 1.0, 0.5]),  # grid limit 4: B*H over y and z
+]
+# rel-L2 against the float64 operator, the issue's bounds: float32 logits and threshold (tolerances.FP32);
+# fp16 also rounds P and the correction to 2^-11 relative before their products with V (tolerances.HALF).
+JOINT_TOL = {"float32": tolerances.FP32, "float16": tolerances.HALF[torch.float16]}
+
+
+def test_joint_kernel_in_triton_interpreter_matches_float64_operator():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # a child process: the interpreter is chosen at import
+    proc = subprocess.run([sys.executable, "-c", _JOINT_SCRIPT, json.dumps(JOINT_CASES)], capture_output=True,
+                          text=True, env=env, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for case, r in zip(JOINT_CASES, results, strict=True):
+        b, h, text, image, d, dtype, *_ = case
+        length = text + image
+        assert not r["nan"] and r["dtype"] == f"torch.{dtype}" and r["shape"] == [b, h, length, d]
+        assert r["err"] <= JOINT_TOL[dtype], (case, r["err"])
+        # the launch contract: 5 tensors, the 11 int32 sizes (B, H, L, TL, D, DV, mask dims, lam's length), out
+        assert [a[0] for a in r["args"]] == ["tensor"] * 5 + ["int"] * 11 + ["tensor"]
+        mask_shape, lam_len = r["args"][3][2], r["args"][4][2][0]
+        assert [a[1] for a in r["args"][5:16]] == [b, h, length, text, d, d, *mask_shape, lam_len]
+        assert r["args"][4][1] == "torch.float32"
+        assert r["block_t"] == (128 if text <= 128 else 512)
+        grid_max = 4 if b == 3 else K.GRID_YZ_MAX
+        assert r["grid"] == [math.ceil(length / r["block_m"]), min(b * h, grid_max), -(-b * h // grid_max)]
+    assert results[-1]["grid"][2] == 2  # the grid-limit case really split batch x head over y and z
+
+
+def test_joint_kernel_covers_what_it_says():
+    from pladis.kernels import joint as J
+
+    q = torch.zeros(1, 2, 90, 64)
+    assert J.joint_supported(q, q, q, None, 1.5, 77)
+    assert not J.joint_supported(q, q, q, None, 1.5, 0)  # cross-attention: the cross kernel
+    assert not J.joint_supported(q, q, q, None, 1.25, 77)  # bisection alphas: PyTorch operator
+    assert not J.joint_supported(q.double(), q.double(), q.double(), None, 1.5, 77)  # float64: the exact solver
+    wide = torch.zeros(1, 2, 90, 256)
+    assert not J.joint_supported(wide, wide, wide, None, 1.5, 77)  # head dim past 128
+    with pytest.raises(PladisError, match="at most 512 text tokens"):
+        J.joint_config("fp16", "fp32", 64, 64, 513, 1.5, 0.125, K.MASK_NONE, True)
+
+
+def test_compiled_graphs_launch_the_joint_kernel_on_cuda():
+    # as for cross-attention: fake CUDA tensors, no GPU; AOTDispatcher's decomposition gives the joint kernel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class Joint(torch.nn.Module):
+        def forward(self, q, k, v, lam):
+            return ops.joint_attention(q, k, v, lam=lam, text_len=77, text_first=False)
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q, k, v = (torch.empty(2, 4, 77 + 256, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+        lam = torch.empty(2, device="cuda")
+    ep = torch.export.export(Joint(), (q, k, v, lam))
+    assert "pladis.attention.default" in _targets(ep)
+    ep = ep.run_decompositions(decompose_custom_triton_ops=True)
+    launches = [n for n in ep.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(launches) == 1 and not any("pladis" in str(n.target) for n in ep.graph.nodes)
+    args = launches[0].kwargs["kwargs"]
+    assert (args["L"], args["TL"], args["TEXT_FIRST"], args["BLOCK_T"]) == (333, 77, False, 128)
+
+
+@needs_aot
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])  # SD3, FLUX
+@pytest.mark.parametrize("text_len", [77, 512])  # the two text tiles (154 and 333 take the 512 one)
+def test_joint_kernel_compiles_for_sm80_and_sm90_within_the_launch_limits(dtype, head_dim, text_len):
+    # compiled from this CPU as for the cross kernel: the parameter list is the launch contract (plus Triton's
+    # hidden scratch pointers), no scratch memory, shared memory within the 48 KiB a launch gets without opt-in
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pladis.kernels import joint as J
+
+    cfg = J.joint_config(dtype, "fp32", head_dim, head_dim, text_len, 1.5, head_dim**-0.5, K.MASK_KEYS, True)
+    t = "*" + dtype
+    sig = {"Q": t, "K": t, "V": t, "M": "*fp32", "LAM": "*fp32", **dict.fromkeys(J.JOINT_EXTRA_ARGS, "i32"), "OUT": t}
+    constexprs = cfg.constexprs()
+    for capability in (80, 90):
+        src = ASTSource(J.pladis_joint_fwd, {**sig, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs)
+        options = {"num_warps": cfg.num_warps, "num_stages": 1, "ptx_version": kernels.PTX_VERSION,
+                   "enable_fp_fusion": True}  # fmt: skip
+        compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+        md = compiled.metadata
+        params = aot.ptx_entry_params(compiled.asm["ptx"], md.name)
+        assert params[:17] == ["u64"] * 5 + ["u32"] * 11 + ["u64"], params
+        assert md.global_scratch_size == 0 and md.profile_scratch_size == 0
+        assert md.shared <= K.SHARED_MEMORY_LIMIT, (cfg, capability, md.shared)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pladis
-from pladis import ops
+from pladis import ops, torch_internals
 
 ORACLE = {1.5: entmax15, 2.0: sparsemax}
 
@@ -330,6 +330,26 @@ def test_per_sample_lam_equals_each_sample_alone(text):
         torch.testing.assert_close(together[b : b + 1], alone, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+@pytest.mark.parametrize("lam", [0.7, 1 / 3, 2.9, "per-sample"])
+@pytest.mark.parametrize("text", [None, (7, True)], ids=["cross", "joint"])
+def test_float64_is_exact_for_any_lam(alpha, lam, text):
+    # float64 is the reference path: lam must reach it unrounded. A float32 lam (0.7 -> 0.699999988) is off by
+    # 1e-8 relative, which shows as ~1e-8 in the output, far above float64 rounding.
+    if lam == "per-sample":
+        lam = torch.tensor([0.7, 1 / 3], dtype=torch.float64)
+    lq, lk = (20, 20) if text else (16, 77)
+    q, k, v = qkv(lq=lq, lk=lk, dtype=torch.float64, scale=2.0, seed=11)
+    per_sample = isinstance(lam, torch.Tensor)
+    if text:  # joint_oracle weighs one (B, H, text) row at a time; oracle the (B, H, Lq, Lk) map
+        out = pladis.joint_attention(q, k, v, text_len=text[0], text_first=text[1], lam=lam, alpha=alpha)
+        expected = joint_oracle(q, k, v, lam.reshape(-1, 1, 1) if per_sample else lam, alpha, (0, text[0]))
+    else:
+        out = pladis.attention(q, k, v, lam=lam, alpha=alpha)
+        expected = oracle(q, k, v, lam.reshape(-1, 1, 1, 1) if per_sample else lam, alpha)
+    assert_close(out, expected, **tolerances.FP64_EXACT)
+
+
 def test_lam_tensor_of_the_wrong_length_is_refused():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="lam has 3 values for a batch of 2"):
@@ -381,7 +401,7 @@ def test_joint_fast_path_matches_float64_operator(path, text_first, text, image,
     # "lse": SDPA with its log-sum-exp + the image x text correction; "chunked": the fallback where no
     # lse-returning kernel exists. Image lengths are odd so no chunk or block size divides them.
     if path == "chunked":
-        monkeypatch.setattr(ops, "_sdpa_with_lse", lambda *a: None)
+        monkeypatch.setattr(torch_internals, "sdpa_with_lse", lambda *a: None)
         monkeypatch.setattr(ops, "_FAST_CHUNK_ELEMENTS", 2 * 3 * (text + image) * 17)  # ragged row chunks
     q, k, v = _joint_inputs(2, 3, text, image, 16, torch.float32)
     m = None if mask is None else _joint_masks(2, text + image, text_first, text, mask)

@@ -8,6 +8,9 @@ import torch
 
 # float64 in, float64 math: only summation order differs from the oracle.
 FP64 = dict(rtol=1e-10, atol=1e-10)
+# float64 at O(1) scores and values over <= 100 keys, lam up to 3: the rounding of the sums is ~100 * 2^-53 *
+# (2 lam - 1) ~ 1e-13, so 1e-12 holds it and still catches any float32 rounding on the way (2^-24 ~ 6e-8).
+FP64_EXACT = dict(rtol=1e-12, atol=1e-12)
 # float32 logits and threshold (the contract) vs the float64 oracle on O(1) scores: a few float32 ulps,
 # amplified by lam and by up to 1000-term sums.
 FP32 = 2e-5

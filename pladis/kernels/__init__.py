@@ -1,9 +1,10 @@
-"""pladis.kernels: the fused Triton kernel, registered as the CUDA implementation of ``pladis::attention``.
+"""pladis.kernels: the fused Triton kernels, registered as the CUDA implementation of ``pladis::attention``.
 
 ``register(op, fallback)`` runs when ``pladis.ops`` is imported and Triton is installed: it only tells the op
 which function serves CUDA tensors (no GPU query, no Triton import until a CUDA tensor arrives). That
-function runs the kernel where ``attention.supported`` says it applies (cross-attention, alpha 1.5 or 2,
-up to 512 keys) and the PyTorch operator otherwise, so CUDA calls are always served. The TensorRT plugin
+function runs the cross-attention kernel (``attention``: alpha 1.5 or 2, up to 512 keys) or the joint one
+(``joint``: MMDiT, up to 512 text tokens, head dims up to 128) where they apply and the PyTorch operator
+otherwise, so CUDA calls are always served. The TensorRT plugin
 (``pladis.plugins_trt``) compiles the same kernel ahead of time (``aot.compile_kernel``).
 """
 
@@ -70,19 +71,40 @@ def source_hash() -> str:
 
 
 def cuda_implementation(fallback):
-    """The CUDA implementation of ``pladis::attention``: the kernel where ``attention.supported`` says it
-    applies, else ``fallback`` (the PyTorch operator, same signature). lam: a float (the op before lam became
-    a tensor) or a float32 tensor (B,) or (1,) on q's device."""
+    """The CUDA implementation of ``pladis::attention``: the cross kernel or the joint kernel where
+    ``attention.supported`` / ``joint.joint_supported`` say they apply, else ``fallback`` (the PyTorch
+    operator, same signature). lam: a float32 tensor (B,) or (1,) on q's device (the op's argument)."""
 
     def impl(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first):
-        from pladis.kernels import attention as kernel
-
-        plain_sdpa = not hasattr(lam, "shape") and lam == 0.0  # a float 0 is vanilla attention: the operator's
-        if not plain_sdpa and kernel.supported(q, k, v, attn_mask, alpha, text_len):
-            return kernel.attention(q, k, v, attn_mask, lam, alpha, scale)
-        return fallback(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
+        out = _launch(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first, None)
+        if out is NotImplemented:
+            return fallback(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first)
+        return out
 
     return impl
+
+
+def _launch(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first, wrap):
+    """The kernel that serves this call of the op, launched (through ``wrap`` unless None), or
+    ``NotImplemented``."""
+    from pladis.kernels import attention, joint
+
+    if attention.supported(q, k, v, attn_mask, alpha, text_len):
+        return attention.attention(q, k, v, attn_mask, lam, alpha, scale, wrap=wrap)
+    if joint.joint_supported(q, k, v, attn_mask, alpha, text_len):
+        return joint.joint_attention(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first, wrap=wrap)
+    return NotImplemented
+
+
+def traced_kernel(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first, *, wrap):
+    """The kernel for a compiler tracing into ``pladis::attention`` (``pladis.torch_internals.trace_into``):
+    launched through ``wrap`` (``torch.library.wrap_triton``), so the graph holds the Triton kernel itself,
+    which Inductor compiles into its output code (AOTInductor into the ``.pt2``), as for a triton_op.
+    ``NotImplemented`` where no kernel serves the call (the op stays a call: CPU tensors, keys past 512,
+    text past 512, other alpha). Arguments: the op's."""
+    if not q.is_cuda:
+        return NotImplemented
+    return _launch(q, k, v, attn_mask, lam, alpha, scale, text_len, text_first, wrap)
 
 
 def register(op, fallback) -> bool:

@@ -17,7 +17,6 @@ from pladis.kernels.attention import EXTRA_ARGS, SHARED_MEMORY_LIMIT, KernelConf
 
 INPUTS = ("Q", "K", "V", "M", "LAM")
 OUTPUTS = ("OUT",)
-_TRITON_TYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +39,8 @@ class CompiledKernel:
 
 def signature(cfg: KernelConfig) -> dict[str, str]:
     """Triton's signature of the runtime arguments in kernel order: pointers, int32 sizes, output pointer."""
-    t = "*" + _TRITON_TYPES[cfg.dtype]
-    return {"Q": t, "K": t, "V": t, "M": "*" + _TRITON_TYPES[cfg.mask_dtype], "LAM": "*fp32",
+    t = "*" + cfg.dtype  # KernelConfig's type names are Triton's ("fp32", "fp16", "bf16")
+    return {"Q": t, "K": t, "V": t, "M": "*" + cfg.mask_dtype, "LAM": "*fp32",
             **dict.fromkeys(EXTRA_ARGS, "i32"), "OUT": t}  # fmt: skip
 
 

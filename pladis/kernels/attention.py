@@ -32,9 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
+from pladis.errors import PladisError
 from pladis.numerics import MASKED, constant, newton_steps
 
-MAX_KEYS = 512  # one tile holds the whole key row; longer rows (joint attention) use the PyTorch operator
+MAX_KEYS = 512  # one tile holds the whole key row; longer rows use the PyTorch operator (joint: kernels.joint)
 MAX_HEAD_DIM = 256
 GRID_YZ_MAX = 65535  # CUDA's limit on grid y and z
 SHARED_MEMORY_LIMIT = 48 * 1024  # the default dynamic shared memory a launch may use without an opt-in
@@ -43,6 +44,40 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXTRA_ARGS = ("B", "H", "LQ", "LK", "D", "DV", "MB", "MH", "MQ", "MK", "NL")  # the int32 sizes, in kernel order
 _MASKED = tl.constexpr(MASKED)  # a global used in a jit function must be constexpr
 _GRID_YZ_MAX = tl.constexpr(GRID_YZ_MAX)
+
+
+@triton.jit
+def entmax_threshold(s, smax, SPARSEMAX: tl.constexpr, STEPS: tl.constexpr):
+    """The alpha-entmax threshold of each row of finite float32 logits s (BLOCK_M, BLOCK_N) whose row maxima
+    are smax, in units of s: sparsemax's tau, or t = 2 tau for entmax15. The sort-free solve of every
+    implementation (docs/NUMERICS.md §2): Newton from the lower end of the bracket, then the closed form."""
+    if SPARSEMAX:  # tau += (sum r - 1) / |support|, from max - 1
+        t = smax - 1.0
+        for _ in range(STEPS):
+            r = tl.maximum(s - t[:, None], 0.0)
+            count = tl.sum(tl.where(s > t[:, None], 1.0, 0.0), 1)
+            t += (tl.sum(r, 1) - 1.0) / tl.maximum(count, 1.0)
+    else:  # entmax15 in units of s (t = 2 tau): Newton on ||r|| / 2 - 1 from max - 2, then the closed form
+        t = smax - 2.0
+        for _ in range(STEPS):
+            r = tl.maximum(s - t[:, None], 0.0)
+            norm = tl.sqrt(tl.sum(r * r, 1))
+            t += (norm - 2.0) * norm / tl.maximum(tl.sum(r, 1), 1e-30)
+        r = tl.maximum(s - t[:, None], 0.0)
+        k_sup = tl.maximum(tl.sum(tl.where(s > t[:, None], 1.0, 0.0), 1), 1.0)
+        s1, s2 = tl.sum(r, 1), tl.sum(r * r, 1)
+        t += (s1 - tl.sqrt(tl.maximum(s1 * s1 - k_sup * (s2 - 4.0), 0.0))) / k_sup
+    return t
+
+
+@triton.jit
+def entmax_map(s, t, SPARSEMAX: tl.constexpr):
+    """alpha-entmax of logits s (BLOCK_M, BLOCK_N) given each row's threshold t (``entmax_threshold``); s may
+    be any block of the row's keys."""
+    r = tl.maximum(s - t[:, None], 0.0)
+    if not SPARSEMAX:
+        r = r * r * 0.25
+    return r
 
 
 @triton.jit
@@ -104,25 +139,7 @@ def pladis_fwd(
     smax = tl.max(s, 1)
     e = tl.exp(s - smax[:, None])
     dense = e / tl.sum(e, 1)[:, None]
-    if SPARSEMAX:  # tau += (sum r - 1) / |support|, from max - 1
-        tau = smax - 1.0
-        for _ in range(STEPS):
-            r = tl.maximum(s - tau[:, None], 0.0)
-            count = tl.sum(tl.where(s > tau[:, None], 1.0, 0.0), 1)
-            tau += (tl.sum(r, 1) - 1.0) / tl.maximum(count, 1.0)
-        sparse = tl.maximum(s - tau[:, None], 0.0)
-    else:  # entmax15 in units of s (t = 2 tau): Newton on ||r|| / 2 - 1 from max - 2, then the closed form
-        t = smax - 2.0
-        for _ in range(STEPS):
-            r = tl.maximum(s - t[:, None], 0.0)
-            norm = tl.sqrt(tl.sum(r * r, 1))
-            t += (norm - 2.0) * norm / tl.maximum(tl.sum(r, 1), 1e-30)
-        r = tl.maximum(s - t[:, None], 0.0)
-        k_sup = tl.maximum(tl.sum(tl.where(s > t[:, None], 1.0, 0.0), 1), 1.0)
-        s1, s2 = tl.sum(r, 1), tl.sum(r * r, 1)
-        t += (s1 - tl.sqrt(tl.maximum(s1 * s1 - k_sup * (s2 - 4.0), 0.0))) / k_sup
-        r = tl.maximum(s - t[:, None], 0.0)
-        sparse = r * r * 0.25
+    sparse = entmax_map(s, entmax_threshold(s, smax, SPARSEMAX, STEPS), SPARSEMAX)
     lam = tl.load(LAM + tl.minimum(b, NL - 1))  # lam (B,) one per sample, or (1,); in bounds for any program
     p = dense + lam * (sparse - dense)
     p = tl.where((smax > _MASKED / 10)[:, None], p, 0.0)  # a row whose keys are all masked gives zeros
@@ -224,8 +241,8 @@ def kernel_config(
 QUERY_TILES = {(True, 128): (64, 8), (True, 512): (16, 8), (False, 128): (64, 4), (False, 512): (32, 8)}
 
 
-class KernelUnsupported(ValueError):
-    """The fused kernel does not cover these shapes or parameters."""
+class KernelUnsupported(PladisError):
+    """The fused kernel does not cover these shapes or parameters (a build that needs it reports this)."""
 
 
 def check_supported(dtype: str, head_dim: int, value_dim: int, max_keys: int, alpha: float, mask_mode: int) -> None:
@@ -327,15 +344,14 @@ def _mask4(attn_mask, b: int, h: int, lq: int, lk: int, device) -> torch.Tensor:
     return m.expand(*(1 if m.shape[i] == 1 else full[i] for i in range(4))).contiguous()
 
 
-def attention(q, k, v, attn_mask, lam, alpha: float, scale: float, traced: bool = False) -> torch.Tensor:
+def attention(q, k, v, attn_mask, lam, alpha: float, scale: float, wrap=None) -> torch.Tensor:
     """Launch the kernel. q: (B, H, Lq, D), k: (B, H, Lk, D), v: (B, H, Lk, Dv) (broadcastable batch/head dims,
     any strides: read in place when all three are (B, L, H, D) in memory, else made contiguous); attn_mask:
     bool or additive, broadcastable to (B, H, Lq, Lk), or None; lam: a float or a float32 tensor (B,) or (1,).
     Returns (B, H, Lq, Dv) contiguous, in q's dtype.
 
-    traced: a compiler is tracing this call (``ops`` asks when torch.compile or AOTInductor traces into the
-    op): the launch goes through ``torch.library.wrap_triton``, so the graph holds the Triton kernel itself,
-    which Inductor compiles into its output code (and AOTInductor into the ``.pt2``), as for a triton_op."""
+    wrap: None for a plain launch; a compiler's kernel wrapper (``torch.library.wrap_triton``) while a compiler
+    traces into the op (``pladis.kernels.traced_kernel``)."""
     b, h = (max(x) for x in zip(q.shape[:2], k.shape[:2], v.shape[:2], strict=True))
     lq, lk, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     # diffusers hands over (B, L, H, D) projections viewed as (B, H, L, D): read them in place (3 copies per
@@ -363,6 +379,6 @@ def attention(q, k, v, attn_mask, lam, alpha: float, scale: float, traced: bool 
     out = torch.empty((b, h, lq, dv), device=q.device, dtype=q.dtype)
     grid = launch(b, h, lq, block_m=cfg.block_m, num_warps=cfg.num_warps, shared_mem=0).grid
     sizes = extra_args(q.shape, k.shape, v.shape, mask.shape, lam_t.shape)
-    kernel = torch.library.wrap_triton(pladis_fwd) if traced else pladis_fwd
+    kernel = pladis_fwd if wrap is None else wrap(pladis_fwd)
     kernel[grid](q, k, v, mask, lam_t, *sizes, out, **cfg.constexprs(), num_warps=cfg.num_warps)
     return out
