@@ -1,10 +1,13 @@
 """The HTTP app: ``POST /v1/images/generations`` and ``GET /v1/models`` as the OpenAI images API has them,
 ``GET /healthz`` (readiness), ``GET /livez`` (liveness), ``GET /metrics`` (Prometheus).
 
-Every request body is read with a byte limit and a time limit, parsed, and checked field by field (Pydantic,
-then the engine's manifest) before it is queued; a bad one gets OpenAI's error body ``{"error": {"message",
-"type", "param", "code"}}`` with a 4xx whose ``param`` names the field. The engine folder is read once, at
-start-up.
+Every request body is read with a byte limit and a time limit, parsed with strict types (Pydantic), checked
+against this server's limits, then made into the runtime's ``Request`` and checked against the engine by the
+runtime's one check, before it is queued; a bad one gets OpenAI's error body ``{"error": {"message", "type",
+"param", "code"}}`` with a 4xx whose ``param`` names the field (a ``SettingError``'s field, mapped by
+``PARAMS``). The worker runs each batch through ``Runtime.generate``, whose per-step hook stops abandoned
+work. ``Service`` holds the state; ``create_app`` wires its methods to the routes. The engine folder is read
+once, at start-up.
 """
 
 from __future__ import annotations
