@@ -7,7 +7,8 @@ from pathlib import Path
 
 from pladis import backends
 from pladis.files import atomic_path, check_output_file
-from pladis.options import DEFAULT_PROMPT, option
+from pladis.options import DEFAULT_ENGINE, DEFAULT_PROMPT, option
+from pladis.runtime.request import DEFAULT_STEPS, PARITY_STEPS, request_of
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # by file suffix
 LAM_HELP = "PLADIS strength lambda, a runtime input (0 = stock model; default: the export's)"
@@ -19,13 +20,13 @@ GUIDANCE_HELP = "CFG scale (FLUX: the embedded guidance); <= 1 turns CFG off; de
 
 @dataclass
 class GenerateConfig:
-    """Settings of ``pladis generate``. None: the model's default (steps 20, guidance per family, the
-    engine's scheduler and image size)."""
+    """Settings of ``pladis generate``: the engine and output, and the fields of the ``Request`` it makes
+    (``request_of``). None: the model's default (guidance per family, the engine's scheduler and size)."""
 
-    engine: str = option("build/tiny-sdxl", ENGINE_HELP)
+    engine: str = option(DEFAULT_ENGINE, ENGINE_HELP)
     prompt: str = option(DEFAULT_PROMPT, "text prompt")
     negative_prompt: str | None = option(None, "negative prompt (needs CFG: guidance > 1)")
-    steps: int | None = option(None, "denoising steps (default 20)")
+    steps: int | None = option(None, f"denoising steps (default {DEFAULT_STEPS})")
     guidance: float | None = option(None, GUIDANCE_HELP)
     guidance_rescale: float = option(0.0, "CFG guidance rescale (0 = off)")
     scheduler: str | None = option(None, SCHEDULER_HELP)
@@ -65,9 +66,7 @@ def generate(cfg: GenerateConfig):
         check_output_file(path, tuple(IMAGE_FORMATS), cfg.force)
     rt = Runtime(cfg.engine, cfg.backend or None, parse_component_backends(cfg.component_backends), cfg.device,
                  cfg.verify)  # fmt: skip
-    result = rt.generate(cfg.prompt, negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance,
-                         guidance_rescale=cfg.guidance_rescale, scheduler=cfg.scheduler, seed=cfg.seed,
-                         batch=cfg.batch, height=cfg.height, width=cfg.width, lam=cfg.lam)  # fmt: skip
+    result = rt.generate(request_of(cfg))
     for image, path in zip(result.images, paths, strict=True):
         with atomic_path(path) as tmp:
             image.save(tmp, format=IMAGE_FORMATS[path.suffix.lower()])
@@ -76,12 +75,12 @@ def generate(cfg: GenerateConfig):
 
 @dataclass
 class ParityConfig:
-    """Settings of ``pladis parity``."""
+    """Settings of ``pladis parity``: the engine, the outputs, and the fields of its ``Request``."""
 
-    engine: str = option("build/tiny-sdxl", ENGINE_HELP)
+    engine: str = option(DEFAULT_ENGINE, ENGINE_HELP)
     backend: str = option("", BACKEND_HELP)
     prompt: str = option(DEFAULT_PROMPT, "text prompt")
-    steps: int = option(4, "denoising steps compared")
+    steps: int = option(PARITY_STEPS, "denoising steps compared")
     lam: float | None = option(None, LAM_HELP + " (the eager reference runs at the same lam)")
     scheduler: str | None = option(None, SCHEDULER_HELP)
     guidance: float | None = option(None, GUIDANCE_HELP)
@@ -103,9 +102,7 @@ def parity(cfg: ParityConfig):
     for path, suffixes in ((cfg.json, (".json",)), (cfg.plot, (".png",))):
         if path:
             check_output_file(path, suffixes, cfg.force)
-    report = harness.check(cfg.engine, cfg.backend or None, prompt=cfg.prompt, steps=cfg.steps, scheduler=cfg.scheduler,
-                         guidance=cfg.guidance, seed=cfg.seed, height=cfg.height, width=cfg.width,
-                         device=cfg.device, verify=cfg.verify, lam=cfg.lam)  # fmt: skip
+    report = harness.check(cfg.engine, cfg.backend or None, request_of(cfg), device=cfg.device, verify=cfg.verify)
     print(report.table(), flush=True)
     harness.save(report, cfg.json or None, cfg.plot or None)
     return report

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from pladis.files import atomic_path, write_text
+from pladis.options import DEFAULT_PROMPT
 from pladis.runtime import families
-from pladis.runtime.commands import ParityConfig as _CLI  # the one source of the defaults (and their help)
 from pladis.runtime.pipeline import Runtime, step_generators
+from pladis.runtime.request import PARITY_STEPS, Request
 
 # Teacher-forced per-step tolerance on relative L2 (noise prediction and latent), by engine precision.
 # fp32: the export contract (both sides compute in float32; only operation order differs); measured
@@ -96,22 +97,31 @@ class ParityReport:
         return json.dumps({**self.__dict__, "ok": self.ok, "failures": self.failures}, indent=2) + "\n"
 
 
-def check(engine: str | Path, backend: str | None = None, *, prompt: str | list[str] = _CLI.prompt,
-          steps: int = _CLI.steps, scheduler: str | None = _CLI.scheduler, guidance: float | None = _CLI.guidance,
-          seed: int = _CLI.seed, height: int | None = _CLI.height, width: int | None = _CLI.width,
-          device: str = _CLI.device, verify: bool = _CLI.verify, lam=_CLI.lam) -> ParityReport:  # fmt: skip
-    """Compare ``backend`` on ``engine`` with eager PyTorch through ``steps`` steps, both ways (backend None:
-    each component as built, or ONNX Runtime for an export folder). lam: the strength both sides run at (a
-    number or one per prompt; None: the export's default)."""
+def check(engine: str | Path, backend: str | None = None, request: Request | None = None, *, device: str = "cpu",
+          verify: bool = True, **fields) -> ParityReport:  # fmt: skip
+    """Compare ``backend`` on ``engine`` with eager PyTorch through the request's steps, both ways (backend
+    None: each component as built, or ONNX Runtime for an export folder). ``request``, or ``Request``
+    keywords (default prompt ``DEFAULT_PROMPT``, ``PARITY_STEPS`` steps); its lam (a number or one per
+    prompt; None: the export's default) is the strength both sides run at."""
+    if request is None:
+        request = Request(**{"prompt": DEFAULT_PROMPT, "steps": PARITY_STEPS, **fields})
+    elif fields:
+        raise TypeError(f"pass a Request or keyword settings, not both (got {', '.join(fields)})")
     eng = Runtime(engine, backend=backend, device=device, verify=verify)
     ref = Runtime(eng.engine, backend="torch", device=device)
-    s = eng.settings(prompt, steps=steps, scheduler=scheduler, guidance=guidance, seed=seed, height=height, width=width,
-                     lam=lam)  # fmt: skip
+    s = eng.settings(request)
     precision = eng.engine.precision
     cond_r, sched_r, lat_r = ref.prepare(s)
     cond_e, sched_e, lat_e = eng.prepare(s)
     label = "+".join(sorted(set(eng.backend_names.values())))
-    report = ParityReport(str(engine), label, precision, type(sched_r).__name__, TOLERANCE[precision], s.lams)
+    report = ParityReport(
+        str(engine),
+        label,
+        precision,
+        type(sched_r).__name__,
+        TOLERANCE[precision],
+        None if s.lam is None else list(s.lam),
+    )
     tf_scheds = [rt.scheduler(s.scheduler) for rt in (ref, eng)]  # fresh copies for the teacher-forced walk
     for sched in tf_scheds:
         families.set_timesteps(ref, sched, s.steps, s.height, s.width)

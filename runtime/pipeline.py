@@ -21,8 +21,8 @@ and its outputs moved back to ``device``.
 from __future__ import annotations
 
 import json
-import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,41 +31,28 @@ import torch
 from tqdm import tqdm
 
 from pladis import backends as registry
-from pladis.families import get as family_record
+from pladis.errors import SettingError
 from pladis.manifest import Engine, EngineError, open_engine
 from pladis.runtime import backends, families
+from pladis.runtime.request import SCHEDULERS, Request, Settings, check
 
-SCHEDULERS = {  # name -> diffusers class; flow-matching families take only flow schedulers
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-    "lcm": "LCMScheduler",
-    "flow_euler": "FlowMatchEulerDiscreteScheduler",
-}
-DEFAULT_STEPS = 20  # the default guidance is per family: its record's ``default_guidance``
+__all__ = ["SCHEDULERS", "Request", "Result", "Runtime", "Settings", "step_generators"]
+
+OnStep = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, timestep, latents) after each step
 
 
-def scheduler_names(family: str) -> list[str]:
-    """The schedulers a family takes: flow-matching ones for flow-matching families, the others otherwise."""
-    flow = family_record(family).flow_matching
-    return [n for n, cls in SCHEDULERS.items() if cls.startswith("FlowMatch") == flow]
-
-
-@dataclass
-class Settings:
-    """One ``generate`` call's sampling settings, checked against the engine before any work."""
-
-    prompts: list[str]
-    negatives: list[str] | None  # None: no classifier-free guidance
-    steps: int
-    guidance: float
-    guidance_rescale: float
-    scheduler: str
-    seeds: list[int]  # one per prompt: images do not depend on what else shares their batch
-    height: int
-    width: int
-    lams: list[float] | None = None  # PLADIS strength per prompt (None: the engine has no PLADIS layers)
+def check_device(device: str) -> str:
+    """``device`` when this PyTorch can run the runtime on it (cpu, or cuda with a GPU), else SettingError."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise SettingError("device", f"device {device!r} is not a device name; use cpu or cuda") from None
+    if kind not in ("cpu", "cuda"):
+        raise SettingError("device", f"device {device!r} is not supported: the runtime runs on cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SettingError("device", f"device {device!r}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use "
+                                     "device cpu, or a CUDA build of torch on a machine with a GPU")  # fmt: skip
+    return device
 
 
 @dataclass
@@ -91,6 +78,7 @@ class Runtime:
     def __init__(self, engine: str | Path | Engine, backend: str | None = None,
                  overrides: dict[str, str] | None = None, device: str = "cpu", verify: bool = True):  # fmt: skip
         """backend None: each component as built (``engine.json``), or ``ort`` for an export folder."""
+        check_device(device)  # before any file is read
         self.engine = engine if isinstance(engine, Engine) else open_engine(engine, verify=verify)
         self.engine.check_complete()
         overrides = overrides or {}
@@ -128,9 +116,14 @@ class Runtime:
         return self._backends[component]
 
     def load(self) -> None:
-        """Create every component's session (engine) now, rather than on its first call."""
+        """Create every component's session (engine) and load the tokenizers and the scheduler's library now,
+        rather than on the first call (so the first ``generate``'s encode time is the encoding's)."""
         for name in self.backend_names:
             self.backend(name)
+        for name in self.engine.component_names():
+            if name.startswith("text_encoder"):
+                self.tokenizer(name)
+        self.scheduler()  # imports diffusers (and its schedulers) once
 
     def warm_up(self, component: str, inputs: dict[str, torch.Tensor]) -> None:
         """Run ``component`` once on ``inputs`` (output discarded) unless it already ran on these shapes."""
@@ -170,81 +163,24 @@ class Runtime:
 
     # -- checks ----------------------------------------------------------------------------------
 
-    def settings(self, prompt, negative_prompt=None, steps=None, guidance=None, guidance_rescale=0.0,
-                 scheduler=None, seed=0, batch=1, height=None, width=None, lam=None) -> Settings:  # fmt: skip
-        """Check every argument against the engine (range, multiples, batch) and fill defaults.
-
-        seed: an int (prompt i gets seed + i) or one seed per prompt. lam: the PLADIS strength, a number or
-        one per prompt (None: the export's default); any lam in the manifest's range runs on the same engine.
-        """
-        family = self.engine.family
-        prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
-        if not prompts or batch < 1 or any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise ValueError("prompt is empty: pass a non-empty prompt string or a list of them (batch >= 1)")
-        max_batch = self.engine.dim("batch")[2]
-        if len(prompts) > max_batch:
-            raise ValueError(f"batch of {len(prompts)} prompts is over this engine's maximum of {max_batch}; "
-                             "split the prompts or re-export with a larger --batch")  # fmt: skip
-        image = self.engine.manifest.image
-        height, width = height or image.height, width or image.width
-        for name, size in (("height", height), ("width", width)):
-            lo, _, hi = self.engine.dim(name)
-            if not lo <= size <= hi:
-                raise ValueError(f"{name} {size} is outside the exported range [{lo}, {hi}]; pick a size inside "
-                                 "it or re-export with another --height/--width")  # fmt: skip
-            if size % image.multiple:
-                raise ValueError(f"{name} {size} is not a multiple of {image.multiple}, which this model needs")
-        names = scheduler_names(family)
-        if scheduler is not None and scheduler not in names:
-            raise ValueError(f"unknown scheduler {scheduler!r} for a {family} model; choose one of {', '.join(names)}")
-        steps = DEFAULT_STEPS if steps is None else steps
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1; got {steps}")
-        guidance = family_record(family).default_guidance if guidance is None else float(guidance)
-        use_cfg = families.uses_cfg(family) and guidance > 1.0
-        if not use_cfg and negative_prompt:
-            raise ValueError("negative_prompt needs classifier-free guidance (guidance > 1, not FLUX)")
-        if use_cfg and self.engine.dim("cfg_batch")[2] < 2 * len(prompts):
-            raise ValueError(f"CFG doubles the batch to {2 * len(prompts)}, over the engine's maximum "
-                             f"{self.engine.dim('cfg_batch')[2]}; use fewer prompts")  # fmt: skip
-        negatives = None
-        if use_cfg:
-            negatives = [negative_prompt or ""] * len(prompts) if isinstance(negative_prompt, str | None) \
-                else list(negative_prompt)  # fmt: skip
-            if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one or as many")
-        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else [int(x) for x in seed]
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed or one per prompt")
-        lams = self.check_lam(lam, len(prompts))
-        return Settings(prompts, negatives, steps, guidance, guidance_rescale, scheduler, seeds, height, width, lams)
-
-    def check_lam(self, lam, n: int) -> list[float] | None:
-        """lam (None, a number or one per prompt) as n checked values, or None for an engine without PLADIS."""
-        pl = self.engine.manifest.pladis
-        if not pl.lam_input:
-            if lam not in (None, 0, 0.0):
-                raise ValueError(f"lam: this engine was exported without PLADIS layers (lam=0), so it runs only "
-                                 f"lam=0; got {lam!r}: export with --lam to get a PLADIS engine")  # fmt: skip
-            return None
-        values = [pl.lam] * n if lam is None else [lam] * n if isinstance(lam, int | float) else list(lam)
-        if len(values) != n:
-            raise ValueError(f"lam: {len(values)} values for {n} prompts; give one number or one per prompt")
-        lo, hi = pl.lam_range
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not lo <= v <= hi:
-                raise ValueError(f"lam must be a finite number in [{lo:g}, {hi:g}] (this engine's range; 0 = the "
-                                 f"stock model, useful range 1-3); got {v!r}")  # fmt: skip
-        return [float(v) for v in values]
+    def settings(self, request: Request | str | list[str] | None = None, /, **fields) -> Settings:
+        """``request`` (or a prompt and ``Request`` keywords) checked against the engine, defaults filled in;
+        ``SettingError`` naming the field otherwise. Nothing runs."""
+        if isinstance(request, Request):
+            if fields:
+                raise TypeError(f"pass a Request or keyword settings, not both (got {', '.join(fields)})")
+        else:
+            request = Request(**fields) if request is None else Request(request, **fields)
+        return check(request, self.engine)
 
     # -- the loop, in pieces ------------------------------------------------------------------------
 
     def prepare(self, s: Settings) -> tuple[dict, object, torch.Tensor]:
         """(constant denoiser inputs, scheduler with timesteps set, initial latents (packed for FLUX))."""
         cond = families.encode(self, s.prompts, s.negatives, s.height, s.width, s.guidance)
-        if s.lams is not None:  # both CFG halves of a sample get that sample's lam: [uncond..., cond...]
-            lam = self.engine.manifest.pladis.lam_input
-            cond[lam] = torch.tensor(s.lams * (2 if s.negatives is not None else 1), dtype=torch.float32)
+        if s.lam is not None:  # both CFG halves of a sample get that sample's lam: [uncond..., cond...]
+            name = self.engine.manifest.pladis.lam_input
+            cond[name] = torch.tensor(s.lam * (2 if s.negatives is not None else 1), dtype=torch.float32)
         cond = {k: v.to(self.device) for k, v in cond.items()}  # once: constant over the steps
         sched = self.scheduler(s.scheduler)
         families.set_timesteps(self, sched, s.steps, s.height, s.width)
@@ -280,10 +216,12 @@ class Runtime:
         arr = ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(a) for a in arr]
 
-    def generate(self, prompt, progress: bool = True, **kwargs) -> Result:
-        """Sample images; kwargs as ``settings`` (negative_prompt, steps, guidance, guidance_rescale,
-        scheduler, seed, batch, height, width, lam)."""
-        s = self.settings(prompt, **kwargs)
+    def generate(self, request: Request | str | list[str] | None = None, /, *, on_step: OnStep | None = None,
+                 progress: bool = True, **fields) -> Result:  # fmt: skip
+        """Sample images for ``request`` (a ``Request``, or a prompt and ``Request`` keywords: ``steps=``,
+        ``seed=``, ``lam=`` ...). ``on_step(i, t, latents)`` runs after each denoising step ``i`` (timestep
+        ``t``; latents in the denoiser's layout); an exception it raises stops the run and propagates."""
+        s = self.settings(request, **fields)
         t_load = time.perf_counter()
         self.load()
         loading = time.perf_counter() - t_load
@@ -294,8 +232,10 @@ class Runtime:
         loading += time.perf_counter() - t_warm
         t1 = time.perf_counter()
         g = step_generators(s)
-        for t in tqdm(sched.timesteps, desc="denoise", unit="step", disable=not progress):
+        for i, t in enumerate(tqdm(sched.timesteps, desc="denoise", unit="step", disable=not progress)):
             latents = sched.step(self.predict(latents, t, cond, sched, s), t, latents, generator=g).prev_sample
+            if on_step is not None:
+                on_step(i, t, latents)
         t2 = time.perf_counter()
         images = self.decode(latents, s)
         t3 = time.perf_counter()

@@ -35,7 +35,7 @@ ALLOWED = {
     "eager": {"export", "manifest", "patch", "sources"},
     # build: the manifest, the op's ONNX form (a TensorRT build strips its function body), the kernel
     "engine": {"eager", "kernels", "plugins_trt", "export.onnx_op", "export.contracts", *STAGE_SHARED},
-    "runtime": {"eager", "families", *STAGE_SHARED},
+    "runtime": {"eager", "families", "numerics", *STAGE_SHARED},  # numerics: check_lam, the one check of a lam
     "serve": {"runtime", *STAGE_SHARED},
 }
 # rooms that sit at the end of the path and may import anything: the CLI, the demo, the benchmarks

@@ -5,8 +5,10 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from pladis import cli
+from pladis.errors import SettingError
 from pladis.export import ExportConfig, export
 from pladis.runtime import EngineError, Runtime, parity
 
@@ -84,6 +86,28 @@ def test_lam_on_a_stock_export_and_the_cli(exports, tmp_path, capsys):
     assert "lam must be a finite number" in capsys.readouterr().err
     assert cli.main(["parity", "--engine", str(exports("tiny-sd15")), "--steps", "2", "--lam", "3"]) == 0
     assert "lam 3" in capsys.readouterr().out
+
+
+def test_lam_zero_on_a_stock_export_per_prompt(exports):
+    stock = Runtime(exports("tiny-sd15", lam=0.0), "ort")
+    two = stock.generate(["a cube", "a ball"], steps=1, seed=[0, 1], lam=[0.0, 0.0], progress=False)  # was refused
+    plain = stock.generate(["a cube", "a ball"], steps=1, seed=[0, 1], progress=False)
+    assert torch.equal(two.latents, plain.latents)  # atol=0: lam 0 is what a stock engine runs anyway
+    with pytest.raises(SettingError, match="exported without PLADIS layers") as err:
+        stock.settings(["a cube", "a ball"], lam=[0.0, 2.0])
+    assert err.value.field == "lam"
+
+
+def test_tensor_lam_and_batch_with_a_prompt_list(exports):
+    rt = Runtime(exports("tiny-sd15"), "ort")
+    for lam in (torch.tensor(1.5), torch.tensor([1.5])):  # 0-dim and one-element float tensors (were refused)
+        assert rt.settings("a cube", batch=2, lam=lam).lam == (1.5, 1.5)
+    assert rt.settings(["a", "b"], lam=torch.tensor([0.5, 3.0])).lam == (0.5, 3.0)  # one per image
+    with pytest.raises(SettingError, match="lam must be a finite number") as err:
+        rt.settings("a cube", lam=torch.tensor(1))  # an integer tensor is not a strength
+    with pytest.raises(SettingError, match="with a list of prompts give one entry per image") as err:
+        rt.settings(["a cube", "a ball"], batch=2)  # batch was silently ignored with a list
+    assert err.value.field == "batch"
 
 
 def test_old_exports_with_lam_baked_in_are_refused(exports, tmp_path):

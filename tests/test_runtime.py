@@ -2,14 +2,18 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from pladis import cli, models
+from pladis.errors import SettingError
 from pladis.export import ExportConfig, export
-from pladis.runtime import EngineError, Runtime, parity
+from pladis.runtime import EngineError, Request, Runtime, parity
 
 TINY = [n for n in models.BUILTINS if n.startswith("tiny-")]
 
@@ -114,20 +118,79 @@ def test_parity_command_and_plot(engines, tmp_path, capsys):
     assert Image.open(plot).size[0] > 400
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(scheduler="heun"), "unknown scheduler 'heun'.*euler"),
-    (dict(height=1024), "height 1024 is outside the exported range"),
-    (dict(width=34), "width 34 is not a multiple of 4"),
-    (dict(batch=5), "over this engine's maximum of 4"),
-    (dict(prompt=[]), "prompt is empty"),
-    (dict(guidance=1.0, negative_prompt="blurry"), "negative_prompt needs classifier-free guidance"),
-    (dict(steps=0), "steps must be at least 1"),
+@pytest.mark.parametrize("kwargs, field, message", [
+    (dict(scheduler="heun"), "scheduler", "unknown scheduler 'heun'.*euler"),
+    (dict(height=1024), "height", "height 1024 is outside the exported range"),
+    (dict(width=34), "width", "width 34 is not a multiple of 4"),
+    (dict(batch=5), "batch", "over this engine's maximum of 4"),
+    (dict(prompt=[]), "prompt", "prompt is empty"),
+    (dict(prompt=" "), "prompt", "prompt is empty"),
+    (dict(prompt=3), "prompt", "prompt must be a string or a list of strings"),
+    (dict(guidance=1.0, negative_prompt="blurry"), "negative_prompt", "negative_prompt needs classifier-free guidance"),
+    (dict(steps=0), "steps", "steps must be at least 1"),
+    (dict(steps=True), "steps", "steps must be a whole number"),
+    (dict(guidance=float("nan")), "guidance", "guidance must be a finite number"),
+    (dict(seed=[1, 2]), "seed", "2 seeds for 1 prompts"),
 ])  # fmt: skip
-def test_bad_settings_are_refused_before_work(engines, kwargs, message):
+def test_bad_settings_are_refused_before_work(engines, kwargs, field, message):
     rt = Runtime(engines("tiny-sd15"), "ort")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SettingError, match=message) as err:
         rt.generate(**{"prompt": "a cat", **kwargs})
+    assert err.value.field == field  # the one check names the field it refuses (the server's `param`)
     assert not rt._backends  # nothing was loaded: the checks come first
+
+
+def test_generate_takes_a_request_and_calls_on_step(engines):
+    rt = Runtime(engines("tiny-sd15"), "ort")
+    seen = []
+    request = Request("a cat", steps=3, seed=5)
+    result = rt.generate(request, on_step=lambda i, t, latents: seen.append((i, tuple(latents.shape))), progress=False)
+    assert [i for i, _ in seen] == [0, 1, 2] and seen[-1][1] == tuple(result.latents.shape)
+    keywords = rt.generate("a cat", steps=3, seed=5, progress=False)
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(keywords.images[0]))  # atol=0: one code path
+
+    def stop(i, t, latents):
+        if i == 1:
+            raise KeyboardInterrupt  # what a caller's hook raises goes through: the run stops there
+
+    with pytest.raises(KeyboardInterrupt):
+        rt.generate(request, on_step=stop, progress=False)
+
+
+def test_load_preloads_tokenizers_and_libraries(engines):
+    """After rt.load() the first generate imports nothing and loads no tokenizer (encode time is encoding's)."""
+    code = (
+        "import sys; from pladis.runtime import Runtime; import transformers\n"
+        f"rt = Runtime({str(engines('tiny-sdxl'))!r}, 'ort'); rt.load()\n"
+        "transformers.AutoTokenizer.from_pretrained = None  # any tokenizer loaded from here on fails\n"
+        "before = set(sys.modules); rt.generate('a cat', steps=1, progress=False)\n"
+        "print(sorted(m for m in set(sys.modules) - before if m.startswith(('diffusers', 'transformers'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("[]"), out.stdout[-2000:] + out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("command, device", [("generate", "mps"), ("parity", "cuda"), ("generate", "cuda")])
+def test_an_unavailable_device_is_one_line(engines, tmp_path, capsys, command, device):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args = [command, "--engine", str(engines("tiny-sd15")), "--steps", "1", "--device", device]
+    out = ["--out", str(tmp_path / "a.png")] if command == "generate" else []
+    assert cli.main(args + out) == 2  # was a traceback (mps: "not linked with support"; parity: an assertion)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pladis {command}: error: device {device!r}") and "\n" not in err, err
+
+
+def test_one_default_engine_and_no_circle():
+    """generate, parity and serve read the same default folder; parity does not import the CLI configs."""
+    from pladis.options import DEFAULT_ENGINE
+    from pladis.runtime.commands import GenerateConfig, ParityConfig
+    from pladis.serve import ServeConfig
+
+    assert GenerateConfig().engine == ParityConfig().engine == ServeConfig().engine == DEFAULT_ENGINE
+    code = "import sys, pladis.runtime.parity; print('pladis.runtime.commands' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
 
 
 def test_bad_engine_folders(engines, tmp_path):

@@ -42,6 +42,14 @@ def engine(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def stock_engine(tmp_path_factory):
+    """A `--lam 0` export: the stock graph, no PLADIS layers and no lam input."""
+    out = tmp_path_factory.mktemp("serve") / "tiny-sdxl-stock"
+    export(ExportConfig(model="tiny-sdxl", out=str(out), lam=0.0, validate=False))
+    return out
+
+
+@pytest.fixture(scope="module")
 def served(engine, tmp_path_factory):
     """A copy of the engine for the module server, so one test can move it without touching the others."""
     return Path(shutil.copytree(engine, tmp_path_factory.mktemp("served") / "tiny-sdxl-served"))
@@ -162,6 +170,42 @@ def test_valid_request_matches_generate_bit_for_bit(server, engine):
         assert np.array_equal(decode(item), np.asarray(alone))  # atol=0: same engine, same seed
 
 
+def test_server_and_pladis_generate_make_the_same_image(server, engine, tmp_path):
+    """One request through HTTP and through the CLI (same seed, steps, lam): the same pixels, bit for bit."""
+    from pladis import cli
+
+    r = post(server, seed=7, lam=3.0)
+    assert r.status_code == 200, r.text
+    out = tmp_path / "cli.png"
+    args = ["--engine", str(engine), "--prompt", "a red cube", "--steps", "2", "--seed", "7", "--lam", "3"]
+    assert cli.main(["generate", *args, "--out", str(out)]) == 0
+    assert np.array_equal(decode(r.json()["data"][0]), np.asarray(Image.open(out)))  # atol=0: one loop, one engine
+
+
+def test_lam_zero_on_a_stock_engine_is_served(stock_engine):
+    """lam = 0 is what a stock engine runs: 200 (it was a 500, also with n = 2); any other lam a 400 naming lam."""
+    from fastapi.testclient import TestClient
+
+    from pladis.serve import create_app
+
+    with TestClient(create_app(ServeConfig(engine=str(stock_engine)))) as client:
+        for extra in ({"lam": 0}, {"lam": 0.0, "n": 2}):
+            r = client.post("/v1/images/generations", json={"prompt": "a red cube", "steps": 1, **extra})
+            assert r.status_code == 200, r.text
+        r = client.post("/v1/images/generations", json={"prompt": "a red cube", "steps": 1, "lam": 2.0})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "lam" and "without PLADIS layers" in error["message"], r.text
+
+
+def test_the_bearer_scheme_is_case_insensitive(server):
+    for scheme in ("bearer", "BEARER"):  # HTTP auth schemes are case-insensitive (lower case was a 401)
+        r = httpx.post(f"{server}/v1/images/generations", json={"prompt": "a red cube", "steps": 2},
+                       headers={"authorization": f"{scheme} {KEY}"}, timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+    r = httpx.get(f"{server}/v1/models", headers={"authorization": f"Basic {KEY}"})
+    assert r.status_code == 401
+
+
 HUGE = "9" * 5000
 
 
@@ -187,6 +231,10 @@ HUGE = "9" * 5000
     (dict(guidance=-1), "guidance"),
     (dict(guidance=0, negative_prompt="blur"), "negative_prompt"),  # the runtime's own check, named
     (dict(seed=-1), "seed"),
+    (dict(steps=True), "steps"),  # strict types: no bool for a number (was accepted as 1)
+    (dict(n="2"), "n"),  # no string for a number (was accepted as 2)
+    (dict(guidance="7"), "guidance"),
+    (dict(prompt="   "), "prompt"),  # blank (was reported with param "n")
 ])  # fmt: skip
 def test_bad_fields_get_400_naming_them(server, body, field):
     r = post(server, **body)
@@ -325,17 +373,17 @@ def test_worker_survives_a_cancelled_running_future():
 
     def generate(jobs, check):
         release.wait(10)
-        return [None] * sum(len(j.seeds) for j in jobs)
+        return [None] * sum(j.images for j in jobs)
 
     worker = Worker(generate, max_batch=4, max_queue=4, window_s=0)
     try:
-        first = Job(("k",), "a", [1], deadline=time.monotonic() + 60)
+        first = Job(("k",), "a", 1, deadline=time.monotonic() + 60)
         worker.submit(first)
         wait_for(lambda: worker.batch, "the first job runs")
         first.future.cancel()  # what the HTTP side does on a deadline or a disconnect
         first.abandoned = True
         release.set()
-        second = Job(("k",), "b", [2], deadline=time.monotonic() + 60)
+        second = Job(("k",), "b", 1, deadline=time.monotonic() + 60)
         assert worker.submit(second).result(timeout=10) == [None] and worker.alive()
     finally:
         release.set()
@@ -407,7 +455,7 @@ def test_readiness_is_503_while_the_worker_is_down(engine):
     hooks = {"step": None}
     app = create_app(ServeConfig(engine=str(engine)), _hooked_runtime(engine, hooks))
     with TestClient(app) as client:
-        worker = app.state.pladis["worker"]
+        worker = app.state.pladis.worker
         start, worker.start = worker.start, lambda: None
 
         def die_once():
@@ -630,8 +678,9 @@ def test_package_imports_without_the_serve_extra():
 
     tree = ast.parse(Path(config.__file__).read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    light = {"__future__", "pladis.errors", "pladis.options"}  # pladis's own light modules: stdlib imports only
+    assert imported <= set(sys.stdlib_module_names) | light, imported
     assert all(f.metadata.get("help") for f in __import__("dataclasses").fields(ServeConfig))  # the CLI's help
 
 
@@ -661,7 +710,8 @@ def test_sweeper_limits_connections_and_bounds_shutdown():
         should_exit=False, server_state=types.SimpleNamespace(connections={idle, busy, renewed})
     )
     app = types.SimpleNamespace(state=types.SimpleNamespace(drain=lambda: calls.append("drain"),
-                                                            abort=lambda: calls.append("abort")))  # fmt: skip
+                                                            abort=lambda: calls.append("abort"),
+                                                            idle=lambda: False))  # fmt: skip
     memo = {"idle": {}, "busy": {}, "shutdown_at": None}
     limit = request_limit_s(cfg)
     for now in (0.0, 1.9, 2.1, limit - 0.1, limit + 0.1):
@@ -711,6 +761,7 @@ def test_slow_clients_time_out_and_sigterm_exits_within_the_shutdown_limit(engin
 
         wait_for(up, "the server starts", 180)
         assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+        assert f"listening on http://127.0.0.1:{port}" in (tmp_path / "server.log").read_text()  # (it never said)
         head = "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         slow_headers = _raw(port, head.encode())  # and nothing more
         slow_body = _raw(port, (head + 'Content-Length: 100\r\n\r\n{"prompt": ').encode())
@@ -724,6 +775,15 @@ def test_slow_clients_time_out_and_sigterm_exits_within_the_shutdown_limit(engin
         stalled = _raw(port, (head + "Content-Length: 100\r\n\r\n{").encode())
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
+
+        def shutting_down():  # the port still answers while the running batch may finish (was: refused)
+            try:
+                r = httpx.get(f"{url}/healthz", timeout=2)
+                return r.status_code == 503 and r.json()["status"] == "shutting down"
+            except httpx.TransportError:
+                return False
+
+        wait_for(shutting_down, "/healthz answers 503 in the shutdown window", shutdown_s - 1)
         proc.wait(timeout=shutdown_s + 30)  # raises if the server hangs (the old one waited forever)
         exited = time.monotonic() - t0
         assert queued.result().status_code == 503  # queued work is rejected at once

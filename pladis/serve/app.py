@@ -1,10 +1,13 @@
 """The HTTP app: ``POST /v1/images/generations`` and ``GET /v1/models`` as the OpenAI images API has them,
 ``GET /healthz`` (readiness), ``GET /livez`` (liveness), ``GET /metrics`` (Prometheus).
 
-Every request body is read with a byte limit and a time limit, parsed, and checked field by field (Pydantic,
-then the engine's manifest) before it is queued; a bad one gets OpenAI's error body ``{"error": {"message",
-"type", "param", "code"}}`` with a 4xx whose ``param`` names the field. The engine folder is read once, at
-start-up.
+Every request body is read with a byte limit and a time limit, parsed with strict types (Pydantic), checked
+against this server's limits, then made into the runtime's ``Request`` and checked against the engine by the
+runtime's one check, before it is queued; a bad one gets OpenAI's error body ``{"error": {"message", "type",
+"param", "code"}}`` with a 4xx whose ``param`` names the field (a ``SettingError``'s field, mapped by
+``PARAMS``). The worker runs each batch through ``Runtime.generate``, whose per-step hook stops abandoned
+work. ``Service`` holds the state; ``create_app`` wires its methods to the routes. The engine folder is read
+once, at start-up.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.requests import Request as HttpRequest
 
+from pladis.errors import SettingError
+from pladis.runtime.request import Request
 from pladis.serve.config import ServeConfig, api_key, validate
 from pladis.serve.worker import Expired, Job, QueueFull, ShuttingDown, Worker
 
@@ -48,7 +54,7 @@ class ImageRequest(BaseModel):
     Engine-dependent limits (size range, n, scheduler, lam/alpha) are checked after parsing.
     """
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)  # "n": "2" or true is an error
 
     prompt: str = Field(min_length=1)
     model: str | None = None
@@ -164,89 +170,244 @@ class _Guard:
 
 
 def _authorized(scope, key: str) -> bool:
+    """Whether the request sends ``Authorization: Bearer KEY`` (the scheme in any case, as HTTP has it)."""
     import hmac
 
-    sent = dict(scope["headers"]).get(b"authorization", b"")
-    return hmac.compare_digest(sent, f"Bearer {key}".encode())
+    scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
 
 
-def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
-    """The FastAPI app over one engine (``runtime``: an already opened Runtime; else opened at start-up)."""
-    validate(cfg)
-    key = api_key(cfg)
-    metrics = Metrics()
-    state: dict = {"ready": False, "draining": False, "worker": None, "runtime": runtime}
-    stall_s = stall_limit_s(cfg)
+PARAMS = {"batch": "n", "height": "size", "width": "size"}  # a Request field -> the HTTP body's field
 
-    def generate(jobs: list[Job], check):
-        from pladis.runtime.pipeline import step_generators
 
-        rt = state["runtime"]
-        height, width, steps, scheduler, guidance, negative = jobs[0].key
-        # lam is a runtime input: requests with different strengths share a batch, one value per image
-        default = rt.engine.manifest.pladis.lam
-        lams = None if all(j.lam is None for j in jobs) else \
-            [default if j.lam is None else j.lam for j in jobs for _ in j.seeds]  # fmt: skip
-        s = rt.settings([j.prompt for j in jobs for _ in j.seeds], negative_prompt=negative, steps=steps,
-                        guidance=guidance, scheduler=scheduler, seed=[x for j in jobs for x in j.seeds],
-                        height=height, width=width, lam=lams)  # fmt: skip
-        # Runtime.generate's loop, with a check between steps so abandoned work stops early
-        cond, sched, latents = rt.prepare(s)
-        g = step_generators(s)
-        for t in sched.timesteps:
-            check()
-            latents = sched.step(rt.predict(latents, t, cond, sched, s), t, latents, generator=g).prev_sample
-        check()
-        return rt.decode(latents, s)
+class Service:
+    """The server over one engine: the runtime, the worker that owns it, readiness, and the image endpoint.
 
-    async def supervise():
+    ``runtime``: an already opened Runtime (else opened by ``start``). The engine folder is read once: the
+    runtime reads the scheduler config when it opens, and ``start`` loads engines and tokenizers.
+    """
+
+    def __init__(self, cfg: ServeConfig, runtime=None):
+        validate(cfg)
+        self.cfg, self.runtime, self.metrics = cfg, runtime, Metrics()
+        self.worker: Worker | None = None
+        self.ready = self.draining = False
+        self.model, self.created = "", 0
+
+    async def start(self) -> None:
+        """Open the engine (unless given), load and warm every component, start the worker."""
+        cfg = self.cfg
+        if self.runtime is None:
+            from pladis.runtime import Runtime
+
+            self.runtime = await asyncio.to_thread(Runtime, cfg.engine, cfg.backend or None, device=cfg.device)
+        await asyncio.to_thread(self.runtime.load)
+        await asyncio.to_thread(self.runtime.generate, "warm-up", progress=False, steps=1)
+        self.model = cfg.model_name or Path(self.runtime.engine.folder).resolve().name
+        self.created = int(time.time())
+        max_batch = self.runtime.engine.dim("batch")[2]
+        self.worker = Worker(self.run_batch, max_batch, cfg.max_queue, cfg.batch_window_ms / 1000, self.metrics)
+        self.ready = True
+
+    async def supervise(self) -> None:
         """Restart the worker thread if it ever dies (readiness is 503 until it runs again)."""
         while True:
             await asyncio.sleep(0.2)
-            worker = state["worker"]
-            if worker.running and not worker.alive():
+            if self.worker.running and not self.worker.alive():
                 log.error("the worker thread died; restarting it")
-                metrics.restarts.inc()
-                worker.start()
+                self.metrics.restarts.inc()
+                self.worker.start()
+
+    def run_batch(self, jobs: list[Job], check) -> list:
+        """The worker's batch: the jobs' checked settings (one key) as one request through ``Runtime.generate``,
+        ``check`` after every step so abandoned work stops early. lam is a runtime input: requests with
+        different strengths share a batch, one value per image."""
+        parts, first = [j.work for j in jobs], jobs[0].work
+        request = Request(
+            prompt=[p for s in parts for p in s.prompts],
+            negative_prompt=None if first.negatives is None else [n for s in parts for n in s.negatives],
+            steps=first.steps, guidance=first.guidance, guidance_rescale=first.guidance_rescale,
+            scheduler=first.scheduler, seed=[x for s in parts for x in s.seeds], height=first.height,
+            width=first.width, lam=None if first.lam is None else [x for s in parts for x in s.lam],
+        )  # fmt: skip
+        return self.runtime.generate(request, on_step=lambda *_: check(), progress=False).images
+
+    def drain(self) -> None:
+        """Shutdown began: readiness 503, queued work 503 now, new work 503; the running batch goes on."""
+        self.draining = True
+        if self.worker is not None:
+            self.worker.drain()
+
+    def abort(self) -> None:
+        """The shutdown limit passed: the running batch's requests get 503 now; the batch stops at its next step."""
+        if self.worker is not None:
+            self.worker.abort_running()
+
+    def idle(self) -> bool:
+        """No batch runs now (during a shutdown: nothing is left to wait for)."""
+        return self.worker is None or not self.worker.batch
+
+    def problem(self) -> str | None:
+        """Why the server is not ready now, or None."""
+        if not self.ready:
+            return "starting"
+        if self.draining:
+            return "shutting down"
+        if not self.worker.alive():
+            return "worker down (restarting)"
+        started = self.worker.batch_started
+        if started is not None and time.monotonic() - started > stall_limit_s(self.cfg):
+            return "stalled"
+        return None
+
+    def job(self, body: ImageRequest) -> tuple[Job, str]:
+        """The queued job of a parsed body and its output format; ApiError 400 naming the field."""
+        fmt = check_body(body, self.cfg)
+        pl, n = self.runtime.engine.manifest.pladis, body.n or 1
+        if body.alpha is not None and body.alpha != pl.alpha and pl.patched:  # alpha selects the graph's algorithm
+            raise _bad("alpha", f"this engine was exported with alpha={pl.alpha}; re-export it to serve another alpha")
+        height, width = _size(body.size, self.runtime.engine.manifest.image)
+        seed = random.randrange(2**31) if body.seed is None else body.seed
+        request = Request(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
+                          guidance=body.guidance, scheduler=body.scheduler, seed=seed, batch=n, height=height,
+                          width=width, lam=body.lam)  # fmt: skip
+        try:
+            s = self.runtime.settings(request)
+        except SettingError as err:
+            param = PARAMS.get(err.field, err.field)
+            prefix = {"size": f"size {body.size}: ", "n": f"n = {n}: "}.get(param, "")
+            raise _bad(param, prefix + str(err)) from None
+        key = (s.height, s.width, s.steps, s.scheduler, s.guidance, s.guidance_rescale, s.negatives and s.negatives[0])
+        return Job(key, s, len(s.seeds), deadline=time.monotonic() + self.cfg.timeout_s), fmt
+
+    async def images(self, request: HttpRequest) -> JSONResponse:
+        """POST /v1/images/generations: read and check the body, queue it, wait for the images."""
+        why = self.problem()
+        if why:
+            raise ApiError(503, f"not serving now ({why}); retry shortly", code="unavailable",
+                           headers={"Retry-After": "5"})  # fmt: skip
+        started = time.monotonic()
+        try:
+            body = await read_request(request, self.cfg)
+        except ClientDisconnect:
+            return _JSON({}, CLIENT_GONE)
+        job, fmt = self.job(body)
+        images = await self.wait(job, request)
+        if images is None:
+            return _JSON({}, CLIENT_GONE)
+        self.metrics.images.inc(len(images))
+        seeds, s = job.work.seeds, job.work
+        data = await asyncio.to_thread(lambda: [{"b64_json": _encode(im, fmt, body.output_compression), "seed": x}
+                                                for im, x in zip(images, seeds, strict=True)])  # fmt: skip
+        self.metrics.latency.observe(time.monotonic() - started)
+        return _JSON({"created": int(time.time()), "data": data, "output_format": fmt, "size": f"{s.width}x{s.height}",
+                      "background": "opaque"})  # fmt: skip
+
+    async def wait(self, job: Job, request: HttpRequest) -> list | None:
+        """Queue ``job`` and wait for its images (None: the client went away); ApiError for every other end."""
+        try:
+            future = self.worker.submit(job)
+        except QueueFull as err:
+            raise ApiError(429, str(err), code="queue_full", headers={"Retry-After": "1"}) from None
+        except ShuttingDown as err:
+            raise ApiError(503, str(err), code="shutting_down") from None
+        waiter = asyncio.wrap_future(future)
+        gone = asyncio.create_task(_disconnected(request.receive))
+        try:
+            done, _ = await asyncio.wait({waiter, gone}, timeout=max(0.0, job.deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            gone.cancel()
+            if not waiter.done():  # deadline, disconnect or cancellation: out of the queue, or stopped if it runs
+                self.worker.discard(job)
+                waiter.cancel()
+        if waiter not in done:
+            if gone in done:
+                return None
+            raise _timeout(self.cfg)
+        try:
+            return waiter.result()
+        except Expired:
+            raise _timeout(self.cfg) from None
+        except ShuttingDown as err:
+            raise ApiError(503, str(err), code="shutting_down") from None
+        except Exception as err:  # noqa: BLE001 - the batch failed: this request (and its batch) get 500
+            raise ApiError(500, f"generation failed ({type(err).__name__}: {_short(str(err), 200)}); the server is "
+                           "still serving, retry", code="generation_failed") from None  # fmt: skip
+
+    async def readiness(self) -> JSONResponse | dict:
+        """200 only while a request would be served now: engines loaded, worker running, not shutting down."""
+        why = self.problem()
+        if why:
+            return JSONResponse({"status": why}, 503, {"Retry-After": "5"})
+        return {"status": "ready", "queue_depth": self.worker.depth(), "running": len(self.worker.batch)}
+
+    async def liveness(self) -> JSONResponse | dict:
+        """200 while the process can recover by itself (loading, draining, a worker restart); 503 when a batch is
+        stuck past every deadline (restart the process)."""
+        if self.problem() == "stalled":
+            return JSONResponse({"status": "stalled"}, 503)
+        return {"status": "alive"}
+
+    async def prometheus(self) -> PlainTextResponse:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if self.worker is not None:
+            self.metrics.queue.set(self.worker.depth())
+        return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self) -> dict:
+        """GET /v1/models: the one engine this server serves."""
+        return {"object": "list", "data": [await self.model_card()]}
+
+    async def model_card(self, name: str | None = None) -> dict:
+        """GET /v1/models/{name} (``name`` None: the card ``GET /v1/models`` lists)."""
+        if name is None and not self.ready:
+            raise ApiError(503, "engines are still loading; retry shortly", headers={"Retry-After": "5"})
+        if name is not None and (not self.ready or name != self.model):
+            raise ApiError(404, f"no model {_short(name)}; this server serves {self.model!r} (GET /v1/models)",
+                           param="model", code="model_not_found")  # fmt: skip
+        return {"id": self.model, "object": "model", "created": self.created, "owned_by": "pladis"}
+
+
+def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
+    """The FastAPI app over one engine (``runtime``: an already opened Runtime; else opened at start-up).
+    ``app.state.pladis`` is its ``Service``; ``app.state.drain`` / ``abort`` / ``idle`` serve the shutdown."""
+    service = Service(cfg, runtime)
 
     @asynccontextmanager
     async def lifespan(app):
-        rt = state["runtime"]
-        if rt is None:
-            from pladis.runtime import Runtime
-
-            rt = await asyncio.to_thread(Runtime, cfg.engine, cfg.backend or None, device=cfg.device)
-        read_engine_once(rt)
-        await asyncio.to_thread(rt.generate, "warm-up", progress=False, steps=1)  # load every engine once
-        state["runtime"] = rt
-        state["model"] = cfg.model_name or Path(rt.engine.folder).resolve().name
-        state["created"] = int(time.time())
-        state["worker"] = Worker(generate, rt.engine.dim("batch")[2], cfg.max_queue, cfg.batch_window_ms / 1000,
-                                 metrics)  # fmt: skip
-        supervisor = asyncio.create_task(supervise())
-        state["ready"] = True
+        await service.start()
+        supervisor = asyncio.create_task(service.supervise())
         try:
             yield
         finally:
-            state["ready"] = False
+            service.ready = False
             supervisor.cancel()
-            await asyncio.to_thread(state["worker"].stop, cfg.shutdown_s + 5)
+            await asyncio.to_thread(service.worker.stop, cfg.shutdown_s + 5)
 
     app = FastAPI(title="pladis", lifespan=lifespan)
-    app.add_middleware(_Guard, key=key, metrics=metrics)
+    app.add_middleware(_Guard, key=api_key(cfg), metrics=service.metrics)
+    app.state.pladis, app.state.drain, app.state.abort, app.state.idle = service, service.drain, service.abort, \
+        service.idle  # fmt: skip
+    _errors(app)
+    routes = {
+        "/healthz": service.readiness,
+        "/readyz": service.readiness,
+        "/livez": service.liveness,
+        "/metrics": service.prometheus,
+        "/v1/models": service.models,
+        "/v1/models/{name}": service.model_card,
+    }
+    for path, endpoint in routes.items():
+        app.add_api_route(path, endpoint, methods=["GET"], response_model=None)
+    app.add_api_route("/v1/images/generations", service.images, methods=["POST"], response_model=None)
+    return app
 
-    def drain():
-        """Shutdown began: readiness 503, queued work 503 now, new work 503; the running batch goes on."""
-        state["draining"] = True
-        if state["worker"] is not None:
-            state["worker"].drain()
 
-    def abort():
-        """The shutdown limit passed: the running batch's requests get 503 now; the batch stops at its next step."""
-        if state["worker"] is not None:
-            state["worker"].abort_running()
-
-    app.state.pladis, app.state.drain, app.state.abort = state, drain, abort
+def _errors(app: FastAPI) -> None:
+    """Every failure as OpenAI's error body: ApiError as it is, HTTP and validation errors mapped, anything
+    else a logged 500 (the server goes on serving)."""
 
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
@@ -264,115 +425,6 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
     async def server_error(request, err: Exception):
         log.exception("unhandled error on %s", request.url.path)
         return error_response(ApiError(500, f"internal error ({type(err).__name__}); the server is still serving"))
-
-    def problem() -> str | None:
-        """Why the server is not ready now, or None."""
-        worker = state["worker"]
-        if not state["ready"]:
-            return "starting"
-        if state["draining"]:
-            return "shutting down"
-        if not worker.alive():
-            return "worker down (restarting)"
-        if worker.batch_started is not None and time.monotonic() - worker.batch_started > stall_s:
-            return "stalled"
-        return None
-
-    @app.get("/healthz")
-    @app.get("/readyz")
-    async def readiness():
-        """200 only while a request would be served now: engines loaded, worker running, not shutting down."""
-        why = problem()
-        if why:
-            return JSONResponse({"status": why}, 503, {"Retry-After": "5"})
-        return {"status": "ready", "queue_depth": state["worker"].depth(), "running": len(state["worker"].batch)}
-
-    @app.get("/livez")
-    async def liveness():
-        """200 while the process can recover by itself (loading, draining, a worker restart); 503 when a batch is
-        stuck past every deadline (restart the process)."""
-        why = problem()
-        if why == "stalled":
-            return JSONResponse({"status": why}, 503)
-        return {"status": "alive"}
-
-    @app.get("/metrics")
-    async def prometheus():
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        if state["worker"] is not None:
-            metrics.queue.set(state["worker"].depth())
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    def model_card() -> dict:
-        return {"id": state["model"], "object": "model", "created": state["created"], "owned_by": "pladis"}
-
-    @app.get("/v1/models")
-    async def models():
-        if not state["ready"]:
-            raise ApiError(503, "engines are still loading; retry shortly", headers={"Retry-After": "5"})
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{name}")
-    async def model(name: str):
-        if not state["ready"] or name != state["model"]:
-            raise ApiError(404, f"no model {_short(name)}; this server serves {state.get('model')!r} (GET /v1/models)",
-                           param="model", code="model_not_found")  # fmt: skip
-        return model_card()
-
-    @app.post("/v1/images/generations")
-    async def images(request: Request):
-        why = problem()
-        if why:
-            raise ApiError(503, f"not serving now ({why}); retry shortly", code="unavailable",
-                           headers={"Retry-After": "5"})  # fmt: skip
-        rt, started = state["runtime"], time.monotonic()
-        try:
-            body = await read_request(request, cfg)
-        except ClientDisconnect:
-            return _JSON({}, CLIENT_GONE)
-        height, width, fmt = check(body, rt, cfg)
-        seed = random.randrange(2**31) if body.seed is None else body.seed
-        seeds = [seed + i for i in range(body.n or 1)]
-        key = (height, width, body.steps, body.scheduler, body.guidance, body.negative_prompt)
-        job = Job(key, body.prompt, seeds, deadline=time.monotonic() + cfg.timeout_s, lam=body.lam)
-        try:
-            future = state["worker"].submit(job)
-        except QueueFull as err:
-            raise ApiError(429, str(err), code="queue_full", headers={"Retry-After": "1"}) from None
-        except ShuttingDown as err:
-            raise ApiError(503, str(err), code="shutting_down") from None
-        waiter = asyncio.wrap_future(future)
-        gone = asyncio.create_task(_disconnected(request.receive))
-        try:
-            done, _ = await asyncio.wait({waiter, gone}, timeout=max(0.0, job.deadline - time.monotonic()),
-                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-        finally:
-            gone.cancel()
-            if not waiter.done():  # deadline, disconnect or cancellation: out of the queue, or stopped if it runs
-                state["worker"].discard(job)
-                waiter.cancel()
-        if waiter not in done:
-            if gone in done:
-                return _JSON({}, CLIENT_GONE)
-            raise _timeout(cfg)
-        try:
-            images = waiter.result()
-        except Expired:
-            raise _timeout(cfg) from None
-        except ShuttingDown as err:
-            raise ApiError(503, str(err), code="shutting_down") from None
-        except Exception as err:  # noqa: BLE001 - the batch failed: this request (and its batch) get 500
-            raise ApiError(500, f"generation failed ({type(err).__name__}: {_short(str(err), 200)}); the server is "
-                           "still serving, retry", code="generation_failed") from None  # fmt: skip
-        metrics.images.inc(len(images))
-        data = await asyncio.to_thread(lambda: [{"b64_json": _encode(im, fmt, body.output_compression), "seed": s}
-                                                for im, s in zip(images, seeds, strict=True)])  # fmt: skip
-        metrics.latency.observe(time.monotonic() - started)
-        return _JSON({"created": int(time.time()), "data": data, "output_format": fmt, "size": f"{width}x{height}",
-                      "background": "opaque"})  # fmt: skip
-
-    return app
 
 
 def stall_limit_s(cfg: ServeConfig) -> float:
@@ -394,7 +446,7 @@ async def _disconnected(receive) -> None:
         pass
 
 
-async def read_request(request: Request, cfg: ServeConfig) -> ImageRequest:
+async def read_request(request: HttpRequest, cfg: ServeConfig) -> ImageRequest:
     """The body, read with the byte and time limits, parsed and validated; ApiError naming the problem."""
     media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
@@ -465,74 +517,37 @@ def _validation_error(errors: list) -> ApiError:
     return ApiError(400, message, param=param[:100], code="invalid_value")
 
 
-def check(body: ImageRequest, rt, cfg: ServeConfig) -> tuple[int, int, str]:
-    """(height, width, output format) of a request the engine can serve, else ApiError naming the field."""
-    from pladis.runtime.pipeline import scheduler_names
+def _bad(field: str, message: str) -> ApiError:
+    return ApiError(400, message, param=field, code="invalid_value")
 
-    def bad(field: str, message: str):
-        return ApiError(400, message, param=field, code="invalid_value")
 
+def check_body(body: ImageRequest, cfg: ServeConfig) -> str:
+    """The output format of a body within this server's own limits (the engine's are the Request's), else
+    ApiError naming the field."""
     for name in ("prompt", "negative_prompt"):
         value = getattr(body, name)
         if value is not None and len(value) > cfg.max_prompt_chars:
-            raise bad(name, f"{name} is {len(value)} characters, over the server's maximum of {cfg.max_prompt_chars}")
+            raise _bad(name, f"{name} is {len(value)} characters, over the server's maximum of {cfg.max_prompt_chars}")
     if body.stream:
-        raise bad("stream", "streaming is not supported; leave stream out or false")
+        raise _bad("stream", "streaming is not supported; leave stream out or false")
     if body.response_format not in (None, "b64_json"):
-        raise bad("response_format", "only response_format 'b64_json' is served (this server stores no images)")
+        raise _bad("response_format", "only response_format 'b64_json' is served (this server stores no images)")
     fmt = body.output_format or "png"
     if fmt not in FORMATS:
-        raise bad("output_format", f"output_format {_short(fmt)} is not served; choose one of {', '.join(FORMATS)}")
-    n, max_batch = body.n or 1, rt.engine.dim("batch")[2]
-    if n > max_batch:
-        raise bad("n", f"n = {n} is over this engine's batch of {max_batch}")
+        raise _bad("output_format", f"output_format {_short(fmt)} is not served; choose one of {', '.join(FORMATS)}")
     if body.steps is not None and body.steps > cfg.max_steps:
-        raise bad("steps", f"steps = {body.steps} is over the server's maximum of {cfg.max_steps}")
-    image = rt.engine.manifest.image
-    height, width = image.height, image.width
-    if body.size not in (None, "", "auto"):
-        match = SIZE.fullmatch(body.size)
-        if not match:
-            raise bad("size", f"size {_short(body.size)} is not 'auto' or WIDTHxHEIGHT, e.g. {width}x{height}")
-        width, height = int(match[1]), int(match[2])
-        for name, value in (("width", width), ("height", height)):
-            lo, _, hi = rt.engine.dim(name)
-            if not lo <= value <= hi or value % image.multiple:
-                raise bad("size", f"size {body.size}: {name} must be in [{lo}, {hi}] and a multiple of "
-                                  f"{image.multiple}")  # fmt: skip
-    names = scheduler_names(rt.engine.family)
-    if body.scheduler is not None and body.scheduler not in names:
-        raise bad("scheduler", f"unknown scheduler {_short(body.scheduler)}; choose one of {', '.join(names)}")
-    pl = rt.engine.manifest.pladis
-    if body.alpha is not None and body.alpha != pl.alpha and pl.patched:  # alpha selects the graph's algorithm
-        raise bad("alpha", f"this engine was exported with alpha={pl.alpha}; re-export it to serve another alpha")
-    try:  # lam is a runtime input: any value in the engine's range, per request
-        rt.check_lam(body.lam, 1)
-    except ValueError as err:
-        raise bad("lam", str(err)) from None
-    try:  # the runtime's own checks (CFG batch, negative prompt without CFG, ...), without running anything
-        rt.settings(body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.guidance,
-                    scheduler=body.scheduler, batch=n, height=height, width=width)  # fmt: skip
-    except ValueError as err:
-        field = next((f for f in ("negative_prompt", "guidance", "steps") if f in str(err)), "n")
-        raise bad(field, str(err)) from None
-    return height, width, fmt
+        raise _bad("steps", f"steps = {body.steps} is over the server's maximum of {cfg.max_steps}")
+    return fmt
 
 
-def read_engine_once(rt) -> None:
-    """Read what the runtime would re-read from the engine folder per request (the scheduler config) now,
-    so moving or changing the folder later cannot fail requests. Tokenizers and engines load at warm-up."""
-    import diffusers
-
-    from pladis.runtime.pipeline import SCHEDULERS
-
-    config = json.loads((Path(rt.engine.folder) / "scheduler" / "scheduler_config.json").read_text())
-
-    def scheduler(name: str | None = None):
-        cls = getattr(diffusers, SCHEDULERS[name] if name else config["_class_name"])
-        return cls.from_config(config)
-
-    rt.scheduler = scheduler
+def _size(size: str | None, image) -> tuple[int | None, int | None]:
+    """(height, width) of ``size`` ("WxH"; None, "" or "auto": the engine's default, None here)."""
+    if size in (None, "", "auto"):
+        return None, None
+    match = SIZE.fullmatch(size)
+    if not match:
+        raise _bad("size", f"size {_short(size)} is not 'auto' or WIDTHxHEIGHT, e.g. {image.width}x{image.height}")
+    return int(match[2]), int(match[1])
 
 
 def _short(text: str, limit: int = 40) -> str:

@@ -1,5 +1,6 @@
-"""Settings of ``pladis serve``: one dataclass, its help texts and its checks (stdlib only, so the CLI and
-``pladis serve --help`` work without the ``serve`` extra installed)."""
+"""Settings of ``pladis serve``: one dataclass, its help texts and its checks (the standard library and
+pladis's light ``options`` and ``errors`` only, so the CLI and ``pladis serve --help`` work without the
+``serve`` extra installed)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pladis.errors import SettingError
+from pladis.options import DEFAULT_ENGINE
 
 API_KEY_ENV = "PLADIS_API_KEY"
 
@@ -19,7 +23,7 @@ def _opt(default, help: str):
 class ServeConfig:
     """Settings of ``pladis serve``; the CLI flags are generated from these fields, defaults and help texts."""
 
-    engine: str = _opt("build/tiny-sdxl-ort", "engine folder (pladis build) or export folder; read once at start-up")
+    engine: str = _opt(DEFAULT_ENGINE, "engine folder (pladis build) or export folder; read once at start-up")
     host: str = _opt("127.0.0.1", "bind address (default localhost; expose deliberately)")
     port: int = _opt(8000, "TCP port, 1-65535 (0: any free port)")
     backend: str = _opt("", "backend for every component (default: as built)")
@@ -47,11 +51,11 @@ class ServeConfig:
 
 
 def validate(cfg: ServeConfig) -> None:
-    """Raise ``ValueError`` naming the first option out of range (the CLI turns it into exit 2)."""
+    """Raise ``SettingError`` naming the first option out of range (the CLI turns it into exit 2)."""
 
     def need(ok: bool, flag: str, rule: str):
         if not ok:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)!r}: {rule}")
+            raise SettingError(flag, f"--{flag.replace('_', '-')} {getattr(cfg, flag)!r}: {rule}")
 
     need(bool(cfg.host.strip()), "host", "give a bind address, e.g. 127.0.0.1")
     need(0 <= cfg.port <= 65535, "port", "must be in 1-65535 (0: any free port)")
@@ -76,9 +80,9 @@ def api_key(cfg: ServeConfig) -> str:
         try:
             lines = path.read_text().splitlines()
         except OSError as err:
-            raise ValueError(f"--api-key-file {path}: cannot read it ({err.strerror})") from None
+            raise SettingError("api_key_file", f"--api-key-file {path}: cannot read it ({err.strerror})") from None
         key = lines[0].strip() if lines else ""
         if not key:
-            raise ValueError(f"--api-key-file {path} is empty; write the key on its first line")
+            raise SettingError("api_key_file", f"--api-key-file {path} is empty; write the key on its first line")
         return key
     return cfg.api_key or os.environ.get(API_KEY_ENV, "").strip()

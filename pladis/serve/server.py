@@ -5,30 +5,33 @@ uvicorn closes idle keep-alive connections (``keep_alive_s``) but has no limit f
 headers slowly, and by default waits forever for open connections on shutdown. A sweeper task next to the
 server closes every connection that has had no request in progress for ``header_timeout_s`` (new, idle, or
 still sending headers) or has held one request past ``request_limit_s`` (a client that does not read its
-answer), and on shutdown: drains the queue at once (503), lets the running batch go on for
-``shutdown_s``, then stops it (503) and closes what is still open, so the process exits within about
-``shutdown_s`` + 2 s whatever its clients do.
+answer), and on shutdown (SIGTERM, SIGINT): drains the queue at once (503) while the port keeps answering
+(``/healthz`` 503, new work 503) as long as the running batch goes on, up to ``shutdown_s``; then stops it
+(503), closes the listener and what is still open, so the process exits within about ``shutdown_s`` + 2 s
+whatever its clients do. With no batch running it exits at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
 
+from pladis.errors import PladisError
 from pladis.serve.config import ServeConfig, validate
 
 SWEEP_S = 0.25
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (port 0: a free one), or ValueError saying why not."""
+    """A socket bound to ``host:port`` (port 0: a free one), or PladisError saying why not."""
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]  # fmt: skip
     except socket.gaierror as err:
-        raise ValueError(f"--host {host!r} cannot be resolved ({err.strerror}); give an address like 127.0.0.1") \
+        raise PladisError(f"--host {host!r} cannot be resolved ({err.strerror}); give an address like 127.0.0.1") \
             from None  # fmt: skip
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop (TIME_WAIT)
@@ -36,17 +39,35 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(addr)
     except OSError as err:
         sock.close()
-        raise ValueError(f"cannot listen on {host}:{port} ({err.strerror}): the port is in use or not allowed; "
+        raise PladisError(f"cannot listen on {host}:{port} ({err.strerror}): the port is in use or not allowed; "
                          "pick another --port or stop the other server") from None  # fmt: skip
     return sock
 
 
 def uvicorn_server(app, cfg: ServeConfig, log_level: str = "info"):
+    """A uvicorn server for ``app`` whose first SIGTERM/SIGINT sets ``stopping`` instead of stopping uvicorn
+    at once: ``sweep_once`` then drains, keeps the port answering 503 while the running batch finishes (up to
+    ``shutdown_s``) and only then lets uvicorn shut down (``should_exit``). A second signal is uvicorn's."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        stopping = False
+
+        def handle_exit(self, sig, frame):
+            first = not (self.stopping or self.should_exit)
+            super().handle_exit(sig, frame)  # records the signal, re-raised at exit (the exit status is its)
+            if first:
+                self.should_exit, self.stopping = False, True
 
     config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=cfg.keep_alive_s,
                             timeout_graceful_shutdown=cfg.shutdown_s + 1.0)  # fmt: skip
-    return uvicorn.Server(config)
+    return Server(config)
+
+
+def address(sock: socket.socket) -> str:
+    """The URL a bound socket listens on."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def request_limit_s(cfg: ServeConfig) -> float:
@@ -65,18 +86,22 @@ async def sweep(server, app, cfg: ServeConfig) -> None:
 
 def sweep_once(server, app, cfg: ServeConfig, memo: dict, now: float) -> None:
     """Close connections idle past ``header_timeout_s`` or holding one request past ``request_limit_s``; once
-    uvicorn begins a shutdown (``server.should_exit``): drain at once, abort the running batch after
-    ``shutdown_s``, close every connection still open a second later. ``memo`` carries what was seen before:
+    a shutdown begins (``server.stopping``, or uvicorn's ``should_exit``): drain at once; when no batch runs
+    or ``shutdown_s`` passed (the running batch is then aborted), set ``should_exit`` so uvicorn stops
+    listening and closes idle connections; close every connection still open a second after the limit.
+    ``memo`` carries what was seen before:
     idle: connection -> since when it has had no request in progress; busy: connection -> (its request,
     since when); shutdown_at."""
     idle, busy = memo["idle"], memo["busy"]
-    if server.should_exit and memo["shutdown_at"] is None:
+    if (server.should_exit or getattr(server, "stopping", False)) and memo["shutdown_at"] is None:
         memo["shutdown_at"] = now
         app.state.drain()
     shutdown_at = memo["shutdown_at"]
     late = shutdown_at is not None and now - shutdown_at >= cfg.shutdown_s
     if late:
         app.state.abort()
+    if shutdown_at is not None and not server.should_exit and (late or app.state.idle()):
+        server.should_exit = True  # nothing left to wait for: uvicorn closes the listener and shuts down
     connections = list(server.server_state.connections)
     for conn in connections:
         cycle = getattr(conn, "cycle", None)
@@ -89,7 +114,7 @@ def sweep_once(server, app, cfg: ServeConfig, memo: dict, now: float) -> None:
             )
         else:  # new, idle, or sending its headers
             busy.pop(conn, None)
-            close = shutdown_at is not None or now - idle.setdefault(conn, now) > cfg.header_timeout_s
+            close = server.should_exit or now - idle.setdefault(conn, now) > cfg.header_timeout_s
         transport = getattr(conn, "transport", None)
         if close and transport is not None and not transport.is_closing():
             transport.close()
@@ -109,7 +134,7 @@ async def serve_with_sweeper(server, sock: socket.socket, app, cfg: ServeConfig)
 
 def serve(cfg: ServeConfig) -> None:
     """Run the server until SIGINT/SIGTERM (Ray Serve when ``cfg.ray``). Options are checked and the port is
-    bound before any engine loads; a bad option, busy port or bad engine folder is a ValueError."""
+    bound before any engine loads; a bad option, busy port or bad engine folder is a PladisError."""
     validate(cfg)
     if cfg.ray:
         from pladis.serve.ray_serve import serve_with_ray
@@ -121,9 +146,11 @@ def serve(cfg: ServeConfig) -> None:
         from pladis.runtime import Runtime
         from pladis.serve.app import create_app
 
-        runtime = Runtime(cfg.engine, cfg.backend or None, device=cfg.device)  # EngineError is a ValueError
+        runtime = Runtime(cfg.engine, cfg.backend or None, device=cfg.device)  # EngineError is a PladisError
         app = create_app(cfg, runtime)
-        server = uvicorn_server(app, cfg)
+        server = uvicorn_server(app, cfg)  # configures uvicorn's loggers: the line below shows at its level
+        logging.getLogger("uvicorn.error").info("pladis serve: listening on %s (engine %s; /healthz is 503 until "
+                                                "the engines are loaded)", address(sock), cfg.engine)  # fmt: skip
         asyncio.run(serve_with_sweeper(server, sock, app, cfg))
     finally:
         sock.close()
@@ -147,7 +174,7 @@ def run_in_thread(cfg: ServeConfig, runtime=None, ready_timeout: float = 120.0):
     url = f"http://{cfg.host}:{cfg.port}"
 
     def stop():
-        server.should_exit = True
+        server.stopping = True
         thread.join(cfg.shutdown_s + 30)
         sock.close()
 

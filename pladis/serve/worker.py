@@ -41,13 +41,12 @@ class WorkerDied(RuntimeError):
 
 @dataclass(eq=False)  # identity: a job is found in the queue as itself
 class Job:
-    """One request: ``n`` images of one prompt, with its seeds and sampling settings."""
+    """One request: ``images`` images made from ``work`` (what ``generate`` reads: the app's checked settings)."""
 
-    key: tuple  # (height, width, steps, scheduler, guidance, negative_prompt): what must match to batch
-    prompt: str
-    seeds: list[int]
+    key: tuple  # what must match to batch (the app's: size, steps, scheduler, guidance, negative prompt)
+    work: object
+    images: int
     deadline: float  # time.monotonic()
-    lam: float | None = None  # PLADIS strength of this request's images (None: the engine's default); not in key
     future: Future = field(default_factory=Future)
     abandoned: bool = False  # set by the HTTP side on timeout or client disconnect
 
@@ -69,7 +68,7 @@ def settle(future: Future, result=None, error: BaseException | None = None) -> N
 class Worker:
     """Runs ``generate(jobs, check)`` on one thread; ``check()`` raises once the batch should stop.
 
-    ``generate`` returns the images of all jobs in order (``len(job.seeds)`` each) and calls ``check``
+    ``generate`` returns the images of all jobs in order (``job.images`` each) and calls ``check``
     between its steps.
     """
 
@@ -149,16 +148,14 @@ class Worker:
             if not self.running:
                 return []
             first = self.jobs.popleft()
-            batch, images = [first], len(first.seeds)
+            batch, images = [first], first.images
             end = time.monotonic() + self.window_s
             while images < self.max_batch:
-                match = next(
-                    (j for j in self.jobs if j.key == first.key and images + len(j.seeds) <= self.max_batch), None
-                )
+                match = next((j for j in self.jobs if j.key == first.key and images + j.images <= self.max_batch), None)
                 if match is not None:
                     self.jobs.remove(match)
                     batch.append(match)
-                    images += len(match.seeds)
+                    images += match.images
                     continue
                 remaining = end - time.monotonic()
                 if remaining <= 0 or not self.running:
@@ -198,7 +195,7 @@ class Worker:
             if not live:
                 continue
             if self.metrics:
-                self.metrics.batch_size.observe(sum(len(j.seeds) for j in live))
+                self.metrics.batch_size.observe(sum(j.images for j in live))
             self.batch, self.batch_started = live, time.monotonic()
             try:
                 images, error = self.generate(live, self._check), None
@@ -212,5 +209,5 @@ class Worker:
                 if error is not None:
                     settle(job.future, error=error)
                 else:
-                    settle(job.future, images[i : i + len(job.seeds)])
-                    i += len(job.seeds)
+                    settle(job.future, images[i : i + job.images])
+                    i += job.images
