@@ -64,7 +64,12 @@ def create(engine: Engine, component: str, backend: str, device: str = "cpu") ->
     """The backend ``backend`` for ``component`` of ``engine``, not loaded yet, on the device the registry
     gives it for ``device``."""
     spec = check(engine, component, backend)
-    return spec.runner_class()(engine, component, spec.run_device(device))
+    return runner_class(spec)(engine, component, spec.run_device(device))
+
+
+def runner_class(spec):
+    """The class of this module that runs the registry record ``spec``'s backend."""
+    return globals()[spec.runner]
 
 
 _TYPESTR = {"float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4"}

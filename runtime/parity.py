@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from pladis.files import atomic_path, write_text
-from pladis.runtime import families
 from pladis.runtime.commands import ParityConfig as _CLI  # the one source of the defaults (and their help)
 from pladis.runtime.pipeline import Runtime, step_generators
 
@@ -114,7 +113,7 @@ def check(engine: str | Path, backend: str | None = None, *, prompt: str | list[
     report = ParityReport(str(engine), label, precision, type(sched_r).__name__, TOLERANCE[precision], s.lams)
     tf_scheds = [rt.scheduler(s.scheduler) for rt in (ref, eng)]  # fresh copies for the teacher-forced walk
     for sched in tf_scheds:
-        families.set_timesteps(ref, sched, s.steps, s.height, s.width)
+        ref.family.timesteps(ref.denoising, sched, s.steps, s.height, s.width)
     report.teacher_forced, _, _ = _walk(ref, eng, s, (cond_r, cond_e), tf_scheds, lat_r, lat_e, teacher_forced=True)
     report.free_running, lat_r, lat_e = _walk(ref, eng, s, (cond_r, cond_e), (sched_r, sched_e), lat_r, lat_e,
                                               teacher_forced=False)  # fmt: skip
