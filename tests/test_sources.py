@@ -190,6 +190,39 @@ def test_ckpt_and_denoiser_only_files(saved, tmp_path):
             assert all(torch.equal(a[k], b[k]) for k in b), f"{path.name}: {name}"  # copies: bitwise
 
 
+def test_legacy_format_ckpt_is_read(saved, tmp_path):
+    # issue 22 D8: torch.save's legacy (pre-zip) format cannot be memory-mapped; torch.load(weights_only=True)
+    # reads it, and so must pladis
+    pipe = models.load("tiny-sd15")
+    path = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": pipeline_to_ldm(pipe)}, path, _use_new_zipfile_serialization=False)
+    src = sources.resolve(str(path), str(saved / "tiny-sd15"))
+    assert src.layout.pipeline == "StableDiffusionPipeline"
+    got = sources.load(src)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(got, name).state_dict(), getattr(pipe, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b), name  # copies: bitwise
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_malicious_ckpt_is_refused_on_one_line_without_torchs_advice(tmp_path, capsys):
+    # issue 22 D11: the refusal is right, but torch's message spans lines and advises weights_only=False
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": _Payload()}}, path)
+    with pytest.raises(ValueError, match="is not a checkpoint torch.load.weights_only=True. can read") as err:
+        sources.resolve(str(path))
+    msg = str(err.value)
+    assert "\n" not in msg and "False" not in msg and "GLOBAL" in msg, msg  # names the refused object, no advice
+    out = tmp_path / "out"
+    assert cli.main(["export", "--model", str(path), "--out", str(out)]) == 2 and not out.exists()
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("pladis export: error: ") and "\n" not in line and "False" not in line, line
+
+
 def test_sd3_transformer_single_file(tmp_path):
     # A DiT single file: SD3's MMDiT in the original layout (joint_blocks.*), the rest from --config's weights.
     # (FLUX's converter in diffusers 0.42 hard-codes the full model's width, so no tiny FLUX file can be made.)
@@ -413,6 +446,17 @@ def test_kohya_lora(saved, tmp_path):
     assert rel_l2(got, base) > 1e-3  # the LoRA changes the U-Net (~1e-2 here)
     with pytest.raises(ValueError, match="does not fit .*attn1.processor.to_q_lora.down.weight' names layer"):
         sources.resolve(str(saved / "tiny-sdxl"), "", [spec])
+
+
+def test_lora_refusal_lists_only_pipelines_pladis_takes(saved):
+    # issue 22 D19: the list named SanaPipeline, a pipeline pladis refuses
+    with pytest.raises(ValueError, match="PixArtAlphaPipeline, which has no LoRA loader") as err:
+        sources.resolve("tiny-pixart", "", [str(saved / "lora-a.safetensors")])
+    listed = str(err.value).rpartition("--lora works with ")[2].split(", ")
+    assert "Sana" not in str(err.value) and "StableDiffusionXLPipeline" in listed
+    import diffusers
+
+    assert all(hasattr(getattr(diffusers, name), "load_lora_weights") for name in listed)  # each one has a loader
 
 
 def test_lora_fits_check_names_shape_mismatch(saved):
