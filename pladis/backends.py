@@ -20,7 +20,7 @@ from pladis.manifest import EngineError
 @dataclass(frozen=True)
 class BackendRecord:
     name: str
-    runner: str  # the class of pladis.runtime.backends that runs it
+    runner: str  # the class of pladis.runtime.backends that runs it (or "module:Class", a backend plugged in)
     builder: str | None  # the module of pladis.engine that builds its engine folder; None: runs the export as is
     devices: tuple[str, ...]  # device types it runs on, preferred first
     packages: tuple[str, ...]  # distributions it needs
