@@ -47,13 +47,13 @@ def parse_lora(spec: str) -> Lora:
             scale = float(tail)
         except ValueError:
             raise LoraError(f"LoRA {spec!r}: scale {tail!r} is not a number; write FILE:SCALE, e.g. "
-                             f"{head}:0.8") from None  # fmt: skip
+                            f"{head}:0.8") from None  # fmt: skip
     if not math.isfinite(scale):
         raise LoraError(f"LoRA {spec!r}: scale must be a finite number; got {scale}")
     p = Path(path).expanduser()
     if not p.is_file():
         raise LoraError(f"LoRA file {path} does not exist{' (it is a folder)' if p.is_dir() else ''}; "
-                         "pass --lora FILE.safetensors[:SCALE]")  # fmt: skip
+                        "pass --lora FILE.safetensors[:SCALE]")  # fmt: skip
     if p.suffix not in LORA_SUFFIXES:
         raise LoraError(f"LoRA file {path} is not a {' or '.join(LORA_SUFFIXES)} file")
     return Lora(p.resolve(), scale)
@@ -78,7 +78,7 @@ def check(loras, model: str, pipeline_class: str | None, component) -> None:
     if cls is None or not hasattr(cls, "load_lora_weights"):
         with_lora = [n for n in PIPELINES if hasattr(getattr(diffusers, n, None), "load_lora_weights")]
         raise LoraError(f"{model} is a {pipeline_class}, which has no LoRA loader in diffusers "
-                         f"{diffusers.__version__}; --lora works with {', '.join(with_lora)}")  # fmt: skip
+                        f"{diffusers.__version__}; --lora works with {', '.join(with_lora)}")  # fmt: skip
     if importlib.util.find_spec("peft") is None:
         raise LoraError(NO_PEFT)
     components = list(getattr(cls, "_lora_loadable_modules", []))
@@ -98,12 +98,12 @@ def check(loras, model: str, pipeline_class: str | None, component) -> None:
             why = _misfit(built[comp_name], _LORA_SUFFIX.sub("", module_path), module_path, value)
             if why:
                 raise LoraError(f"LoRA {lora.path.name} does not fit {model} ({pipeline_class}): key {key!r} "
-                                 f"{why}; is it a LoRA for another model family or base model?")  # fmt: skip
+                                f"{why}; is it a LoRA for another model family or base model?")  # fmt: skip
             checked += 1
         if not checked:
             first = ", ".join(list(state)[:3]) or "none"
             raise LoraError(f"LoRA {lora.path.name}: {cls.__name__}.lora_state_dict finds no LoRA layers in it (first "
-                             f"keys: {first}); is it a LoRA, and one for this model family?")  # fmt: skip
+                            f"keys: {first}); is it a LoRA, and one for this model family?")  # fmt: skip
 
 
 def _peft_name(key: str, text: bool) -> str:
@@ -124,7 +124,7 @@ def _lora_state_dict(cls, path: Path) -> dict:
         out = cls.lora_state_dict(str(path.parent), weight_name=path.name, local_files_only=True)
     except Exception as err:  # noqa: BLE001 - diffusers' format converters raise anything on foreign files
         raise LoraError(f"LoRA {path} cannot be read by {cls.__name__}.lora_state_dict ({type(err).__name__}: "
-                         f"{str(err)[:300]}); is it a LoRA for this model family?") from None  # fmt: skip
+                        f"{str(err)[:300]}); is it a LoRA for this model family?") from None  # fmt: skip
     return out[0] if isinstance(out, tuple) else out
 
 

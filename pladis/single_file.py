@@ -67,7 +67,7 @@ def checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
         sd = torch.load(path, map_location="meta", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - pickles fail in many ways; all mean the same to the user
         raise CheckpointError(f"{path} is not a checkpoint torch.load(weights_only=True) can read "
-                              f"({_load_failure(err)}); convert it to .safetensors") from None  # fmt: skip
+                                   f"({_load_failure(err)}); convert it to .safetensors") from None  # fmt: skip
     while isinstance(sd, dict) and "state_dict" in sd:
         sd = sd["state_dict"]
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
@@ -85,7 +85,7 @@ def inspect(path: Path, config: str = "") -> SingleFile:
     """The layout of the checkpoint at ``path`` (absolute) and its config folder (``config``: --config or "")."""
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise CheckpointError(f"{path} is not a single-file checkpoint: diffusers' from_single_file reads "
-                         f"{' and '.join(CHECKPOINT_SUFFIXES)} files")  # fmt: skip
+                              f"{' and '.join(CHECKPOINT_SUFFIXES)} files")  # fmt: skip
     shapes = checkpoint_shapes(path)
     layout = next((lay for lay in LAYOUTS if lay.matches(set(shapes))), None)
     if layout is None:
@@ -103,7 +103,7 @@ def inspect(path: Path, config: str = "") -> SingleFile:
         cfg = Path(config).expanduser()
         if not cfg.is_dir():
             raise CheckpointError(f"--config {config} does not exist or is not a folder; pass a local diffusers folder "
-                             "with model_index.json and the component configs")  # fmt: skip
+                                  "with model_index.json and the component configs")  # fmt: skip
         cfg = cfg.resolve()
         weights = [n for n in model_components(cfg) if n != layout.denoiser] if denoiser_only else []
         check_config_folder(cfg, weights, f"{path.name} holds only the {layout.denoiser}")
@@ -115,7 +115,7 @@ def inspect(path: Path, config: str = "") -> SingleFile:
     cls = pipeline_class(cfg)
     if layout.pipeline and cls != layout.pipeline:
         raise CheckpointError(f"{path.name} has the {layout.name} layout (a {layout.pipeline}) but the config "
-                         f"{cfg} is a {cls}; pass the config folder of the checkpoint's base model")  # fmt: skip
+                              f"{cfg} is a {cls}; pass the config folder of the checkpoint's base model")  # fmt: skip
     return SingleFile(cls, cfg, origin, layout, denoiser_only, vae_from_config)
 
 
@@ -139,7 +139,7 @@ def check_config_folder(folder: Path, weights_for=(), why: str = "") -> None:
                 wanted = folder / name / "tokenizer.json"
         if not wanted.is_file():
             raise CheckpointError(f"config folder {folder}: {wanted} is missing (component {name}, {spec[1]}); copy it "
-                             "from the base model's diffusers folder")  # fmt: skip
+                                  "from the base model's diffusers folder")  # fmt: skip
         if name in weights_for and not any(map(is_weight, (folder / name).iterdir())):
             raise CheckpointError(
                 f"the config folder must hold the weights of {', '.join(weights_for)} ({why}), and {folder / name} "
@@ -153,7 +153,7 @@ def _builtin_config(path: Path, layout: Layout, shapes: dict) -> tuple[Path, str
     local Hugging Face cache. Never downloads."""
     if layout.pipeline is None:
         raise CheckpointError(f"{path.name} holds only a denoiser ({layout.name}); pass --config FOLDER, a local "
-                         "diffusers folder of its base model with the other components' weights")  # fmt: skip
+                              "diffusers folder of its base model with the other components' weights")  # fmt: skip
     for name in layout.builtins:
         if _unet_matches(name, shapes):
             folder = builtin_config_folder(name)

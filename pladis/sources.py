@@ -68,7 +68,7 @@ def resolve(model: str, config: str = "", loras=()) -> Source:
     loras = tuple(lora.parse_lora(x) for x in (loras or ()))
     if config and not (model.endswith(CHECKPOINT_SUFFIXES) or Path(model).is_file()):
         raise SourceError(f"--config is for single-file checkpoints (.safetensors, .ckpt); {model!r} brings its own "
-                         "architecture config: drop --config")  # fmt: skip
+                          "architecture config: drop --config")  # fmt: skip
     if model in models.BUILTINS:
         if not loras:
             return Source("builtin", model)
@@ -97,7 +97,7 @@ def resolve(model: str, config: str = "", loras=()) -> Source:
         return src
     if _looks_like_path(model):
         raise SourceError(f"model path {model} does not exist (looked in {Path.cwd()}); pass an existing diffusers "
-                         "folder or .safetensors / .ckpt file")  # fmt: skip
+                          "folder or .safetensors / .ckpt file")  # fmt: skip
     if not HUB_ID.fullmatch(model):
         raise SourceError(
             f"unknown model {model!r}: use a built-in ({', '.join(models.BUILTINS)}), a diffusers folder, "
