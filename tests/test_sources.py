@@ -486,3 +486,14 @@ def test_manifests_from_before_source_records(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(provenance.SourceChanged, match="relative path 'mine' .* re-export it"):
         provenance.verify({"source": "mine", "seed": 0})
+
+
+def test_source_failures_are_pladis_errors():
+    # the CLI turns PladisErrors into one line; a moved source, a bad LoRA or checkpoint is the user's to fix
+    from pladis import lora, single_file
+    from pladis.errors import PladisError
+
+    for cls in (provenance.SourceChanged, sources.SourceError, lora.LoraError, single_file.CheckpointError):
+        assert issubclass(cls, PladisError), cls
+    with pytest.raises(PladisError, match="relative path 'mine'"):
+        provenance.verify({"source": "mine", "seed": 0})
