@@ -136,10 +136,17 @@ def key_parts(cfg: BuildConfig, src, dims: dict, precision: str, device: dict) -
     }  # fmt: skip
 
 
+def builder_module(spec):
+    """The module of this package that builds the registry record ``spec``'s engines."""
+    if spec.builder is None:
+        raise EngineError(f"the {spec.name} backend runs export folders as they are; nothing to build")
+    return importlib.import_module(f"{__package__}.{spec.builder}")
+
+
 def build(cfg: BuildConfig) -> dict:
     """Build (or reuse from the cache) the engine folder ``cfg.out``; returns its engine.json."""
     src, dims, precision = check(cfg)
-    backend = backends.get(cfg.backend).builder_module()
+    backend = builder_module(backends.get(cfg.backend))
     device = backend.device_info(cfg.device, precision)  # raises when the backend or the GPU cannot do it
     parts = key_parts(cfg, src, dims, precision, device)
     k = cache.key(parts)

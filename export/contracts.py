@@ -7,39 +7,13 @@ sample inputs, dynamic axes and the manifest's shape ranges are all derived from
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from pladis import families
+from pladis.contracts import FLOAT, Component, Port
 
-FLOAT = "float"  # the export precision's float type
-
-
-@dataclass(frozen=True)
-class Port:
-    """One graph input or output (a port of a component; not a tensor). shape: ints are static, strings name a
-    dim; dtype: FLOAT or a torch dtype."""
-
-    name: str
-    shape: tuple[int | str, ...]
-    dtype: str = FLOAT
-    sample: str = "normal"  # how sample values are drawn: normal | ids | timestep | mask | positions | guidance
-
-
-@dataclass
-class Component:
-    """One exported file: ``forward(module, **inputs)`` returns the outputs in ``outputs`` order."""
-
-    name: str
-    module: nn.Module
-    inputs: list[Port]
-    outputs: list[Port]
-    forward: Callable[..., tuple]
-    denoiser: bool = False
-    extras: dict = field(default_factory=dict)  # per-input sampling parameters (vocab size, timestep scale)
+__all__ = ["FLOAT", "Component", "Port"]  # the vocabulary (pladis.contracts), as the export stage's readers use it
 
 
 class Traced(nn.Module):
@@ -92,8 +66,7 @@ def dims(pipe, family: str, *, height: int, width: int, batch: int, static: bool
 def size_multiple(pipe, family: str) -> int:
     """Image sides must be multiples of this many pixels: the VAE factor times the denoiser's own factor
     (the family record's: U-Net down-sampling levels; FLUX's 2x2 latent packing; PixArt's 2x2 patches)."""
-    fam = families.get(family)
-    return fam.vae_scale(pipe.vae.config) * fam.denoiser_multiple(getattr(pipe, fam.component))
+    return families.get(family).size_multiple(pipe)
 
 
 def text_lengths(pipe, family: str) -> dict[str, int]:
@@ -176,13 +149,13 @@ LAM_INPUT = "pladis_scale"  # the PLADIS strength, one float32 per denoiser samp
 
 def _with_lam_input(comp: Component) -> Component:
     """The denoiser contract with lam as its last input: ``pladis_scale`` (cfg_batch,) float32 feeds every
-    PLADIS layer through ``patch.scale``, so one traced graph serves every lam."""
+    PLADIS layer through ``patch.using_lam``, so one traced graph serves every lam."""
     from pladis import patch
 
     inner = comp.forward
 
     def fwd(m, **inputs):
-        with patch.scale(m, inputs.pop(LAM_INPUT)):
+        with patch.using_lam(m, inputs.pop(LAM_INPUT)):
             return inner(m, **inputs)
 
     inputs = [*comp.inputs, Port(LAM_INPUT, ("cfg_batch",), "float32", "lam")]

@@ -25,7 +25,7 @@ import onnx
 import torch
 from tqdm import tqdm
 
-from pladis import models, ops, patch, sources
+from pladis import models, ops, patch, provenance, sources
 from pladis.export import contracts, onnx_op, validate
 from pladis.export.manifest import build_manifest, config_hash, sealed
 from pladis.files import check_output_folder, clean_stale, replace_folder, temp_dir, write_text
@@ -141,7 +141,7 @@ def export(cfg: ExportConfig) -> dict:
             cfg=asdict(cfg), pipe=pipe, family=family, report=report, dims=d, comps=comps, files=files,
             folder=tmp, validation=checks, config_hashes={c.name: config_hash(c.module) for c in comps},
             height=height, width=width, multiple=contracts.size_multiple(pipe, family),
-            seconds=time.perf_counter() - start, source=sources.record(source),
+            seconds=time.perf_counter() - start, source=provenance.record(source),
         )  # fmt: skip
         manifest = sealed(manifest)
         write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")

@@ -57,7 +57,7 @@ def pipeline_files(folder: Path) -> dict[str, str]:
 def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, validation, config_hashes, height,
                    width, multiple, seconds, source: dict | None = None) -> dict:  # fmt: skip
     """The manifest dict; file hashes are computed from the files in ``folder``. ``source``: the model's
-    record (``pladis.sources.record``: kind, absolute path, weight hashes, config hash, LoRAs)."""
+    record (``pladis.provenance.record``: kind, absolute path, weight hashes, config hash, LoRAs)."""
     components = {}
     for comp in comps:
         f = files[comp.name]

@@ -168,7 +168,7 @@ class Manifest:
 
     family: str
     precision: str  # requested: fp32 | fp16 | bf16 (a component may have fallen back: see Component.dtype)
-    model: Mapping  # the source record (pladis.sources.record) + seed, pipeline_class, family
+    model: Mapping  # the source record (pladis.provenance.record) + seed, pipeline_class, family
     pladis: Pladis
     dims: Mapping[str, Dims]
     image: ImageSize

@@ -260,6 +260,15 @@ BUILTINS: dict[str, Builtin] = {
 }
 
 
+def _hub_failure(err: Exception) -> str:
+    """from_pretrained's reason on one line, without its pointers to a stack trace the user does not see."""
+    text = str(err)
+    if "not fully cached locally" in text:
+        return "it is not in the local Hugging Face cache and the Hub could not be reached"
+    text = text.replace("Please check out the root cause in the stacktrace above.", "")
+    return " ".join(text.split()).rstrip(". ") or type(err).__name__
+
+
 def load(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A diffusers pipeline: a built-in name (random weights, deterministic by seed) or a hub id / folder.
 
@@ -288,12 +297,19 @@ def load(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
 
     # diffusers 0.42 renamed `torch_dtype` to `dtype` (the old name still works there, with a warning)
     dtype_kw = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # "couldn't connect to the Hub, will try the cache": the error below says it once
     try:
         local = {"local_files_only": True} if Path(name_or_path).is_dir() else {}  # a folder never goes to the hub
         pipe = diffusers.DiffusionPipeline.from_pretrained(name_or_path, **{dtype_kw: dtype}, **local)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"cannot load model {name_or_path!r}: not a built-in ({', '.join(BUILTINS)}) and from_pretrained "
-            f"failed ({err}). Pass a built-in name, a local diffusers folder, or a hub id you can download."
-        ) from err
+            f"failed ({_hub_failure(err)}). Pass a built-in name, a local diffusers folder, or a hub id you can "
+            "download."
+        ) from None
+    finally:
+        dlog.set_verbosity(level)
     return pipe.to(device)

@@ -50,7 +50,7 @@ def _qk_norm(norm: nn.Module | None, x: torch.Tensor, heads: int) -> torch.Tenso
 
 
 def _strength(proc, batch: int) -> float | torch.Tensor:
-    """The lam a processor uses for a call with ``batch`` samples: the per-call value ``scale`` set (one per
+    """The lam a processor uses for a call with ``batch`` samples: the per-call value ``using_lam`` set (one per
     sample; a list for half the batch is repeated, as diffusers pipelines stack [uncond, cond]), or the
     number the model was patched with."""
     lam = proc.runtime_lam
@@ -271,7 +271,7 @@ def apply(
 
 
 @contextlib.contextmanager
-def scale(target, lam):
+def using_lam(target, lam):
     """Run the calls inside the block at PLADIS strength ``lam`` (the official pipeline's ``pladis_scale``).
 
     target: a model or pipeline patched by ``apply``. lam: a number, or one value per sample (a list or a
@@ -300,6 +300,14 @@ def scale(target, lam):
     finally:
         for p, o in zip(procs, old, strict=True):
             p.runtime_lam = o
+
+
+def scale(target, lam):
+    """Deprecated alias of ``using_lam`` (the name collided with attention's logit ``scale``); works as before."""
+    import warnings
+
+    warnings.warn("pladis.scale is deprecated: use pladis.using_lam(pipe, lam)", DeprecationWarning, stacklevel=2)
+    return using_lam(target, lam)
 
 
 def _pladis_processors(model) -> list:

@@ -19,6 +19,7 @@ backend with ``reuses_outputs`` returns its own buffers, overwritten by its next
 
 from __future__ import annotations
 
+import importlib
 from typing import Protocol
 
 import numpy as np
@@ -64,7 +65,14 @@ def create(engine: Engine, component: str, backend: str, device: str = "cpu") ->
     """The backend ``backend`` for ``component`` of ``engine``, not loaded yet, on the device the registry
     gives it for ``device``."""
     spec = check(engine, component, backend)
-    return spec.runner_class()(engine, component, spec.run_device(device))
+    return runner_class(spec)(engine, component, spec.run_device(device))
+
+
+def runner_class(spec):
+    """The class that runs the registry record ``spec``'s backend: one of this module's, or ``module:Class`` (a
+    backend plugged in from outside)."""
+    module, _, name = spec.runner.rpartition(":")
+    return getattr(importlib.import_module(module), name) if module else globals()[name]
 
 
 _TYPESTR = {"float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4"}

@@ -19,7 +19,6 @@ import torch
 
 from pladis.files import atomic_path, write_text
 from pladis.options import DEFAULT_PROMPT
-from pladis.runtime import families
 from pladis.runtime.pipeline import Runtime, step_generators
 from pladis.runtime.request import PARITY_STEPS, Request
 
@@ -124,7 +123,7 @@ def check(engine: str | Path, backend: str | None = None, request: Request | Non
     )
     tf_scheds = [rt.scheduler(s.scheduler) for rt in (ref, eng)]  # fresh copies for the teacher-forced walk
     for sched in tf_scheds:
-        families.set_timesteps(ref, sched, s.steps, s.height, s.width)
+        ref.family.timesteps(ref.denoising, sched, s.steps, s.height, s.width)
     report.teacher_forced, _, _ = _walk(ref, eng, s, (cond_r, cond_e), tf_scheds, lat_r, lat_e, teacher_forced=True)
     report.free_running, lat_r, lat_e = _walk(ref, eng, s, (cond_r, cond_e), (sched_r, sched_e), lat_r, lat_e,
                                               teacher_forced=False)  # fmt: skip

@@ -32,8 +32,10 @@ from tqdm import tqdm
 
 from pladis import backends as registry
 from pladis.errors import SettingError
+from pladis.families import Denoising
+from pladis.families import get as family_record
 from pladis.manifest import Engine, EngineError, open_engine
-from pladis.runtime import backends, families
+from pladis.runtime import backends
 from pladis.runtime.request import SCHEDULERS, Request, Settings, check
 
 __all__ = ["SCHEDULERS", "Request", "Result", "Runtime", "Settings", "step_generators"]
@@ -103,6 +105,10 @@ class Runtime:
         self._warm: set = set()  # (component, input shapes) already run once
         self._tokenizers: dict = {}
         self.input_names = {i.name for i in self.engine.component(self.engine.denoiser).inputs}
+        self.family = family_record(self.engine.family)  # the engine's family record, looked up once
+        vae = self.engine.manifest.vae  # what the family's hooks may read of this engine
+        self.denoising = Denoising(self.encode_text, frozenset(self.input_names), vae.scale_factor,
+                                   vae.latent_channels, vae.scaling_factor, vae.shift_factor)  # fmt: skip
         self.scheduler_config = _scheduler_config(self.engine.folder)  # read once: the folder may move later
 
     # -- components ----------------------------------------------------------------------------
@@ -153,6 +159,18 @@ class Runtime:
                     from None  # fmt: skip
         return self._tokenizers[name]
 
+    def encode_text(self, encoder: str, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """``encoder``'s outputs for ``prompts`` tokenized to the engine's text length (the text side of the family
+        hooks); an encoder that takes an ``attention_mask`` (T5) also returns the mask it was given."""
+        ports = {i.name: i for i in self.engine.component(encoder).inputs}
+        length = self.engine.dim(ports["input_ids"].shape[1])[1]
+        enc = self.tokenizer(encoder)(prompts, padding="max_length", max_length=length, truncation=True,
+                                      return_tensors="pt")  # fmt: skip
+        if "attention_mask" not in ports:
+            return self.run(encoder, {"input_ids": enc.input_ids})
+        out = self.run(encoder, {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask})
+        return {**out, "attention_mask": enc.attention_mask}
+
     def scheduler(self, name: str | None = None):
         """A fresh diffusers scheduler from the engine's saved config (``name`` None: that same class)."""
         import diffusers
@@ -177,18 +195,18 @@ class Runtime:
 
     def prepare(self, s: Settings) -> tuple[dict, object, torch.Tensor]:
         """(constant denoiser inputs, scheduler with timesteps set, initial latents (packed for FLUX))."""
-        cond = families.encode(self, s.prompts, s.negatives, s.height, s.width, s.guidance)
+        cond = self.family.encode(self.denoising, s.prompts, s.negatives, s.height, s.width, s.guidance)
         if s.lam is not None:  # both CFG halves of a sample get that sample's lam: [uncond..., cond...]
             name = self.engine.manifest.pladis.lam_input
             cond[name] = torch.tensor(s.lam * (2 if s.negatives is not None else 1), dtype=torch.float32)
         cond = {k: v.to(self.device) for k, v in cond.items()}  # once: constant over the steps
         sched = self.scheduler(s.scheduler)
-        families.set_timesteps(self, sched, s.steps, s.height, s.width)
-        shape = families.latent_shape(self, 1, s.height, s.width)
+        self.family.timesteps(self.denoising, sched, s.steps, s.height, s.width)
+        shape = self.family.latent_shape(self.denoising, 1, s.height, s.width)
         # drawn on the CPU, one generator per image: the same noise on every device
         noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in s.seeds])
         noise = noise.to(self.device)
-        return cond, sched, families.pack(self, noise) * getattr(sched, "init_noise_sigma", 1.0)  # flow: none
+        return cond, sched, self.family.pack(noise) * getattr(sched, "init_noise_sigma", 1.0)  # flow: none
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: dict, sched, s: Settings) -> torch.Tensor:
         """The guided noise prediction for ``latents`` at timestep ``t``."""
@@ -196,8 +214,8 @@ class Runtime:
         x = torch.cat([latents] * 2) if use_cfg else latents
         if hasattr(sched, "scale_model_input"):  # flow-matching schedulers have no input scaling
             x = sched.scale_model_input(x, t)
-        out = self.run(self.engine.denoiser, families.step_inputs(self, x, t, cond))
-        noise = families.noise_prediction(self, next(iter(out.values())))
+        out = self.run(self.engine.denoiser, self.family.step_inputs(x, t, cond))
+        noise = self.family.noise_prediction(self.denoising, next(iter(out.values())))
         if not use_cfg:
             return noise
         uncond, text = noise.chunk(2)
@@ -211,7 +229,7 @@ class Runtime:
     def decode(self, latents: torch.Tensor, s: Settings) -> list:
         from PIL import Image
 
-        x = families.vae_input(self, latents, s.height, s.width)
+        x = self.family.decoder_input(self.denoising, latents, s.height, s.width)
         images = self.run("vae_decoder", {"latent_sample": x})["sample"]
         arr = ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(a) for a in arr]
@@ -247,8 +265,9 @@ class Runtime:
     def warm_loop(self, latents: torch.Tensor, cond: dict, sched, s: Settings) -> None:
         """Warm the denoiser and the VAE decoder up on this call's shapes (a no-op for shapes already run)."""
         x = torch.cat([latents] * 2) if s.negatives is not None else latents
-        self.warm_up(self.engine.denoiser, families.step_inputs(self, x, sched.timesteps[0], cond))
-        self.warm_up("vae_decoder", {"latent_sample": families.vae_input(self, latents, s.height, s.width)})
+        self.warm_up(self.engine.denoiser, self.family.step_inputs(x, sched.timesteps[0], cond))
+        decoder_input = self.family.decoder_input(self.denoising, latents, s.height, s.width)
+        self.warm_up("vae_decoder", {"latent_sample": decoder_input})
 
 
 def _scheduler_config(folder: Path) -> dict:

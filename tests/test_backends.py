@@ -28,16 +28,17 @@ def folder(tmp_path_factory):
 
 def test_one_registry_for_build_and_run():
     from pladis.engine import BACKENDS as buildable
+    from pladis.engine.build import builder_module
     from pladis.runtime.commands import BACKEND_HELP
 
     assert runners.BACKENDS == registry.NAMES == ("torch", "ort", "aoti", "trt")
     assert buildable == registry.BUILDABLE == ("ort", "aoti", "trt")
     assert BACKEND_HELP.startswith(" | ".join(registry.NAMES))
     for spec in registry.REGISTRY.values():
-        cls = spec.runner_class()
+        cls = runners.runner_class(spec)
         assert all(callable(getattr(cls, m, None)) for m in ("load", "warm_up", "run")), spec.name
         if spec.builder:  # named, not imported, until used: TensorRT's module needs no TensorRT to import
-            module = spec.builder_module()
+            module = builder_module(spec)
             assert callable(module.build) and callable(module.device_info), spec.name
     assert registry.get("trt").run_device("cpu") == "cuda" and registry.get("ort").run_device("cuda:1") == "cuda:1"
     assert [n for n in registry.NAMES if registry.get(n).lowers_precision] == []  # all run the graph as exported

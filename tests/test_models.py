@@ -80,3 +80,19 @@ def test_pipeline_end_to_end_with_pladis(name):
     assert np.isfinite(patched).all() and patched.shape == stock.shape
     assert np.abs(patched - stock).max() > 1e-4  # PLADIS reached the sampled image
     assert np.array_equal(run(), stock)  # atol=0: remove restores the stock pipeline exactly
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_clean_line(tmp_path, monkeypatch, capsys):
+    # issue 22 D11: diffusers' reason pointed at "the root cause in the stacktrace above", which a one-line
+    # error never shows, and its "couldn't connect" warning came on lines of its own
+    from huggingface_hub import constants
+
+    from pladis import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    assert cli.main(["layers", "--model", "org/name"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pladis layers: error: cannot load model 'org/name'") and "\n" not in err, err
+    assert "stacktrace" not in err and "not in the local Hugging Face cache" in err

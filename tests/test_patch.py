@@ -101,6 +101,29 @@ def test_patched_output_matches_reference_processor(case, alpha):
     assert (patched - stock_out).abs().max() > 1e-3, "PLADIS did not change the output: the test would prove nothing"
 
 
+def test_using_lam_runs_another_strength_and_scale_is_its_deprecated_alias():
+    model, kwargs = denoiser_case("tiny-sd15")
+    stock = {n: p for n, p in ((n, m.get_processor()) for n, m in model.named_modules() if hasattr(m, "set_processor"))}
+    report = pladis.apply(model, lam=2.0)
+    with pladis.using_lam(model, 3.0):
+        got = forward(model, kwargs)
+    at_default = forward(model, kwargs)  # the block is over: the patched lam again
+    with pytest.warns(DeprecationWarning, match="pladis.scale is deprecated: use pladis.using_lam"):
+        with pladis.scale(model, 3.0):
+            alias = forward(model, kwargs)
+    pladis.remove(model)
+    modules = dict(model.named_modules())
+    refs = {}
+    for lam in (2.0, 3.0):
+        for name in report.layers:
+            modules[name].set_processor(ReferenceProcessor(stock[name], lam, 1.5))
+        refs[lam] = forward(model, kwargs)
+    torch.testing.assert_close(got, refs[3.0], **TOL_MODEL)
+    torch.testing.assert_close(at_default, refs[2.0], **TOL_MODEL)
+    assert torch.equal(alias, got)  # the alias is the same function
+    assert (refs[3.0] - refs[2.0]).abs().max() > 1e-3, "lam 3 and 2 agree: the test would prove nothing"
+
+
 EXPECTED_COUNTS = {  # (default, all): U-Nets leave the mid block out by default
     "tiny-sd15": (3, 4),
     "tiny-sdxl": (10, 12),

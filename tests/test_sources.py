@@ -15,8 +15,9 @@ from ldm_layout import pipeline_to_ldm, sd3_to_original
 from safetensors.torch import load_file, save_file
 
 import pladis
-from pladis import cli, models, patch, sources
+from pladis import cli, model_files, models, patch, provenance, sources
 from pladis.export import ExportConfig, contracts, export
+from pladis.files import sha256
 from pladis.runtime import backends, parity
 
 pytest.importorskip("peft")  # in the dev and lora extras; the fixtures make LoRAs with it
@@ -129,7 +130,7 @@ def test_folder_exports_like_the_builtin(exports, saved):
     mine = exports("folder-sd15").parent / "mine"
     assert m["kind"] == "folder" and m["source"] == str(mine.resolve())  # typed "mine": recorded absolute
     weights = {f["file"]: f["sha256"] for f in m["files"]}
-    assert weights["unet/diffusion_pytorch_model.safetensors"] == sources.sha256(
+    assert weights["unet/diffusion_pytorch_model.safetensors"] == sha256(
         mine / "unet" / "diffusion_pytorch_model.safetensors"
     )
     assert len(m["config_sha256"]) == 64 and m["loras"] == []
@@ -138,7 +139,7 @@ def test_folder_exports_like_the_builtin(exports, saved):
 def test_sd15_single_file_exports_like_the_folder(exports, saved):
     assert_same_outputs(ort_outputs(exports("file-sd15")), ort_outputs(exports("folder-sd15")))
     m = json.loads((exports("file-sd15") / "manifest.json").read_text())["model"]
-    assert m["kind"] == "single_file" and m["files"][0]["sha256"] == sources.sha256(saved / "tiny-sd15.safetensors")
+    assert m["kind"] == "single_file" and m["files"][0]["sha256"] == sha256(saved / "tiny-sd15.safetensors")
     assert m["layout"].startswith("SD 1.x") and m["config"]["origin"] == "builtin:tiny-sd15"
 
 
@@ -149,7 +150,7 @@ def test_sdxl_single_file_unet_exports_like_the_folder(exports, saved):
     m = json.loads((exports("file-sdxl-unet") / "manifest.json").read_text())["model"]
     assert m["layout"].startswith("SDXL") and m["config"] == {
         "origin": "folder", "path": str((saved / "tiny-sdxl").resolve()),
-        "config_sha256": sources.config_sha256(saved / "tiny-sdxl"),
+        "config_sha256": model_files.config_sha256(saved / "tiny-sdxl"),
     }  # fmt: skip
 
 
@@ -189,6 +190,39 @@ def test_ckpt_and_denoiser_only_files(saved, tmp_path):
             assert all(torch.equal(a[k], b[k]) for k in b), f"{path.name}: {name}"  # copies: bitwise
 
 
+def test_legacy_format_ckpt_is_read(saved, tmp_path):
+    # issue 22 D8: torch.save's legacy (pre-zip) format cannot be memory-mapped; torch.load(weights_only=True)
+    # reads it, and so must pladis
+    pipe = models.load("tiny-sd15")
+    path = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": pipeline_to_ldm(pipe)}, path, _use_new_zipfile_serialization=False)
+    src = sources.resolve(str(path), str(saved / "tiny-sd15"))
+    assert src.layout.pipeline == "StableDiffusionPipeline"
+    got = sources.load(src)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(got, name).state_dict(), getattr(pipe, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b), name  # copies: bitwise
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_malicious_ckpt_is_refused_on_one_line_without_torchs_advice(tmp_path, capsys):
+    # issue 22 D11: the refusal is right, but torch's message spans lines and advises weights_only=False
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": _Payload()}}, path)
+    with pytest.raises(ValueError, match="is not a checkpoint torch.load.weights_only=True. can read") as err:
+        sources.resolve(str(path))
+    msg = str(err.value)
+    assert "\n" not in msg and "False" not in msg and "GLOBAL" in msg, msg  # names the refused object, no advice
+    out = tmp_path / "out"
+    assert cli.main(["export", "--model", str(path), "--out", str(out)]) == 2 and not out.exists()
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("pladis export: error: ") and "\n" not in line and "False" not in line, line
+
+
 def test_sd3_transformer_single_file(tmp_path):
     # A DiT single file: SD3's MMDiT in the original layout (joint_blocks.*), the rest from --config's weights.
     # (FLUX's converter in diffusers 0.42 hard-codes the full model's width, so no tiny FLUX file can be made.)
@@ -201,7 +235,7 @@ def test_sd3_transformer_single_file(tmp_path):
     assert type(got).__name__ == "StableDiffusion3Pipeline"
     a, b = got.transformer.state_dict(), pipe.transformer.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)  # copies: bitwise
-    rec = sources.record(src)
+    rec = provenance.record(src)
     assert rec["config"]["files"] and rec["files"][0]["file"] == "mmdit.safetensors"  # the folder's weights too
 
 
@@ -238,8 +272,8 @@ def test_sdxl_single_file_with_loras_matches_eager_and_parity_passes(exports, sa
     assert cli.main(argv) == 0, capsys.readouterr().err
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"]["loras"] == [
-        {"file": a.name, "path": str(a.resolve()), "sha256": sources.sha256(a), "scale": 0.5},
-        {"file": b.name, "path": str(b.resolve()), "sha256": sources.sha256(b), "scale": 1.0},
+        {"file": a.name, "path": str(a.resolve()), "sha256": sha256(a), "scale": 0.5},
+        {"file": b.name, "path": str(b.resolve()), "sha256": sha256(b), "scale": 1.0},
     ]
     assert m["model"]["kind"] == "single_file" and m["model"]["config"]["origin"] == "folder"
 
@@ -304,7 +338,7 @@ def test_moved_or_changed_source_is_reported(exports, saved, monkeypatch):
 
     folder.rename(out.parent / "elsewhere")
     backends.eager_components.cache_clear()
-    with pytest.raises(sources.SourceChanged, match=re.escape(f"no longer at {folder}: it was moved or deleted")):
+    with pytest.raises(provenance.SourceChanged, match=re.escape(f"no longer at {folder}: it was moved or deleted")):
         parity.check(out, "ort", steps=1)
     (out.parent / "elsewhere").rename(folder)
 
@@ -313,7 +347,7 @@ def test_moved_or_changed_source_is_reported(exports, saved, monkeypatch):
     sd["conv_in.bias"] = sd["conv_in.bias"] + 1
     save_file(sd, str(weights))
     backends.eager_components.cache_clear()
-    with pytest.raises(sources.SourceChanged, match=r"diffusion_pytorch_model.safetensors changed since the export: "
+    with pytest.raises(provenance.SourceChanged, match=r"diffusion_pytorch_model.safetensors changed since the export: "
                        r"its sha256 is \w+…, the manifest records"):  # fmt: skip
         parity.check(out, "torch", steps=1)
     backends.eager_components.cache_clear()
@@ -414,6 +448,17 @@ def test_kohya_lora(saved, tmp_path):
         sources.resolve(str(saved / "tiny-sdxl"), "", [spec])
 
 
+def test_lora_refusal_lists_only_pipelines_pladis_takes(saved):
+    # issue 22 D19: the list named SanaPipeline, a pipeline pladis refuses
+    with pytest.raises(ValueError, match="PixArtAlphaPipeline, which has no LoRA loader") as err:
+        sources.resolve("tiny-pixart", "", [str(saved / "lora-a.safetensors")])
+    listed = str(err.value).rpartition("--lora works with ")[2].split(", ")
+    assert "Sana" not in str(err.value) and "StableDiffusionXLPipeline" in listed
+    import diffusers
+
+    assert all(hasattr(getattr(diffusers, name), "load_lora_weights") for name in listed)  # each one has a loader
+
+
 def test_lora_fits_check_names_shape_mismatch(saved):
     # a LoRA with the right layer names but another width: the first misfit is named with both sizes
     lora = saved / "lora-a.safetensors"
@@ -437,7 +482,18 @@ def test_patch_of_fused_model_matches_builtin_layers(saved):
 def test_manifests_from_before_source_records(tmp_path, monkeypatch):
     # Exports made before issue 12 stored the model as typed: built-ins still rebuild; a relative path is
     # refused with the fix instead of being tried as a hub id
-    assert sources.verify({"source": "tiny-sd15", "seed": 0}).kind == "builtin"
+    assert provenance.verify({"source": "tiny-sd15", "seed": 0}).kind == "builtin"
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(sources.SourceChanged, match="relative path 'mine' .* re-export it"):
-        sources.verify({"source": "mine", "seed": 0})
+    with pytest.raises(provenance.SourceChanged, match="relative path 'mine' .* re-export it"):
+        provenance.verify({"source": "mine", "seed": 0})
+
+
+def test_source_failures_are_pladis_errors():
+    # the CLI turns PladisErrors into one line; a moved source, a bad LoRA or checkpoint is the user's to fix
+    from pladis import lora, single_file
+    from pladis.errors import PladisError
+
+    for cls in (provenance.SourceChanged, sources.SourceError, lora.LoraError, single_file.CheckpointError):
+        assert issubclass(cls, PladisError), cls
+    with pytest.raises(PladisError, match="relative path 'mine'"):
+        provenance.verify({"source": "mine", "seed": 0})

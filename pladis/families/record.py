@@ -1,0 +1,197 @@
+"""The family record, the narrow view its runtime hooks read, a single-file layout, and the shared helpers.
+
+A ``Family`` says how to recognise a denoiser (its diffusers class), how ``pladis.patch`` patches it, the export
+contract of its denoiser (in ``pladis.contracts``' words), its text lengths and size rule, its timestep scale,
+the single-file checkpoint layouts it is released in, and the sampling loop's hooks. The runtime hooks read a
+``Denoising`` (a text side that tokenizes and encodes, the engine's denoiser input names, the VAE's factors),
+never the runtime itself; tensors are float32 on the CPU. Import cost: torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+CLIP_LENGTH = 77  # CLIP's absolute position embeddings: always padded to 77
+SCHEDULER_TIMESTEPS = 1000.0  # diffusers schedulers' timesteps run over [0, 1000]
+LDM = "model.diffusion_model."  # the denoiser's key prefix in original (LDM/SGM) checkpoints
+
+
+# --------------------------------------------------------------------------------------------------
+# What the runtime hooks read
+# --------------------------------------------------------------------------------------------------
+
+# (encoder, prompts) -> the encoder's outputs by name for the prompts tokenized to the engine's text length,
+# plus the ``attention_mask`` it was given when it takes one (T5)
+TextSide = Callable[[str, list[str]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Denoising:
+    """The part of an engine a family's runtime hooks may read."""
+
+    text: TextSide
+    input_names: frozenset[str]  # the denoiser's input names
+    vae_scale: int  # pixels per latent unit a side
+    latent_channels: int
+    scaling_factor: float  # the VAE's latent scaling
+    shift_factor: float | None = None
+
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        """Latent height and width of an image of ``height`` x ``width`` pixels."""
+        return height // self.vae_scale, width // self.vae_scale
+
+
+# --------------------------------------------------------------------------------------------------
+# Single-file checkpoint layouts
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A single-file checkpoint layout: keys that identify it and the pipeline it belongs to."""
+
+    name: str
+    keys: tuple[str, ...]  # all of these must be present
+    pipeline: str | None  # None: a denoiser-only file; the pipeline comes from the config folder
+    denoiser: str  # the pipeline component the file's denoiser weights load into
+    builtins: tuple[str, ...] = ()  # built-in configs to try when no --config is given
+    any_prefix: str = ""  # and one key must start with this
+    # diffusers' checkpoint types of this layout (infer_diffusers_model_type); the first is the default
+    model_types: tuple[str, ...] = ()
+
+    def matches(self, keys: set[str]) -> bool:
+        ok = all(k in keys for k in self.keys)
+        return ok and (not self.any_prefix or any(k.startswith(self.any_prefix) for k in keys))
+
+
+# --------------------------------------------------------------------------------------------------
+# Defaults of the record's hooks
+# --------------------------------------------------------------------------------------------------
+
+
+def _same(latents: torch.Tensor, *_) -> torch.Tensor:
+    return latents
+
+
+def _noise_as_is(out: torch.Tensor, latent_channels: int) -> torch.Tensor:
+    return out
+
+
+def _plain_timesteps(scheduler, steps: int, latent_h: int, latent_w: int) -> None:
+    scheduler.set_timesteps(steps)
+
+
+def _no_extra_dims(d: dict) -> dict:
+    return {}
+
+
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent unit a side of an ``AutoencoderKL`` config: 2 ** (down-sampling levels)."""
+    return 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def vae_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
+    """Denoised latents (B, C, h, w) -> the VAE decoder's input: latents / scaling_factor (+ shift_factor)."""
+    latents = latents / scaling_factor
+    return latents + shift_factor if shift_factor is not None else latents
+
+
+# --------------------------------------------------------------------------------------------------
+# The record
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Family:
+    """How PLADIS, the export and the runtime handle one diffusers denoiser class."""
+
+    name: str  # written to manifest.json ("model.family") and patch reports
+    class_name: str  # diffusers class, looked up by name so missing ones (older diffusers) are skipped
+    component: str  # the pipeline attribute holding the denoiser; also its exported file's name
+    # patching
+    joint: bool  # MMDiT joint attention over [text, image] (else dedicated cross-attention)
+    text_first: bool = False  # joint sequence order: [text, image] (FLUX) or [image, text] (SD3)
+    default_excludes: str | None = None  # regex on qualified names that layers="default" leaves out
+    # export
+    contract: Callable  # (name, denoiser module) -> the denoiser's pladis.contracts.Component
+    text_length: int  # the denoiser's text tokens; joint models keep it static (the node's text_len)
+    t5_length: int | None = None  # T5 tokens (the pipeline's default max_sequence_length); None: no T5
+    denoiser_multiple: Callable[[nn.Module], int]  # the denoiser's own size factor, in latent units
+    extra_dims: Callable[[dict], dict] = _no_extra_dims  # named dims beyond the shared ones, from those
+    # single files
+    layouts: tuple[Layout, ...] = ()  # the single-file checkpoint layouts it is released in, most specific first
+    # sampling
+    sample_input: str = "hidden_states"  # the denoiser input that takes the latents
+    timestep_scale: float = 1000.0  # the denoiser's timestep runs over [0, timestep_scale] (schedulers: 1000)
+    guidance_distilled: bool = False  # guidance is a model input: one batch, no classifier-free guidance
+    flow_matching: bool = False  # takes the flow-matching schedulers only (else only the others)
+    default_guidance: float
+    # (Denoising, prompts, negatives, height, width, guidance) -> {input: tensor}, constant per step
+    encode: Callable[..., dict[str, torch.Tensor]]
+    pack: Callable[[torch.Tensor], torch.Tensor] = _same  # (B, C, h, w) latents -> the denoiser's layout
+    unpack: Callable[[torch.Tensor, int, int], torch.Tensor] = _same  # (packed, h, w) -> (B, C, h, w)
+    noise: Callable[[torch.Tensor, int], torch.Tensor] = _noise_as_is  # (output, latent channels) -> noise
+    set_timesteps: Callable[..., None] = _plain_timesteps  # (scheduler, steps, latent h, latent w)
+    # the VAE
+    vae_scale: Callable[..., int] = vae_scale_factor  # (VAE config) -> pixels per latent unit a side
+    vae_input: Callable = vae_latents  # (latents, scaling_factor, shift_factor) -> VAE decoder input
+
+    # -- the size rule ------------------------------------------------------------------------------
+
+    def size_multiple(self, pipe) -> int:
+        """Image sides must be multiples of this many pixels: the VAE factor times the denoiser's own factor."""
+        return self.vae_scale(pipe.vae.config) * self.denoiser_multiple(getattr(pipe, self.component))
+
+    # -- the sampling loop's steps, in the loop's order ---------------------------------------------
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether ``guidance > 1`` means classifier-free guidance (guidance-distilled models embed it instead)."""
+        return not self.guidance_distilled
+
+    def timesteps(self, d: Denoising, scheduler, steps: int, height: int, width: int) -> None:
+        """Set ``steps`` timesteps on ``scheduler`` as the family's pipeline does (FLUX: shift by image size)."""
+        self.set_timesteps(scheduler, steps, *d.latent_hw(height, width))
+
+    def latent_shape(self, d: Denoising, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """Shape of the initial noise (B, C, h, w), before any packing."""
+        return (batch, d.latent_channels, *d.latent_hw(height, width))
+
+    def step_inputs(self, latents: torch.Tensor, t: torch.Tensor, cond: dict) -> dict[str, torch.Tensor]:
+        """The denoiser's inputs for one step: latents (already CFG-doubled and scaled) and the timestep (n,)
+        float32 on the denoiser's scale (FLUX takes t / 1000 and multiplies inside)."""
+        timestep = t.float() / (SCHEDULER_TIMESTEPS / self.timestep_scale)
+        return {self.sample_input: latents, "timestep": timestep.expand(latents.shape[0]).clone(), **cond}
+
+    def noise_prediction(self, d: Denoising, out: torch.Tensor) -> torch.Tensor:
+        """The denoiser output as the scheduler's model output (PixArt predicts [noise, variance]: keep noise)."""
+        return self.noise(out, d.latent_channels)
+
+    def decoder_input(self, d: Denoising, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Final (packed) latents -> the VAE decoder's input, by the family's VAE rule."""
+        return self.vae_input(self.unpack(latents, *d.latent_hw(height, width)), d.scaling_factor, d.shift_factor)
+
+
+# --------------------------------------------------------------------------------------------------
+# Text helpers shared by the families' encode hooks
+# --------------------------------------------------------------------------------------------------
+
+
+def clip(d: Denoising, encoder: str, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's outputs (last and penultimate states, pooled) for ``prompts``."""
+    return d.text(encoder, prompts)
+
+
+def t5(d: Denoising, encoder: str, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A T5 encoder's last states (B, L, D) and the padding mask (B, L) int64 it was given."""
+    out = d.text(encoder, prompts)
+    return out["last_hidden_state"], out["attention_mask"]
+
+
+def both(fn, prompts: list[str], negatives: list[str] | None):
+    """fn over [negatives, prompts] (CFG order: unconditional first), or over prompts alone."""
+    return fn(prompts) if negatives is None else fn(negatives + prompts)
