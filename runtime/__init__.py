@@ -3,10 +3,18 @@
 ``Runtime(engine_dir, backend)`` loads an engine folder by its manifest (one backend per component: torch,
 ort, aoti, trt, as named in ``pladis.backends``); ``Runtime.generate`` samples images; ``parity.check``
 compares an engine with eager PyTorch teacher-forced and free-running. ``commands`` holds the typed configs
-of ``pladis generate`` and ``pladis parity``.
+of ``pladis generate`` and ``pladis parity``. The pipeline (torch) is imported on first use of ``Runtime`` or
+``SCHEDULERS``, so the configs load without it (``pladis generate --help``).
 """
 
 from pladis.manifest import Engine, EngineError, open_engine
-from pladis.runtime.pipeline import SCHEDULERS, Runtime
 
 __all__ = ["SCHEDULERS", "Engine", "EngineError", "Runtime", "open_engine"]
+
+
+def __getattr__(name: str):
+    if name in ("Runtime", "SCHEDULERS"):
+        from pladis.runtime import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'pladis.runtime' has no attribute {name!r}")

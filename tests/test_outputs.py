@@ -262,7 +262,7 @@ def test_moved_export_still_runs(export_dir, tmp_path):
 
 
 def test_precision_is_what_was_exported(export_dir):
-    from pladis.runtime.engine import Engine
+    from pladis.manifest import Engine
 
     manifest = json.loads((export_dir / "manifest.json").read_text())
     manifest["precision"] = "bf16"  # requested bf16, every component fell back to float32
