@@ -73,6 +73,8 @@ def no_space(folder: str | os.PathLike):
         raise
     except Exception as err:
         full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        if isinstance(err, shutil.Error):  # copytree gathers its failures as text
+            full = any(f"[Errno {n}]" in str(err) for n in (errno.ENOSPC, errno.EDQUOT))
         if not full:
             try:
                 full = shutil.disk_usage(_existing(Path(folder))).free < _NEARLY_FULL

@@ -1,6 +1,7 @@
 """Engine builds: ONNX Runtime and AOTInductor end to end, the cache, and clear errors (TensorRT gated)."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -63,9 +64,16 @@ def test_aoti_build_on_cpu_matches_eager(onnx_dirs, tmp_path, eager_op_calls):
     assert report.backend == "aoti+ort" and report.ok, report.table()
 
 
-def test_cache_hit_and_up_to_date(onnx_dirs, tmp_path, capsys, monkeypatch):
+def _logged(caplog) -> str:
+    text = caplog.text
+    caplog.clear()
+    return text
+
+
+def test_cache_hit_and_up_to_date(onnx_dirs, tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="pladis")  # what the command shows (the library only logs)
     first = build(cfg(onnx_dirs["tiny-sd15"], tmp_path))
-    assert "built ort engine" in capsys.readouterr().out
+    assert "built ort engine" in _logged(caplog)
 
     def no_build(*args, **kwargs):
         raise AssertionError("a cached engine was rebuilt")
@@ -74,10 +82,10 @@ def test_cache_hit_and_up_to_date(onnx_dirs, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(ort, "build", no_build)
     again = build(cfg(onnx_dirs["tiny-sd15"], tmp_path))
-    assert "up to date" in capsys.readouterr().out and again["key"] == first["key"]
+    assert "up to date" in _logged(caplog) and again["key"] == first["key"]
     other = BuildConfig(onnx=str(onnx_dirs["tiny-sd15"]), out=str(tmp_path / "copy"), cache_dir=str(tmp_path / "cache"))
     build(other)
-    assert "cache hit" in capsys.readouterr().out
+    assert "cache hit" in _logged(caplog)
     assert json.loads((tmp_path / "copy" / "engine.json").read_text())["key"] == first["key"]
 
 

@@ -180,7 +180,9 @@ def test_the_precision_table_agrees_with_each_library():
         assert isinstance(dt, torch.dtype) and precision.torch_dtype(t.dtype) is dt
         assert onnx.helper.tensor_dtype_to_np_dtype(getattr(onnx.TensorProto, t.onnx)).itemsize == dt.itemsize
         if t.numpy:
-            assert np.dtype(precision.numpy_type(t.dtype)).str == t.typestr and np.dtype(t.numpy).itemsize == dt.itemsize
+            assert (
+                np.dtype(precision.numpy_type(t.dtype)).str == t.typestr and np.dtype(t.numpy).itemsize == dt.itemsize
+            )
         if t.precision:
             assert precision.torch_dtype(t.precision) is dt
     assert precision.BY_DTYPE["bfloat16"].onnx == "BFLOAT16"  # bfloat16 included (ORT on a GPU runs it)
