@@ -157,12 +157,18 @@ _QUIET_LOG = {
 }
 
 
-class _Stdout(logging.StreamHandler):
-    """A handler writing to the current ``sys.stdout`` (looked up per record, so captured output works)."""
+class _Stream(logging.StreamHandler):
+    """A handler writing to the current ``sys.stdout`` / ``sys.stderr`` (looked up per record, so output that
+    is redirected or captured after the handler was made still arrives)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name_of_stream = name
+        self._pladis = True
 
     @property
     def stream(self):
-        return sys.stdout
+        return getattr(sys, self.name_of_stream)
 
     @stream.setter
     def stream(self, _):
@@ -194,25 +200,24 @@ def configure_logging(verbose: int) -> None:
     for logger in (pladis_log, root):
         for h in [h for h in logger.handlers if getattr(h, "_pladis", False)]:
             logger.removeHandler(h)
-    out = _Stdout()
-    out._pladis = True
+    out = _Stream("stdout")
     out.setFormatter(_Plain())
     pladis_log.addHandler(out)
     pladis_log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    err = logging.StreamHandler(sys.stderr)
-    err._pladis = True
+    err = _Stream("stderr")
     err.addFilter(lambda record: not record.name.startswith("pladis"))  # shown on stdout already
     err.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(err)
     root.setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
-    if verbose >= 2:
-        return
-    for category, pattern in _QUIET:
-        warnings.filterwarnings("ignore", message=pattern, category=category)
     for name, pattern in _QUIET_LOG.items():
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _Drop) for f in logger.filters):
+        for f in [f for f in logger.filters if isinstance(f, _Drop)]:
+            logger.removeFilter(f)
+        if verbose < 2:
             logger.addFilter(_Drop(pattern))
+    if verbose < 2:
+        for category, pattern in _QUIET:
+            warnings.filterwarnings("ignore", message=pattern, category=category)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # Transitional: pladis modules that still raise a bare ValueError for a user's mistake (instead of a
 # PladisError) keep their one-line error; a ValueError raised inside torch, numpy, onnx ... is a bug and
-# shows its traceback. Set to False once no `raise ValueError` is left in pladis (tests/test_errors.py counts).
+# shows its traceback. Set to False once no `raise ValueError` is left in pladis (tests/test_errors.py lists
+# the modules converted so far).
 LEGACY_VALUE_ERRORS = True
 
 

@@ -12,16 +12,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # room -> the rooms (or exact modules, for a room's single public part) it may import
-STAGE_SHARED = {"errors", "files", "options", "manifest", "backends", "ort"}
+STAGE_SHARED = {"errors", "files", "options", "manifest", "backends", "ort", "precision", "defaults"}
 ALLOWED = {
     "errors": set(),
     "options": set(),
-    "numerics": {"errors"},
+    "defaults": set(),  # the values --help shows (lam, alpha, opsets): imports nothing
+    "precision": set(),  # the one precision table
+    "numerics": {"errors", "defaults"},
     "kernels": {"numerics"},
     "ops": {"numerics", "kernels"},
     "plugins_trt": {"errors", "kernels"},
     "files": {"errors"},
-    "manifest": {"errors", "files"},
+    "manifest": {"errors", "files", "precision"},
     "backends": {"manifest"},
     "ort": {"manifest"},
     "models": set(),
@@ -31,10 +33,11 @@ ALLOWED = {
     "patch": {"families", "models", "ops", "options"},
     "export": {"families", "models", "numerics", "ops", "patch", "sources", *STAGE_SHARED},
     # the eager reference of an export, shared by the torch runtime backend and the AOTInductor build
-    "eager": {"export", "manifest", "patch", "sources"},
+    "eager": {"export", "manifest", "patch", "sources", "precision"},
     # build: the manifest, the op's ONNX form (a TensorRT build strips its function body), the kernel
     "engine": {"eager", "kernels", "plugins_trt", "export.onnx_op", "export.contracts", *STAGE_SHARED},
-    "runtime": {"eager", "families", *STAGE_SHARED},
+    # the aoti backend registers pladis::attention (ops) before it loads a .pt2 that calls it
+    "runtime": {"eager", "families", "ops", *STAGE_SHARED},
     "serve": {"runtime", *STAGE_SHARED},
 }
 # rooms that sit at the end of the path and may import anything: the CLI, the demo, the benchmarks
