@@ -123,6 +123,8 @@ def _kind(name: str) -> str | None:
         return "lock"
     if _TEMP.fullmatch(name):
         return "temporary"
+    if name == MARKER or (name.startswith(f".{MARKER}.") and name.endswith(".tmp")):
+        return "marker"
     return None
 
 
