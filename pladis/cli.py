@@ -20,6 +20,7 @@ import dataclasses
 import errno
 import importlib
 import logging
+import os
 import re
 import sys
 import traceback
@@ -209,6 +210,9 @@ def configure_logging(verbose: int) -> None:
     err.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(err)
     root.setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    if verbose >= 2:  # their own logger trees (not propagated to the root) read these when first imported
+        for library in ("TRANSFORMERS", "DIFFUSERS"):
+            os.environ.setdefault(f"{library}_VERBOSITY", "debug")
     for name, pattern in _QUIET_LOG.items():
         logger = logging.getLogger(name)
         for f in [f for f in logger.filters if isinstance(f, _Drop)]:
