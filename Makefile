@@ -31,16 +31,18 @@ test: setup
 
 demo: setup
 	$(BIN)/pladis demo --out out/demo
-	@echo "wrote out/demo/report.md, comparison.png, parity.json, parity.png and the two engine folders"
+	@echo "wrote out/demo/report.md, comparison.png, parity.json, parity.png and the export out/demo/engine/"
 
-# Export a pipeline to ONNX: make export MODEL=tiny-sdxl (extra flags: ARGS="--precision fp16 --force")
+# Export a pipeline to ONNX: make export MODEL=tiny-sdxl PRECISION=fp32 (extra flags: ARGS="--force"); with the
+# defaults it writes pladis.options.DEFAULT_EXPORT (build/tiny-sdxl-onnx-fp32), what `pladis build` reads
 export: setup
-	$(BIN)/pladis export --model $(MODEL) --out build/$(MODEL) $(ARGS)
+	$(BIN)/pladis export --model $(MODEL) --out $(ONNX_DIR) --precision $(ONNX_PRECISION) $(ARGS)
 
 # Export (once: delete the folder to re-export) then build, cached:
 #   make engine MODEL=tiny-sdxl BACKEND=ort|aoti|trt PRECISION=fp32|fp16|bf16
 # Every backend runs the graph in the exported precision (TensorRT builds are strongly typed), so the export is
-# made in PRECISION.
+# made in PRECISION. With the defaults it
+# writes pladis.options.DEFAULT_ENGINE (build/tiny-sdxl-ort-fp32), what generate, parity and serve read.
 engine: setup
 	test -f $(ONNX_DIR)/manifest.json || $(BIN)/pladis export --model $(MODEL) --out $(ONNX_DIR) \
 		--precision $(ONNX_PRECISION) $(ARGS)

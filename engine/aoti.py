@@ -6,19 +6,25 @@ Triton kernel on a GPU); compilers trace into it only for static shapes (``ops.i
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import torch
 
 from pladis.engine import ort
+from pladis.errors import SettingError
+
+log = logging.getLogger(__name__)
 
 
 def device_info(device: str, precision: str) -> dict:
     info = {"kind": device, "torch": torch.__version__}
     if device != "cpu":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} needs a CUDA GPU and a CUDA build of torch; use --device cpu")
+            raise SettingError(
+                "device", f"device {device!r} needs a CUDA GPU and a CUDA build of torch; use --device cpu"
+            )
         info |= {"name": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability())}
     return info
 
@@ -35,11 +41,11 @@ def compile_package(comp, samples: list, dims: dict | None, path: Path) -> str:
         dynamic = {"args": tuple({a: torch.export.Dim.AUTO for a in axes.get(i.name, {})} for i in comp.inputs)}
     with torch.no_grad():
         t0 = time.perf_counter()
-        print(f"aoti: torch.export of {comp.name} ...", flush=True)
+        log.info(f"aoti: torch.export of {comp.name} ...")
         program = torch.export.export(contracts.Traced(comp).eval(), tuple(samples), dynamic_shapes=dynamic)
-        print(f"aoti: compiling {comp.name} with AOTInductor (minutes on a CPU) ...", flush=True)
+        log.info(f"aoti: compiling {comp.name} with AOTInductor (minutes on a CPU) ...")
         out = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-        print(f"aoti: {comp.name} compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+        log.info(f"aoti: {comp.name} compiled in {time.perf_counter() - t0:.0f} s")
     return out
 
 

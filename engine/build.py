@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,10 +18,21 @@ from pathlib import Path
 
 from pladis import backends
 from pladis.engine import cache
-from pladis.errors import PladisError
-from pladis.files import check_output_folder, check_writable, folder_kind, sha256, temp_dir, write_text
-from pladis.manifest import ENGINE_FORMAT, MANIFEST_FILE, EngineError, Manifest, open_engine, sealed
-from pladis.options import option
+from pladis.errors import PladisError, SettingError
+from pladis.files import check_output_folder, check_writable, folder_kind, no_space, sha256, temp_dir, write_text
+from pladis.manifest import (
+    ENGINE_FORMAT,
+    MANIFEST_FILE,
+    EngineError,
+    Manifest,
+    check_function_body,
+    open_engine,
+    sealed,
+)
+from pladis.options import DEFAULT_ENGINE, DEFAULT_EXPORT, option
+from pladis.precision import PRECISIONS
+
+log = logging.getLogger(__name__)
 
 BACKENDS = backends.BUILDABLE
 FORMAT = ENGINE_FORMAT
@@ -32,9 +44,9 @@ _SOURCES = ["pladis.numerics", "pladis.ops", "pladis.export.onnx_op", "pladis.ke
 class BuildConfig:
     """Settings of ``pladis build``; the CLI flags are generated from these fields and defaults."""
 
-    onnx: str = option("build/tiny-sdxl", "export folder (written by `pladis export`)")
+    onnx: str = option(DEFAULT_EXPORT, "export folder (written by `pladis export`)")
     backend: str = option("ort", " | ".join(BACKENDS))
-    out: str = option("build/tiny-sdxl-ort", "engine folder to write")
+    out: str = option(DEFAULT_ENGINE, "engine folder to write")
     precision: str = option("", "fp32 | fp16 | bf16: the export's (default); no backend changes a graph's precision")
     dims: str = option("", "narrow shape ranges, e.g. cfg_batch=1:2:4,latent_height=16:16:32 (min:opt:max)")
     device: str = option("cpu", "cpu or cuda (trt always builds for the current GPU)")
@@ -54,7 +66,7 @@ def parse_dims(text: str) -> dict[str, tuple[int, int, int]]:
         try:
             lo, opt, hi = (int(x) for x in spec.split(":"))
         except ValueError:
-            raise ValueError(f"dim {item!r} must look like name=min:opt:max (e.g. cfg_batch=1:2:4)") from None
+            raise SettingError("dims", f"dim {item!r} must look like name=min:opt:max (e.g. cfg_batch=1:2:4)") from None
         out[name.strip()] = (lo, opt, hi)
     return out
 
@@ -90,34 +102,39 @@ def source_files(modules: list[str] = _SOURCES) -> list[Path]:
 def check(cfg: BuildConfig):
     """Validate settings against the export folder before any build; returns (engine, dims, precision)."""
     if cfg.backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {cfg.backend!r}")
+        raise SettingError("backend", f"backend must be one of {', '.join(BACKENDS)}; got {cfg.backend!r}")
     if not (Path(cfg.onnx) / MANIFEST_FILE).is_file():
         raise EngineError(f"{cfg.onnx} has no manifest.json: build from a folder written by `pladis export`")
     src = open_engine(cfg.onnx, verify=cfg.verify)
     if src.built:
         raise EngineError(f"{cfg.onnx} is already an engine folder; build from the ONNX export folder")
+    if cfg.backend == "ort":  # aoti runs the denoiser from its eager model, trt through the plugin
+        check_function_body(src.manifest, cfg.onnx, "`pladis build --backend ort`")
     dims = dict(src.manifest.dims)
     for name, (lo, opt, hi) in parse_dims(cfg.dims).items():
         if name not in dims:
-            raise ValueError(f"unknown dim {name!r}; this export has {', '.join(dims)}")
+            raise SettingError("dims", f"unknown dim {name!r}; this export has {', '.join(dims)}")
         old = dims[name]
         if not (lo <= opt <= hi):
-            raise ValueError(
-                f"dim {name}: the range {lo}:{opt}:{hi} does not contain its opt shape (min <= opt <= max)"
+            raise SettingError(
+                "dims", f"dim {name}: the range {lo}:{opt}:{hi} does not contain its opt shape (min <= opt <= max)"
             )
         if not (old[0] <= lo and hi <= old[2]):
-            raise ValueError(f"dim {name}: {lo}..{hi} is outside the exported range {old[0]}..{old[2]}; re-export")
+            raise SettingError(
+                "dims", f"dim {name}: {lo}..{hi} is outside the exported range {old[0]}..{old[2]}; re-export"
+            )
         dims[name] = (lo, opt, hi)
     precision = cfg.precision or src.manifest.precision
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise ValueError(f"precision must be fp32, fp16 or bf16; got {precision!r}")
+    if precision not in PRECISIONS:
+        raise SettingError("precision", f"precision must be {', '.join(PRECISIONS)}; got {precision!r}")
     if precision != src.manifest.precision and not backends.get(cfg.backend).lowers_precision:
         lowering = " or ".join(f"--backend {n}" for n in BACKENDS if backends.get(n).lowers_precision)
-        raise ValueError(
+        raise SettingError(
+            "precision",
             f"this folder was exported in {src.manifest.precision}; the {cfg.backend} backend runs the graph as "
             f"exported, so re-export with `pladis export --precision {precision}` (the exporter keeps the PLADIS "
             f"threshold math in float32)"
-            + (f", or build with {lowering}, which can lower an fp32 graph" if lowering else "")
+            + (f", or build with {lowering}, which can lower an fp32 graph" if lowering else ""),
         )
     return src, dims, precision
 
@@ -144,22 +161,26 @@ def builder_module(spec):
 
 
 def build(cfg: BuildConfig) -> dict:
-    """Build (or reuse from the cache) the engine folder ``cfg.out``; returns its engine.json."""
+    """Build (or reuse from the cache) the engine folder ``cfg.out``; returns its engine.json. A full disk is a
+    ``NoSpace`` error naming the folder; nothing half-written and no lock is left."""
     src, dims, precision = check(cfg)
     backend = builder_module(backends.get(cfg.backend))
+    if hasattr(backend, "preflight"):  # a backend's own refusals, before it probes the device
+        backend.preflight(src, precision, cfg.refit)
     device = backend.device_info(cfg.device, precision)  # raises when the backend or the GPU cannot do it
     parts = key_parts(cfg, src, dims, precision, device)
     k = cache.key(parts)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cache.default_dir()
+    cache.check_cache(cache_dir)  # a folder that is not pladis's cache is refused before any work
     out = Path(cfg.out)
     t0 = time.perf_counter()
     if folder_kind(out) == "engine" and _key_of(out) == k and not cache.problems(out):
-        print(f"engine {out} is up to date (cache key {k[:12]}); nothing to do")
+        log.info(f"engine {out} is up to date (cache key {k[:12]}); nothing to do")
         return json.loads((out / cache.ENGINE_FILE).read_text())
     check_output_folder(out, "engine", cfg.force, inputs=(cfg.onnx,))
     check_writable(cache_dir)
     cache.clean_leftovers(cache_dir)
-    with cache.locked(cache_dir, k):
+    with no_space(cache_dir), cache.locked(cache_dir, k):
         entry = cache.lookup(cache_dir, k)
         if entry is None:
             built = temp_dir(cache_dir / k)
@@ -176,11 +197,12 @@ def build(cfg: BuildConfig) -> dict:
                 entry = cache.commit(cache_dir, k, built)
             finally:
                 shutil.rmtree(built, ignore_errors=True)
-            print(f"built {cfg.backend} engine in {time.perf_counter() - t0:.1f} s (cache key {k[:12]})")
+            log.info(f"built {cfg.backend} engine in {time.perf_counter() - t0:.1f} s (cache key {k[:12]})")
         else:
-            print(f"cache hit: reusing {cfg.backend} engine {k[:12]} from {cache_dir}")
-    cache.materialize(entry, out)
-    print(f"engine folder {out} ready in {time.perf_counter() - t0:.2f} s")
+            log.info(f"cache hit: reusing {cfg.backend} engine {k[:12]} from {cache_dir}")
+    with no_space(out.parent):
+        cache.materialize(entry, out)
+    log.info(f"engine folder {out} ready in {time.perf_counter() - t0:.2f} s")
     return json.loads((out / cache.ENGINE_FILE).read_text())
 
 

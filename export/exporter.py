@@ -15,99 +15,80 @@ size and text length without shape guards, keeps the custom op as one node throu
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import onnx
 import torch
 from tqdm import tqdm
 
-from pladis import models, ops, patch, provenance, sources
+from pladis import models, numerics, ops, patch, provenance, sources
+from pladis.errors import SettingError
 from pladis.export import contracts, onnx_op, validate
+from pladis.export.config import ExportConfig
 from pladis.export.manifest import build_manifest, config_hash, sealed
-from pladis.files import check_output_folder, clean_stale, replace_folder, temp_dir, write_text
-from pladis.options import option
+from pladis.files import check_output_folder, clean_stale, no_space, replace_folder, temp_dir, write_text
+from pladis.precision import PRECISIONS, torch_dtype
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class ExportConfig:
-    """Settings of ``pladis export``; the CLI flags are generated from these fields and defaults."""
-
-    model: str = option(
-        "tiny-sdxl", "built-in name, local diffusers folder, single-file checkpoint (.safetensors / .ckpt) or hub id"
-    )
-    out: str = option("build/tiny-sdxl", "output folder (written into a temporary sibling, renamed at the end)")
-    precision: str = option("fp32", "fp32 | fp16 | bf16 (text encoders always fp32)")
-    lam: float = option(ops.DEFAULT_LAM, "PLADIS strength lambda (0 exports the stock model)")
-    alpha: float = option(ops.DEFAULT_ALPHA, "entmax alpha: 1.5 (entmax15) or 2 (sparsemax)")
-    layers: str = option("default", "which cross-attention layers: default | all")
-    height: int = option(0, "image height in pixels at the optimal shape (0: the model's default)")
-    width: int = option(0, "image width in pixels at the optimal shape (0: the model's default)")
-    batch: int = option(1, "prompts per call at the optimal shape (the denoiser sees twice as many with CFG)")
-    static: bool = option(False, "fix every dim at its optimal size instead of exporting dynamic axes")
-    opset: int = option(onnx_op.DEFAULT_OPSET, f"ONNX opset ({onnx_op.MIN_OPSET}-{onnx_op.MAX_OPSET})")
-    function_body: bool = option(True, "attach the PladisAttention function bodies (off: plugin-only, TensorRT)")
-    validate: bool = option(True, "check the graphs and compare ONNX Runtime with eager PyTorch")
-    force: bool = option(False, "replace an existing export folder written by pladis")
-    seed: int = option(0, "seed of the random weights of built-in models")
-    components: str = option("", "export only these components (comma list, e.g. unet); default: all")
-    config: str = option(
-        "",
-        "single-file checkpoints: a local diffusers folder with the architecture configs "
-        "(model_index.json, component configs, tokenizers, scheduler)",
-    )
-    lora: tuple[str, ...] = option(
-        (), "LoRA FILE[:SCALE] fused into the weights before export (scale 1.0 by default)", repeat=True
-    )
+log = logging.getLogger(__name__)
 
 
 def check_config(cfg: ExportConfig) -> sources.Source:
-    """Raise ValueError for settings that cannot work, before any model is loaded; returns the model source."""
+    """Raise SettingError for settings that cannot work, before any model is loaded; returns the model source."""
     if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {cfg.precision!r}")
+        raise SettingError("precision", f"precision must be one of {', '.join(PRECISIONS)}; got {cfg.precision!r}")
+    numerics.check_lam(cfg.lam)  # the range the manifest records: a lam outside it could never run
     ops.check_params(cfg.lam, cfg.alpha)
     if cfg.lam != 0 and cfg.alpha not in onnx_op.NEWTON_STEPS:
-        raise ValueError(f"export supports alpha 1.5 and 2 (exact ONNX function body); got alpha={cfg.alpha}")
+        raise SettingError(
+            "alpha", f"export supports alpha 1.5 and 2 (exact ONNX function body); got alpha={cfg.alpha}"
+        )
     if cfg.layers not in ("default", "all"):
-        raise ValueError(f'layers must be "default" or "all"; got {cfg.layers!r}')
+        raise SettingError("layers", f'layers must be "default" or "all"; got {cfg.layers!r}')
     if not onnx_op.MIN_OPSET <= cfg.opset <= onnx_op.MAX_OPSET:
-        raise ValueError(
+        raise SettingError(
+            "opset",
             f"opset must be in [{onnx_op.MIN_OPSET}, {onnx_op.MAX_OPSET}] (TensorRT 10's ONNX parser reads <= 20); "
-            f"got {cfg.opset}"
+            f"got {cfg.opset}",
         )
     for name in ("height", "width", "batch"):
         if getattr(cfg, name) < 0 or (name == "batch" and cfg.batch < 1):
-            raise ValueError(f"{name} must be positive; got {getattr(cfg, name)}")
+            raise SettingError(name, f"{name} must be positive; got {getattr(cfg, name)}")
     local = [p for p in (cfg.model, cfg.config, *(x.rsplit(":", 1)[0] for x in cfg.lora)) if p and Path(p).exists()]
     check_output_folder(cfg.out, "export", cfg.force, inputs=tuple(local))  # never the model source itself
     return sources.resolve(cfg.model, cfg.config, cfg.lora)  # model, config and LoRAs, no weights loaded
 
 
 def export(cfg: ExportConfig) -> dict:
-    """Export ``cfg.model`` to ``cfg.out``; returns the manifest (also written to ``cfg.out/manifest.json``)."""
+    """Export ``cfg.model`` to ``cfg.out``; returns the manifest (also written to ``cfg.out/manifest.json``).
+    A full disk is a ``NoSpace`` error naming the folder; nothing half-written is left."""
     source = check_config(cfg)
+    with no_space(Path(cfg.out).resolve().parent):
+        return _export(cfg, source)
+
+
+def _export(cfg: ExportConfig, source: sources.Source) -> dict:
     start = time.perf_counter()
-    dtype = PRECISIONS[cfg.precision]
+    dtype = torch_dtype(cfg.precision)
     pipe = sources.load(source, seed=cfg.seed, dtype=dtype)  # LoRAs fused before PLADIS is applied
     model = patch.denoiser_of(pipe)
     family = patch.family_of(model).name
     height, width = _size(cfg, pipe)
     report = patch.apply(pipe, lam=cfg.lam, alpha=cfg.alpha, layers=cfg.layers)
     if not report.layers:
-        print(f"lam = {cfg.lam}: exporting the stock model (no PLADIS layers, no PladisAttention nodes)")
+        log.info(f"lam = {cfg.lam}: exporting the stock model (no PLADIS layers, no PladisAttention nodes)")
     d = contracts.dims(pipe, family, height=height, width=width, batch=cfg.batch, static=cfg.static)
     comps = contracts.components(pipe, family)
     if cfg.components:
         wanted = {c.strip() for c in cfg.components.split(",")}
         unknown = wanted - {c.name for c in comps}
         if unknown:
-            raise ValueError(f"unknown component(s) {', '.join(sorted(unknown))}; this model has "
-                             f"{', '.join(c.name for c in comps)}")  # fmt: skip
+            raise SettingError("components", f"unknown component(s) {', '.join(sorted(unknown))}; this model has "
+                               f"{', '.join(c.name for c in comps)}")  # fmt: skip
         comps = [c for c in comps if c.name in wanted]
     trace = contracts.trace_dims(pipe, family, d)
     onnx_op.register_symbolics(cfg.opset)
@@ -117,7 +98,8 @@ def export(cfg: ExportConfig) -> dict:
     tmp = temp_dir(out)
     try:
         files, checks = {}, {}
-        for comp in tqdm(comps, desc=f"export {cfg.model}", unit="component"):
+        bar = not log.isEnabledFor(logging.INFO)  # the progress bar shows where the export's log lines would
+        for comp in tqdm(comps, desc=f"export {cfg.model}", unit="component", disable=bar):
             cdt = contracts.component_dtype(comp, dtype)
             _cast(comp.module, cdt)
             files[comp.name] = _export_component(comp, d, trace, cdt, tmp, cfg)
@@ -125,7 +107,7 @@ def export(cfg: ExportConfig) -> dict:
             if cdt == torch.bfloat16 and (why := _bf16_unsupported(path)):
                 # ONNX opsets <= 20 have no bfloat16 Conv (and a few others): such a component is exported in
                 # float32, and TensorRT can still run it in bf16 (`pladis build --precision bf16`).
-                print(f"  {comp.name}: bf16 graph is not valid ONNX ({why}); exporting it in float32")
+                log.info(f"  {comp.name}: bf16 graph is not valid ONNX ({why}); exporting it in float32")
                 path.unlink()
                 cdt = torch.float32
                 _cast(comp.module, cdt)
@@ -188,6 +170,7 @@ def _export_component(comp, d, trace, dtype, folder: Path, cfg: ExportConfig) ->
     shutil.rmtree(folder / "raw")
     n_nodes = len(onnx_op.pladis_nodes(model))
     del model
+    log.debug(f"{comp.name}: traced to {name} in {time.perf_counter() - t0:.1f} s ({n_nodes} PladisAttention nodes)")
     return {"file": name, "external_data": [f"{name}.data"] if external else [], "pladis_nodes": n_nodes,
             "dtype": str(dtype).removeprefix("torch."),
             "export_seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip

@@ -32,14 +32,13 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from pladis.defaults import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET  # noqa: F401  (written there: --help reads them)
 from pladis.numerics import MASKED as _MASKED
 from pladis.numerics import NEWTON_STEPS, newton_steps
 
 DOMAIN = "pladis"
 OP_TYPE = "PladisAttention"
 PLUGIN_VERSION = "1"
-DEFAULT_OPSET = 17  # TensorRT 10's ONNX parser reads opsets 9-20; 17 is what NVIDIA's diffusion demo uses
-MIN_OPSET, MAX_OPSET = 17, 20
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ are reported together with the max-abs error, where it is, and the relative L2 e
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ import torch
 
 from pladis.errors import PladisError
 from pladis.export import contracts
+
+log = logging.getLogger(__name__)
 
 # Relative L2 error allowed between ONNX Runtime and eager PyTorch, per precision. fp32: the target of the
 # export contract (both sides compute in float32; only op order differs). fp16/bf16: both sides round every
@@ -64,7 +67,7 @@ def component(path: Path, comp: contracts.Component, d: dict, dtype: torch.dtype
     checker = check_graph(path)
     if dtype == torch.bfloat16:
         msg = "skipped: neither ONNX Runtime's CPU provider nor numpy has bfloat16; compare engines on a GPU"
-        print(f"  {comp.name}: value check {msg}")
+        log.info(f"  {comp.name}: value check {msg}")
         return {"checker": checker, "values": msg}
     inputs = contracts.sample_inputs(comp, d, dtype, seed + 1)  # not the tracing inputs
     with torch.no_grad():
@@ -75,7 +78,7 @@ def component(path: Path, comp: contracts.Component, d: dict, dtype: torch.dtype
     except Exception as err:  # noqa: BLE001 - ORT raises its own exception types; report them all the same way
         if dtype != torch.float32 and "NOT_IMPLEMENTED" in str(err):
             msg = f"skipped: ONNX Runtime's CPU provider lacks a {dtype} kernel ({str(err).splitlines()[0][:160]})"
-            print(f"  {comp.name}: value check {msg}; validate on a GPU with onnxruntime-gpu")
+            log.info(f"  {comp.name}: value check {msg}; validate on a GPU with onnxruntime-gpu")
             return {"checker": checker, "values": msg}
         raise
     names = [i.name for i in sess.get_inputs()]
@@ -88,7 +91,9 @@ def component(path: Path, comp: contracts.Component, d: dict, dtype: torch.dtype
     except ValidationError as err:
         raise ValidationError(f"{comp.name} ({path.name}): {err}") from None
     worst = max(report.values(), key=lambda r: r["rel_l2"])
-    print(f"  {comp.name}: ONNX Runtime vs eager: worst rel-L2 {worst['rel_l2']:.2e}, max-abs {worst['max_abs']:.2e}")
+    log.info(
+        f"  {comp.name}: ONNX Runtime vs eager: worst rel-L2 {worst['rel_l2']:.2e}, max-abs {worst['max_abs']:.2e}"
+    )
     return {"checker": checker, "values": "ok", "tolerance_rel_l2": REL_L2_TOL[dtype], "outputs": report}
 
 

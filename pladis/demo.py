@@ -12,9 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from pladis import models, ops
+from pladis.defaults import DEFAULT_ALPHA, DEFAULT_LAM
+from pladis.errors import SettingError
 from pladis.files import atomic_path, check_output_folder, write_text
 from pladis.options import DEFAULT_PROMPT, option
 
@@ -26,23 +25,29 @@ class DemoConfig:
     model: str = option("tiny-sdxl", "built-in model to run (tiny-sdxl, tiny-sd15, tiny-pixart, tiny-sd3, tiny-flux)")
     prompt: str = option(DEFAULT_PROMPT, "text prompt")
     steps: int = option(4, "denoising steps")
-    lam: float = option(ops.DEFAULT_LAM, "PLADIS strength lambda (0 = stock attention, useful range 1-3)")
-    alpha: float = option(ops.DEFAULT_ALPHA, "entmax alpha: 1.5 (entmax15) or 2 (sparsemax)")
+    lam: float = option(DEFAULT_LAM, "PLADIS strength lambda (0 = stock attention, useful range 1-3)")
+    alpha: float = option(DEFAULT_ALPHA, "entmax alpha: 1.5 (entmax15) or 2 (sparsemax)")
     layers: str = option("default", "which cross-attention layers: default | all")
     seed: int = option(0, "random seed of the initial latents and the random weights")
     backend: str = option("ort", "engine backend for the run: ort | torch")
-    out: str = option("out/demo", "output folder (images, parity JSON/plot, report.md, the two export folders)")
+    out: str = option(
+        "out/demo", "output folder: report.md, comparison.png, parity.json, parity.png and the export engine/"
+    )
 
 
 def demo(cfg: DemoConfig) -> tuple[str, bool]:
     """Run the demo; returns (markdown report, whether parity passed). The report is also written."""
+    import numpy as np
+
+    from pladis import models, numerics, ops
     from pladis.export import ExportConfig, export
     from pladis.runtime import Runtime, parity
 
     if cfg.model not in models.BUILTINS:
-        raise ValueError(f"demo model must be a built-in ({', '.join(models.BUILTINS)}); got {cfg.model!r}")
+        raise SettingError("model", f"demo model must be a built-in ({', '.join(models.BUILTINS)}); got {cfg.model!r}")
     if cfg.steps < 1:
-        raise ValueError(f"steps must be at least 1; got {cfg.steps}")
+        raise SettingError("steps", f"steps must be at least 1; got {cfg.steps}")
+    numerics.check_lam(cfg.lam)
     ops.check_params(cfg.lam, cfg.alpha)
     # the demo's own folder (demo.json marks it) is reused run after run; any other non-empty folder is refused
     out = check_output_folder(cfg.out, "demo", force=True)
@@ -66,8 +71,8 @@ def demo(cfg: DemoConfig) -> tuple[str, bool]:
         "",
         f"One export, `{engine}` (alpha={cfg.alpha}); lam is a runtime input: both images come from it.",
         "",
-        "| run | generate timing |", "| --- | --- |",
-        *[f"| {label} | {r.summary()} |" for label, r in results.items()],
+        "| run | encode | steps | decode | total |", "| --- | --- | --- | --- | --- |",
+        *[f"| {label} | {r.summary()} |" for label, r in results.items()],  # summary(): 4 cells, " | " between
         "",
         f"Image change from PLADIS (pixels in [0, 1]): mean {diff.mean():.4f}, max {diff.max():.4f}.",
         "",
@@ -81,8 +86,9 @@ def demo(cfg: DemoConfig) -> tuple[str, bool]:
     return text, report.ok
 
 
-def _save_side_by_side(path: Path, images: list[np.ndarray], zoom: int = 8) -> None:
-    """Save HxWx3 float images in [0, 1] next to each other, enlarged ``zoom`` times (nearest)."""
+def _save_side_by_side(path: Path, images: list, zoom: int = 8) -> None:
+    """Save HxWx3 float numpy images in [0, 1] next to each other, enlarged ``zoom`` times (nearest)."""
+    import numpy as np
     from PIL import Image
 
     tiles = [np.kron((img * 255).round().astype(np.uint8), np.ones((zoom, zoom, 1), np.uint8)) for img in images]

@@ -14,12 +14,13 @@ def eager_components(folder: str, device: str) -> dict:
     the dtype it was exported in (same source, checked unchanged, same seed, LoRAs and PLADIS settings)."""
     import pladis
     from pladis import patch, provenance
-    from pladis.export import PRECISIONS, contracts
+    from pladis.export import contracts
     from pladis.manifest import read_manifest
+    from pladis.precision import torch_dtype
 
     m = read_manifest(folder, verify=False)
     # the same source, checked unchanged, with the same LoRAs fused (SourceChanged if moved or changed)
-    pipe = provenance.load_recorded(dict(m.model), seed=m.seed, dtype=PRECISIONS[m.precision])
+    pipe = provenance.load_recorded(dict(m.model), seed=m.seed, dtype=torch_dtype(m.precision))
     if m.pladis.patched:
         pladis.apply(pipe, lam=m.pladis.lam, alpha=m.pladis.alpha, layers=m.pladis.layer_selection)
     family = patch.family_of(patch.denoiser_of(pipe)).name

@@ -2,7 +2,8 @@
 
 A ``PladisError`` is a problem the user can fix (a bad value, a missing or changed file, a missing extra):
 its message names the problem and the fix, and the ``pladis`` command prints it on one line and exits 2.
-It subclasses ``ValueError`` so library callers that catch ``ValueError`` keep working.
+It subclasses ``ValueError`` so library callers that catch ``ValueError`` keep working. Any other exception
+is a bug (in pladis or a library) and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ class PladisError(ValueError):
 
 class MissingExtra(PladisError):
     """An optional dependency of one command is not installed."""
+
+
+class NoSpace(PladisError):
+    """The disk (or the quota) ran full while writing into a folder; nothing half-written was left."""
 
 
 class SettingError(PladisError):

@@ -8,6 +8,7 @@ umask 022), so a folder built by one user (root in a container build) can be rea
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -53,6 +54,41 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# Free space below which a failed write is taken for a full disk: libraries that write through C++ (ONNX Runtime
+# saving an optimised graph) report a full disk as their own error ("INVALID_PROTOBUF"), not as ENOSPC.
+_NEARLY_FULL = 16 << 20
+
+
+@contextlib.contextmanager
+def no_space(folder: str | os.PathLike):
+    """Turn a full disk while writing into ``folder`` into one ``NoSpace`` error naming it (ENOSPC, EDQUOT,
+    or any failure while the file system holding ``folder`` has less than 16 MiB free)."""
+    from pladis.errors import NoSpace, PladisError
+
+    try:
+        yield
+    except PladisError:
+        raise
+    except Exception as err:
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        if isinstance(err, shutil.Error):  # copytree gathers its failures as text
+            full = any(f"[Errno {n}]" in str(err) for n in (errno.ENOSPC, errno.EDQUOT))
+        if not full:
+            try:
+                full = shutil.disk_usage(_existing(Path(folder))).free < _NEARLY_FULL
+            except OSError:
+                full = False
+        if full:
+            raise NoSpace(f"no space left on device in {folder}: free some space or choose another location") from err
+        raise
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -184,13 +220,13 @@ def clean_stale(folder: str | os.PathLike) -> list[Path]:
         parts = p.name.rsplit(".", 3)
         if len(parts) != 4 or parts[3] not in ("tmp", "old") or not parts[1].isdigit():
             continue
-        if not _alive(int(parts[1])):
+        if not process_alive(int(parts[1])):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             removed.append(p)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

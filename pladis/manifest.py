@@ -18,14 +18,13 @@ from types import MappingProxyType
 
 from pladis.errors import PladisError
 from pladis.files import sha256
+from pladis.precision import PRECISION_OF_DTYPE
 
 FORMAT = "pladis-onnx/2"  # 2: lam is the runtime input pladis_scale (1: lam was a node attribute)
 ENGINE_FORMAT = "pladis-engine/1"
 MANIFEST_FILE = "manifest.json"
 ENGINE_FILE = "engine.json"
 SEAL = "self_sha256"  # a JSON record's hash of itself (without this key): an edit by hand is detected
-ROLES = ("text_encoder", "denoiser", "vae_decoder")
-PRECISION_OF_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 class EngineError(PladisError):
@@ -126,7 +125,8 @@ class Component:
 @dataclass(frozen=True)
 class Pladis:
     """How the denoiser was patched. ``lam_input``: the name of the runtime strength input (None: no PLADIS
-    layers, the engine runs lam = 0 only); any lam in ``lam_range`` runs on the same graph."""
+    layers, the engine runs lam = 0 only); any lam in ``lam_range`` runs on the same graph. ``function_body``:
+    False for a plugin-only export (``--no-function-body``): its PladisAttention nodes run in TensorRT only."""
 
     patched: bool
     lam: float
@@ -134,11 +134,12 @@ class Pladis:
     lam_input: str | None
     alpha: float
     layer_selection: object  # the --layers value the export was given
+    function_body: bool = True
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Pladis:
         return cls(bool(d["patched"]), d["lam"], tuple(d["lam_range"]), d.get("lam_input"), d["alpha"],
-                   d.get("layer_selection"))  # fmt: skip
+                   d.get("layer_selection"), bool(d.get("function_body", True)))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -382,6 +383,15 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
         return Manifest.from_dict(data)
     except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise EngineError(f"{path} is malformed ({err!r}); re-export the folder") from None
+
+
+def check_function_body(manifest: Manifest, folder, what: str) -> None:
+    """Refuse (EngineError) to run a plugin-only export's PLADIS graph with ``what`` (ONNX Runtime ...): its
+    PladisAttention nodes carry no function body, so only a TensorRT build can run them."""
+    if manifest.pladis.patched and not manifest.pladis.function_body:
+        raise EngineError(f"{folder} is a plugin-only export (--no-function-body), for TensorRT builds only "
+                          f"(`pladis build --backend trt`); {what} cannot run it: re-export without "
+                          "--no-function-body")  # fmt: skip
 
 
 def open_engine(folder: str | Path, verify: bool = True) -> Engine:

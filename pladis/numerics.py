@@ -12,13 +12,11 @@ import math
 
 import torch
 
+# DEFAULT_LAM, DEFAULT_ALPHA and LAM_RANGE (what engines and the server accept as a runtime lam: 0, stock,
+# up to well past the paper's useful 1-3) are written in pladis.defaults, which --help reads without torch.
+from pladis.defaults import DEFAULT_ALPHA, DEFAULT_LAM, LAM_RANGE  # noqa: F401
 from pladis.errors import SettingError
 from pladis.torch_internals import dispatch_mode_active
-
-DEFAULT_LAM = 2.0  # the paper's and the official code's `pladis_scale`
-DEFAULT_ALPHA = 1.5  # entmax15
-# What engines and the server accept as a runtime lam: 0 (stock) up to well past the paper's useful 1-3.
-LAM_RANGE = (0.0, 10.0)
 
 
 def check_lam(value, lam_range: tuple[float, float] = LAM_RANGE, field: str = "lam") -> float:

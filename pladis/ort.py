@@ -54,5 +54,18 @@ def session(path: str | Path, device: str = "cpu", level: int = 3, threads: int 
     """An ``onnxruntime.InferenceSession`` on ``path`` for ``device`` with ``session_options``."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), session_options(level, threads, optimized_path),
-                                providers=providers(device))  # fmt: skip
+    try:
+        return ort.InferenceSession(str(path), session_options(level, threads, optimized_path),
+                                    providers=providers(device))  # fmt: skip
+    except Exception as err:
+        if not any(m in str(err) for m in _DAMAGED):  # not a damaged file: a bug, keep the traceback
+            raise
+        first = str(err).strip().splitlines()[0][:200]
+        raise EngineError(f"{path} cannot be read by ONNX Runtime ({first}): the file is damaged or truncated; "
+                          "re-export or rebuild it (without --no-verify, pladis checks every file's sha256 "
+                          "first)") from None  # fmt: skip
+
+
+# ONNX Runtime's messages for a file that is not a whole ONNX model (truncated graph or external data).
+_DAMAGED = ("INVALID_PROTOBUF", "Protobuf parsing failed", "External initializer", "external data",
+            "out of bounds", "GetExtDataFromTensorProto")  # fmt: skip

@@ -27,10 +27,11 @@ import torch
 
 from pladis import backends as registry
 from pladis.eager import eager_components  # noqa: F401  (the torch backend's model; tests clear its cache)
-from pladis.manifest import Engine, EngineError
+from pladis.manifest import Engine, EngineError, check_function_body
+from pladis.precision import BY_DTYPE, numpy_type
 
 BACKENDS = registry.NAMES
-_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+_NP = {name: numpy_type(name) for name, t in BY_DTYPE.items() if t.numpy}  # numpy has no bfloat16
 
 
 class Backend(Protocol):
@@ -49,9 +50,12 @@ class Backend(Protocol):
 
 def check(engine: Engine, component: str, backend: str) -> registry.BackendRecord:
     """The registry record of ``backend``, refused (EngineError) when this folder cannot run it for
-    ``component`` (an unknown name, or aoti/trt without the artifact ``pladis build`` makes for them)."""
+    ``component`` (an unknown name, aoti/trt without the artifact ``pladis build`` makes for them, or ort on the
+    denoiser of a plugin-only export)."""
     spec = registry.get(backend)
     artifact = engine.artifact(component)
+    if backend == "ort" and component == engine.denoiser and (artifact is None or artifact.kind != "ort"):
+        check_function_body(engine.manifest, engine.folder, "ONNX Runtime (--backend ort)")
     if spec.needs_artifact and (artifact is None or artifact.kind != backend):
         raise EngineError(
             f"the {backend} backend needs an engine folder built by `pladis build --backend {backend}` "
@@ -75,7 +79,7 @@ def runner_class(spec):
     return getattr(importlib.import_module(module), name) if module else globals()[name]
 
 
-_TYPESTR = {"float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4"}
+_TYPESTR = {name: t.typestr for name, t in BY_DTYPE.items() if t.typestr}
 
 
 class _Memory:
@@ -223,7 +227,15 @@ class AotiBackend:
 
     def load(self) -> None:
         if self.model is None:
-            self.model = torch._inductor.aoti_load_package(str(self.path))
+            import pladis.ops  # noqa: F401  (registers pladis::attention, which the package calls)
+
+            try:
+                self.model = torch._inductor.aoti_load_package(str(self.path))
+            except (RuntimeError, OSError, ValueError) as err:  # a damaged or truncated package
+                first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                raise EngineError(f"{self.path} cannot be loaded as an AOTInductor package ({first}): the file is "
+                                  "damaged or truncated; rebuild the engine (without --no-verify, pladis checks "
+                                  "every file's sha256 first)") from None  # fmt: skip
 
     def warm_up(self, inputs: dict[str, torch.Tensor]) -> None:
         self.run(inputs)

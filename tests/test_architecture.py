@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # room -> its floor: a room imports only rooms on lower floors (its own modules aside)
 FLOORS = {
-    "errors": 0, "options": 0, "contracts": 0, "models": 0, "torch_internals": 0,
+    "errors": 0, "options": 0, "contracts": 0, "models": 0, "torch_internals": 0, "defaults": 0, "precision": 0,
     "numerics": 1, "files": 1, "families": 1, "lora": 1,
     "kernels": 2, "manifest": 2, "model_files": 2,
     "ops": 3, "plugins_trt": 3, "backends": 3, "ort": 3, "single_file": 3,
@@ -32,19 +32,21 @@ FLOORS = {
     "demo": 10, "cli": 11, "bench": 12,  # the demo runs the commands, the CLI runs the demo, benchmarks the CLI
 }  # fmt: skip
 # room -> the rooms (or exact modules, for a room's single public part) it may import
-STAGE_SHARED = {"errors", "files", "options", "manifest", "backends", "ort"}
+STAGE_SHARED = {"errors", "files", "options", "manifest", "backends", "ort", "precision", "defaults"}
 ALLOWED = {
     "errors": set(),
     "options": set(),
     "contracts": set(),
     "models": set(),
     "torch_internals": set(),
-    "numerics": {"errors", "torch_internals"},
+    "defaults": set(),  # the values --help shows (lam, alpha, opsets): imports nothing
+    "precision": set(),  # the one precision table
+    "numerics": {"errors", "defaults", "torch_internals"},
     "files": {"errors"},
     "families": {"contracts", "errors"},
     "lora": {"errors"},
     "kernels": {"errors", "numerics"},
-    "manifest": {"errors", "files"},
+    "manifest": {"errors", "files", "precision"},
     "model_files": {"files"},
     "ops": {"numerics", "kernels", "torch_internals"},
     "plugins_trt": {"errors", "kernels"},
@@ -57,7 +59,7 @@ ALLOWED = {
     "provenance": {"errors", "families", "files", "lora", "model_files", "models", "single_file", "sources"},
     "export": {"contracts", "families", "models", "numerics", "ops", "patch", "provenance", "sources", *STAGE_SHARED},
     # the eager reference of an export, shared by the torch runtime backend and the AOTInductor build
-    "eager": {"pladis", "export", "manifest", "patch", "provenance"},
+    "eager": {"pladis", "export", "manifest", "patch", "precision", "provenance"},
     # build: the manifest, the op's ONNX form (a TensorRT build strips its function body), the kernel; the op's and
     # numerics' sources by name (their hash is part of an engine's cache key)
     "engine": {
@@ -71,7 +73,8 @@ ALLOWED = {
         "export.contracts",
         *STAGE_SHARED,
     },
-    "runtime": {"eager", "families", "numerics", *STAGE_SHARED},
+    # the aoti backend registers pladis::attention (ops) before it loads a .pt2 that calls it
+    "runtime": {"eager", "families", "numerics", "ops", *STAGE_SHARED},
     "serve": {"runtime", "numerics", *STAGE_SHARED},
 }
 # rooms that sit at the end of the path and may import anything: the CLI, the demo, the benchmarks

@@ -1,4 +1,5 @@
-"""The `pladis` command: the demo end to end, the layer listing, and errors that name the problem."""
+"""The `pladis` command: the demo end to end (its report well-formed), the layer listing, and errors that name the
+problem (the error and output contract in general: test_errors.py)."""
 
 from pladis import cli
 
@@ -9,6 +10,11 @@ def test_demo_runs_the_whole_path(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "Parity: ort engine vs eager PyTorch" in report and "PASS" in report
     assert (out / "engine" / "manifest.json").exists()  # one export serves both lam = 0 and lam
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| run |"))
+    table = lines[start : lines.index("", start)]
+    assert len(table) == 4, table  # header, rule, the stock run, the PLADIS run
+    assert len({line.count(" | ") for line in table}) == 1, table  # every row has the header's columns
     from PIL import Image
 
     assert Image.open(out / "comparison.png").size[0] > 3 * 32 * 8  # three zoomed panels side by side
@@ -25,6 +31,8 @@ def test_layers_lists_sdxl(capsys):
 def test_bad_values_exit_2_with_a_message(tmp_path, capsys):
     assert cli.main(["demo", "--lam", "nan", "--out", str(tmp_path)]) == 2
     assert "lam must be a finite number" in capsys.readouterr().err
+    assert cli.main(["demo", "--lam", "11", "--out", str(tmp_path)]) == 2
+    assert "lam must be a finite number in [0, 10]" in capsys.readouterr().err
     assert cli.main(["demo", "--model", "nope", "--out", str(tmp_path)]) == 2
     assert "demo model must be a built-in" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before any work

@@ -1,6 +1,7 @@
 """Export to ONNX: every tiny architecture, the function body alone, dynamic shapes, bad input."""
 
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -220,9 +221,10 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_lam_zero_exports_the_stock_model_and_says_so(tmp_path, capsys):
+def test_lam_zero_exports_the_stock_model_and_says_so(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pladis")
     manifest, out = run_export(tmp_path, model="tiny-sd15", lam=0.0)
-    assert "exporting the stock model" in capsys.readouterr().out
+    assert "exporting the stock model" in caplog.text
     assert manifest["pladis"]["patched"] is False and manifest["components"]["unet"]["pladis_nodes"] == 0
     assert not onnx.load(str(out / "unet.onnx")).functions
 

@@ -1,16 +1,25 @@
 """Nothing lost, nothing stale: the output rule (sentinel files survive), the verified immutable cache, and
 folders that check themselves before any work (fault injection on every file kind)."""
 
+import errno
 import json
+import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from pladis import cli
+from pladis import cli, files
 from pladis.engine import BuildConfig, build, cache
 from pladis.export import ExportConfig, export
+from pladis.manifest import open_engine
 from pladis.runtime import EngineError, Runtime
+
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 SENTINEL = "user data, not pladis's"
 
@@ -116,19 +125,27 @@ def test_parity_prints_before_it_writes(engine_dir, tmp_path, capsys, monkeypatc
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(parity, "write_text", disk_full)
-    with pytest.raises(OSError):
-        cli.main(["parity", "--engine", str(engine_dir), "--steps", "1", "--json", str(tmp_path / "p.json")])
-    assert "| step |" in capsys.readouterr().out  # the result was shown before the write failed
+    assert cli.main(["parity", "--engine", str(engine_dir), "--steps", "1", "--json", str(tmp_path / "p.json")]) == 2
+    printed = capsys.readouterr()
+    assert "| step |" in printed.out  # the result was shown before the write failed
+    assert printed.err.strip().splitlines()[-1].startswith("pladis parity: error: no space left on device")
 
 
 # ---- the cache -----------------------------------------------------------------------------------
 
 
-def test_a_corrupted_engine_folder_cannot_spread(export_dir, tmp_path, capsys):
+def _logged(caplog) -> str:
+    text = caplog.text
+    caplog.clear()
+    return text
+
+
+def test_a_corrupted_engine_folder_cannot_spread(export_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pladis")
     c = dict(onnx=str(export_dir), cache_dir=str(tmp_path / "cache"))
     build(BuildConfig(out=str(tmp_path / "a"), **c))
     build(BuildConfig(out=str(tmp_path / "b"), **c))
-    assert "cache hit" in capsys.readouterr().out
+    assert "cache hit" in _logged(caplog)
     unet = json.loads((tmp_path / "a" / "engine.json").read_text())["components"]["unet"]["file"]
     assert os.stat(tmp_path / "a" / unet).st_ino != os.stat(tmp_path / "b" / unet).st_ino  # no shared inodes
     with open(tmp_path / "a" / unet, "r+b") as f:
@@ -137,11 +154,11 @@ def test_a_corrupted_engine_folder_cannot_spread(export_dir, tmp_path, capsys):
     with pytest.raises(EngineError, match="does not match engine.json's sha256"):
         Runtime(tmp_path / "a")
     build(BuildConfig(out=str(tmp_path / "a"), force=True, **c))  # not "up to date": repaired from the cache
-    assert "cache hit" in capsys.readouterr().out
+    assert "cache hit" in _logged(caplog)
     Runtime(tmp_path / "a")
 
 
-def test_a_damaged_entry_is_evicted_and_rebuilt(export_dir, tmp_path, capsys):
+def test_a_damaged_entry_is_evicted_and_rebuilt(export_dir, tmp_path, capsys, caplog):
     c = dict(onnx=str(export_dir), cache_dir=str(tmp_path / "cache"))
     meta = build(BuildConfig(out=str(tmp_path / "a"), **c))
     entry = tmp_path / "cache" / meta["key"]
@@ -153,7 +170,7 @@ def test_a_damaged_entry_is_evicted_and_rebuilt(export_dir, tmp_path, capsys):
     assert cli.main(["cache", "verify", "--cache-dir", str(tmp_path / "cache")]) == 1
     assert "DAMAGED" in capsys.readouterr().out
     build(BuildConfig(out=str(tmp_path / "b"), **c))
-    assert "evicting it and rebuilding" in capsys.readouterr().out
+    assert "evicting it and rebuilding" in caplog.text  # a warning: shown even to a caller who set up nothing
     Runtime(tmp_path / "b")
     assert cli.main(["cache", "verify", "--cache-dir", str(tmp_path / "cache")]) == 0
 
@@ -173,19 +190,142 @@ def test_key_covers_every_file_the_engine_receives(export_dir, tmp_path):
     assert cache.key(key_parts(cfg, *check(cfg), {"kind": "cpu"})) != before
 
 
-def test_leftovers_of_killed_runs_are_cleaned(export_dir, tmp_path):
+KEY = "ab" * 32  # a key-shaped name: what the cache itself writes
+
+
+def _killed_build(cache_dir):
+    """A process that takes a build's lock and temporary in ``cache_dir``, killed with SIGKILL mid-build."""
+    code = (
+        "import time\nfrom pathlib import Path\nfrom pladis.engine import cache\nfrom pladis.files import temp_dir\n"
+        f"c = Path({str(cache_dir)!r})\n"
+        f"with cache.locked(c, {KEY!r}):\n"
+        f"    (temp_dir(c / {KEY!r}) / 'unet.onnx').write_bytes(b'half')\n"
+        "    print('holding', flush=True)\n    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout.readline().strip() == "holding"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    temps = list(cache_dir.glob(f".{KEY}.*.tmp"))
+    assert len(temps) == 1 and (cache_dir / f"{KEY}.lock").exists()
+    return temps[0]
+
+
+def test_leftovers_of_killed_runs_are_shown_and_cleaned(export_dir, tmp_path, capsys):
+    cache_dir = tmp_path / "cache"
+    stale = _killed_build(cache_dir)
+    for action in ("list", "verify"):
+        assert cli.main(["cache", action, "--cache-dir", str(cache_dir)]) == 0
+        out = capsys.readouterr().out
+        assert f"| {stale.name} |" in out and "temporary of a killed build" in out, out
+        assert f"| {KEY}.lock |" in out and "lock of a killed build" in out, out
+    build(BuildConfig(onnx=str(export_dir), out=str(tmp_path / "e"), cache_dir=str(cache_dir)))
+    assert not stale.exists() and not (cache_dir / f"{KEY}.lock").exists()
+    assert not list(cache_dir.glob("*.lock"))  # the build removed its own lock too
+    _killed_build(cache_dir)
+    assert cli.main(["cache", "clean", "--cache-dir", str(cache_dir)]) == 0
+    assert "removed 2" in capsys.readouterr().out
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted(
+        [cache.MARKER, *(e.name for e in cache.entries(cache_dir))]
+    )
     dead = 2**22 + 12345  # above the default pid_max of 2^22: no such process
-    (tmp_path / "cache").mkdir()
-    stale = tmp_path / "cache" / f".abc.{dead}.0123abcd.tmp"
-    stale.mkdir()
-    (stale / "unet.onnx").write_bytes(b"half")
-    (tmp_path / "cache" / "f00.lock").write_text("")
-    build(BuildConfig(onnx=str(export_dir), out=str(tmp_path / "e"), cache_dir=str(tmp_path / "cache")))
-    assert not stale.exists() and not (tmp_path / "cache" / "f00.lock").exists()
     stale_export = tmp_path / f".x.{dead}.0123abcd.tmp"
     stale_export.mkdir()
     export(ExportConfig(model="tiny-sd15", out=str(tmp_path / "x"), validate=False, components="unet"))
     assert not stale_export.exists()
+
+
+def _plant_user_data(folder):
+    """What a user keeps in a folder mistaken for the cache: an export, an engine folder, a sentinel, a lock."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _user_folder(folder, "notes")
+    (folder / "mine.lock").write_text(SENTINEL)
+    (folder / ".hidden.123.abcd.tmp").write_text(SENTINEL)
+    return {p.name: p for p in folder.iterdir()}
+
+
+def test_cache_commands_refuse_a_folder_that_is_not_the_cache(export_dir, engine_dir, tmp_path, capsys):
+    user = tmp_path / "build"
+    shutil.copytree(export_dir, user / "export")
+    shutil.copytree(engine_dir, user / "engine")
+    planted = _plant_user_data(user)
+    for action in ("clean", "list", "verify"):
+        _fails(capsys, ["cache", action, "--cache-dir", str(user)], "is not a pladis engine cache")
+    _fails(capsys, ["build", "--onnx", str(export_dir), "--out", str(tmp_path / "e"), "--cache-dir", str(user)],
+           "is not a pladis engine cache")  # fmt: skip
+    assert all(p.exists() for p in planted.values()) and (user / "notes" / "thesis.txt").read_text() == SENTINEL
+    assert open_engine(user / "export") and open_engine(user / "engine")  # both still whole
+
+
+def test_cache_clean_touches_only_what_the_cache_wrote(export_dir, tmp_path, capsys):
+    cache_dir = tmp_path / "cache"
+    meta = build(BuildConfig(onnx=str(export_dir), out=str(tmp_path / "e"), cache_dir=str(cache_dir)))
+    planted = _plant_user_data(cache_dir)  # a user's files inside the real cache (PLADIS_CACHE=shared folder)
+    assert cli.main(["cache", "list", "--cache-dir", str(cache_dir)]) == 0
+    listed = capsys.readouterr().out
+    assert meta["key"][:12] in listed and not any(name in listed for name in planted), listed
+    assert cli.main(["cache", "verify", "--cache-dir", str(cache_dir)]) == 0
+    assert cli.main(["cache", "clean", "--cache-dir", str(cache_dir)]) == 0
+    assert "removed 0" in capsys.readouterr().out
+    assert all(p.exists() for p in planted.values()) and (cache_dir / meta["key"]).is_dir()
+
+
+# ---- a full disk, a truncated file, a plugin-only export --------------------------------------------------
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["entry", "engine folder", "ort writer"])
+def test_a_full_disk_during_build_is_one_line_and_leaves_nothing(export_dir, tmp_path, capsys, monkeypatch, where):
+    import importlib
+
+    from pladis.engine import ort
+
+    build_module = importlib.import_module("pladis.engine.build")  # (pladis.engine.build is the function)
+
+    cache_dir, out = tmp_path / "cache", tmp_path / "engine"
+    if where == "entry":
+        monkeypatch.setattr(build_module, "_copy_pipeline_files", _enospc)
+    elif where == "engine folder":
+        monkeypatch.setattr(cache, "_reflink_or_copy", _enospc)
+    else:  # ONNX Runtime writes the optimised graph in C++ and reports a full disk as a damaged protobuf
+
+        def full(*args, **kwargs):
+            raise RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model failed")
+
+        monkeypatch.setattr(ort, "build", full)
+        monkeypatch.setattr(files.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
+    folder = out.parent if where == "engine folder" else cache_dir
+    _fails(capsys, ["build", "--onnx", str(export_dir), "--out", str(out), "--cache-dir", str(cache_dir)],
+           f"no space left on device in {folder}")  # fmt: skip
+    assert not out.exists() and not list(tmp_path.glob(".*"))  # no half-written engine folder
+    entries = cache.entries(cache_dir)  # a whole entry (the copy out of it failed) is kept, a partial one never
+    assert not any(cache.problems(e) for e in entries) and len(entries) == (where == "engine folder")
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted([cache.MARKER, *(e.name for e in entries)])
+
+
+def test_a_truncated_file_without_verification_is_one_line(export_dir, tmp_path, capsys):
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    unet = copy / "unet.onnx"
+    unet.write_bytes(unet.read_bytes()[: unet.stat().st_size // 2])
+    _fails(capsys, ["generate", "--engine", str(copy), "--no-verify", "--steps", "1", "--out", str(tmp_path / "a.png")],
+           "unet.onnx cannot be read by ONNX Runtime", "damaged or truncated")  # fmt: skip
+
+
+def test_a_plugin_only_export_is_refused_where_it_cannot_run(tmp_path, capsys):
+    plugin_only = tmp_path / "plugin-only"
+    export(ExportConfig(model="tiny-sd15", out=str(plugin_only), validate=False, function_body=False))
+    capsys.readouterr()
+    fix = "re-export without --no-function-body"
+    _fails(capsys, ["build", "--onnx", str(plugin_only), "--backend", "ort", "--out", str(tmp_path / "e"),
+                    "--cache-dir", str(tmp_path / "c")], "plugin-only export", "TensorRT builds only", fix)  # fmt: skip
+    _fails(capsys, ["generate", "--engine", str(plugin_only), "--steps", "1", "--out", str(tmp_path / "a.png")],
+           "plugin-only export", fix)  # fmt: skip
+    _fails(capsys, ["parity", "--engine", str(plugin_only), "--steps", "1"], "plugin-only export", fix)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "a.png").exists()
 
 
 # ---- folders that check themselves -----------------------------------------------------------------
@@ -266,7 +406,7 @@ def test_moved_export_still_runs(export_dir, tmp_path):
 
 
 def test_precision_is_what_was_exported(export_dir):
-    from pladis.runtime.engine import Engine
+    from pladis.manifest import Engine
 
     manifest = json.loads((export_dir / "manifest.json").read_text())
     manifest["precision"] = "bf16"  # requested bf16, every component fell back to float32
