@@ -12,6 +12,7 @@ from torch import nn
 
 from pladis import families
 from pladis.contracts import FLOAT, Component, Port
+from pladis.errors import SettingError
 
 __all__ = ["FLOAT", "Component", "Port"]  # the vocabulary (pladis.contracts), as the export stage's readers use it
 
@@ -42,7 +43,7 @@ def dims(pipe, family: str, *, height: int, width: int, batch: int, static: bool
     unit = size_multiple(pipe, family)
     for name, size in (("height", height), ("width", width)):
         if size % unit:
-            raise ValueError(f"{name} must be a multiple of {unit} for this model; got {size}")
+            raise SettingError("size", f"{name} must be a multiple of {unit} for this model; got {size}")
     prompts = max(4, batch)
     d = {
         "batch": (1, batch, prompts),

@@ -33,6 +33,7 @@ import torch
 from onnx import TensorProto, helper
 
 from pladis.defaults import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET  # noqa: F401  (written there: --help reads them)
+from pladis.errors import SettingError
 from pladis.numerics import MASKED as _MASKED
 from pladis.numerics import NEWTON_STEPS, newton_steps
 
@@ -211,7 +212,7 @@ def function_proto(
     for, which sets the number of Newton steps (``newton_steps``).
     """
     if alpha not in NEWTON_STEPS:
-        raise ValueError(f"the ONNX function body is exact for alpha 1.5 and 2 only; got alpha={alpha}")
+        raise SettingError("alpha", f"the ONNX function body is exact for alpha 1.5 and 2 only; got alpha={alpha}")
     b = _Body(opset)
     f32 = TensorProto.FLOAT
     q = b.op("Mul", b.op("Cast", "q", to=f32), b.attr_const("scale", "float"))  # scale q: smaller than S
@@ -319,7 +320,9 @@ def attach_function(
     if nodes and with_body:
         kinds = {_node_kind(n) for n in nodes}
         if len(kinds) != 1:
-            raise ValueError(f"all PladisAttention nodes of one model must share alpha and mode; found {kinds}")
+            raise SettingError(
+                "alpha", f"all PladisAttention nodes of one model must share alpha and mode; found {kinds}"
+            )
         alpha, joint = kinds.pop()
         masked = not all(_is_zero_constant(model, n.input[3]) for n in nodes)
         model.functions.append(function_proto(alpha, joint, opset, masked=masked, max_keys=max_keys))

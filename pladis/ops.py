@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pladis import kernels, torch_internals
+from pladis.errors import SettingError
 from pladis.numerics import (
     DEFAULT_ALPHA,
     DEFAULT_LAM,
@@ -561,12 +562,12 @@ def check_params(lam: float | Tensor, alpha: float) -> None:
     is checked for its shape and type here (its values are the caller's: no device sync per layer)."""
     if isinstance(lam, Tensor):
         if lam.dim() != 1 or not lam.dtype.is_floating_point:
-            raise ValueError(f"lam as a tensor must be 1-D floating, one value per batch sample (B,) or (1,); "
+            raise SettingError("lam", f"lam as a tensor must be 1-D floating, one value per batch sample (B,) or (1,); "
                              f"got shape {tuple(lam.shape)}, {lam.dtype}")  # fmt: skip
     elif isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-        raise ValueError(f"lam must be a finite number (paper default 2.0, useful range 1-3); got {lam!r}")
+        raise SettingError("lam", f"lam must be a finite number (paper default 2.0, useful range 1-3); got {lam!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (1.0 < alpha <= 2.0):
-        raise ValueError(f"alpha must be a number in (1, 2] (1.5 = entmax15, 2 = sparsemax); got {alpha!r}")
+        raise SettingError("alpha", f"alpha must be a number in (1, 2] (1.5 = entmax15, 2 = sparsemax); got {alpha!r}")
 
 
 def _batch_dims(q: Tensor, k: Tensor, v: Tensor) -> torch.Size:
@@ -582,49 +583,58 @@ def _check(q, k, v, lam, alpha, attn_mask, scale) -> float:
     check_params(lam, alpha)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+            raise SettingError(name, f"{name} must be a torch.Tensor; got {type(t).__name__}")
         if t.dim() not in (3, 4):
-            raise ValueError(f"{name} must have rank 4 (B, H, L, D) or 3 (B, L, D); got shape {tuple(t.shape)}")
+            raise SettingError(name, f"{name} must have rank 4 (B, H, L, D) or 3 (B, L, D); got shape {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64); got {t.dtype}")
+            raise SettingError(name, f"{name} must be a floating tensor (fp16, bf16, fp32, fp64); got {t.dtype}")
     if not (q.dim() == k.dim() == v.dim()):
-        raise ValueError(f"q, k, v must have the same rank; got {q.dim()}, {k.dim()}, {v.dim()}")
+        raise SettingError("q", f"q, k, v must have the same rank; got {q.dim()}, {k.dim()}, {v.dim()}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise SettingError("q", f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"head dims differ: q has D={q.shape[-1]}, k has D={k.shape[-1]}")
+        raise SettingError("q", f"head dims differ: q has D={q.shape[-1]}, k has D={k.shape[-1]}")
     if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"k and v must have the same key length; got {k.shape[-2]} and {v.shape[-2]}")
+        raise SettingError("q", f"k and v must have the same key length; got {k.shape[-2]} and {v.shape[-2]}")
     if k.shape[-2] == 0:
-        raise ValueError("k has no keys (key length 0)")
+        raise SettingError("q", "k has no keys (key length 0)")
     try:
         batch = _batch_dims(q, k, v)
     except RuntimeError:
-        raise ValueError(
-            f"batch/head dims of q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not broadcast"
+        raise SettingError(
+            "q", f"batch/head dims of q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not broadcast"
         ) from None
     if isinstance(lam, Tensor) and lam.shape[0] not in (1, batch[0]):
-        raise ValueError(f"lam has {lam.shape[0]} values for a batch of {batch[0]}: give one per sample, or one")
+        raise SettingError(
+            "lam", f"lam has {lam.shape[0]} values for a batch of {batch[0]}: give one per sample, or one"
+        )
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor) or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
-            raise ValueError("attn_mask must be a bool tensor (True = attend) or an additive float tensor")
+            raise SettingError(
+                "attn_mask", "attn_mask must be a bool tensor (True = attend) or an additive float tensor"
+            )
         try:
             torch.broadcast_shapes(attn_mask.shape, (*batch, q.shape[-2], k.shape[-2]))
         except RuntimeError:
-            raise ValueError(
-                f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to {(*batch, q.shape[-2], k.shape[-2])}"
+            raise SettingError(
+                "attn_mask",
+                f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to {(*batch, q.shape[-2], k.shape[-2])}",
             ) from None
     if scale is None:
         return q.shape[-1] ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number or None (= D**-0.5); got {scale!r}")
+        raise SettingError("scale", f"scale must be a positive finite number or None (= D**-0.5); got {scale!r}")
     return float(scale)
 
 
 def _check_text(text_len, text_first, lq: int, lk: int) -> None:
     if lq != lk:
-        raise ValueError(f"joint attention needs one token sequence: q has {lq} tokens, k has {lk}")
+        raise SettingError("text_len", f"joint attention needs one token sequence: q has {lq} tokens, k has {lk}")
     if isinstance(text_len, bool) or not isinstance(text_len, int) or not 0 < text_len <= lk:
-        raise ValueError(f"text_len must be an int in [1, {lk}] (the number of text tokens); got {text_len!r}")
+        raise SettingError(
+            "text_len", f"text_len must be an int in [1, {lk}] (the number of text tokens); got {text_len!r}"
+        )
     if not isinstance(text_first, bool):
-        raise ValueError(f"text_first must be a bool (True: FLUX order [text, image]); got {text_first!r}")
+        raise SettingError(
+            "text_first", f"text_first must be a bool (True: FLUX order [text, image]); got {text_first!r}"
+        )

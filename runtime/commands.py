@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pladis import backends
+from pladis.errors import SettingError
 from pladis.files import atomic_path, check_output_file
 from pladis.options import DEFAULT_ENGINE, DEFAULT_PROMPT, option
 from pladis.runtime.request import DEFAULT_STEPS, PARITY_STEPS, request_of
@@ -51,7 +52,9 @@ def parse_component_backends(text: str) -> dict[str, str]:
     for item in filter(None, (x.strip() for x in text.split(","))):
         name, sep, backend = item.partition("=")
         if not sep or not name or not backend:
-            raise ValueError(f"component backend {item!r} must look like name=backend (e.g. vae_decoder=torch)")
+            raise SettingError(
+                "component_backends", f"component backend {item!r} must look like name=backend (e.g. vae_decoder=torch)"
+            )
         out[name.strip()] = backend.strip()
     return out
 

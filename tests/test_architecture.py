@@ -48,7 +48,7 @@ ALLOWED = {
     "kernels": {"errors", "numerics"},
     "manifest": {"errors", "files", "precision"},
     "model_files": {"files"},
-    "ops": {"numerics", "kernels", "torch_internals"},
+    "ops": {"errors", "numerics", "kernels", "torch_internals"},
     "plugins_trt": {"errors", "kernels"},
     "backends": {"manifest"},
     "ort": {"manifest"},
