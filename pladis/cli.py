@@ -39,7 +39,7 @@ COMMANDS = {
     "demo": ("the whole path on a built-in model: export -> engine -> generate -> parity",
              "pladis.demo:DemoConfig", "pladis.demo:demo", "check"),
     "layers": ("list the attention layers PLADIS patches in a model",
-               "pladis.patch:LayersConfig", "pladis.patch:layers", "print"),
+               "pladis.options:LayersConfig", "pladis.patch:layers", "print"),
     "export": ("export a PLADIS-patched pipeline to ONNX (+ manifest.json)",
                "pladis.export.config:ExportConfig", "pladis.export:export", "export"),
     "build": (f"build an engine folder ({' | '.join(backends.BUILDABLE)}) from an export folder, cached",

@@ -7,6 +7,9 @@ dataclasses, so a default or a help text is written once. This module imports no
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+
+from pladis.defaults import DEFAULT_ALPHA, DEFAULT_LAM
 
 
 def option(default, help: str, *, repeat: bool = False, positional: bool = False):
@@ -23,3 +26,13 @@ DEFAULT_PROMPT = "a photo of a red cube on a wooden table"
 # `generate`, `parity` and `serve` read the engine.
 DEFAULT_EXPORT = "build/tiny-sdxl-onnx-fp32"
 DEFAULT_ENGINE = "build/tiny-sdxl-ort-fp32"
+
+
+@dataclass
+class LayersConfig:
+    """Settings of ``pladis layers``."""
+
+    model: str = option("sdxl", "built-in name, diffusers folder or hub id")
+    layers: str = option("default", "default (the official choice: U-Net down + up blocks) | all")
+    lam: float = option(DEFAULT_LAM, "PLADIS strength lambda (0 = stock attention)")
+    alpha: float = option(DEFAULT_ALPHA, "entmax alpha in (1, 2] (1.5 = entmax15, 2 = sparsemax)")

@@ -21,7 +21,7 @@ from torch import nn
 from pladis import ops
 from pladis.families import Family, denoiser_components, supported_models
 from pladis.families import of_model as family_of
-from pladis.options import option
+from pladis.options import LayersConfig
 
 LayerSelection = Union[str, Callable[[str], bool]]
 
@@ -336,16 +336,6 @@ def remove(target) -> int:
 # --------------------------------------------------------------------------------------------------
 # `pladis layers`
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LayersConfig:
-    """Settings of ``pladis layers``."""
-
-    model: str = option("sdxl", "built-in name, diffusers folder or hub id")
-    layers: str = option("default", "default (the official choice: U-Net down + up blocks) | all")
-    lam: float = option(ops.DEFAULT_LAM, "PLADIS strength lambda (0 = stock attention)")
-    alpha: float = option(ops.DEFAULT_ALPHA, "entmax alpha in (1, 2] (1.5 = entmax15, 2 = sparsemax)")
 
 
 def layers(cfg: LayersConfig) -> PatchReport:

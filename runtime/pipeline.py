@@ -21,6 +21,7 @@ and its outputs moved back to ``device``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from pladis.runtime.request import SCHEDULERS, Request, Settings, check
 
 __all__ = ["SCHEDULERS", "Request", "Result", "Runtime", "Settings", "step_generators"]
 
+log = logging.getLogger(__name__)
 OnStep = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, timestep, latents) after each step
 
 
@@ -235,10 +237,11 @@ class Runtime:
         return [Image.fromarray(a) for a in arr]
 
     def generate(self, request: Request | str | list[str] | None = None, /, *, on_step: OnStep | None = None,
-                 progress: bool = True, **fields) -> Result:  # fmt: skip
+                 progress: bool | None = None, **fields) -> Result:  # fmt: skip
         """Sample images for ``request`` (a ``Request``, or a prompt and ``Request`` keywords: ``steps=``,
         ``seed=``, ``lam=`` ...). ``on_step(i, t, latents)`` runs after each denoising step ``i`` (timestep
-        ``t``; latents in the denoiser's layout); an exception it raises stops the run and propagates."""
+        ``t``; latents in the denoiser's layout); an exception it raises stops the run and propagates.
+        ``progress``: a progress bar on stderr (None: when this module's INFO log lines show, as in the CLI)."""
         s = self.settings(request, **fields)
         t_load = time.perf_counter()
         self.load()
@@ -250,7 +253,8 @@ class Runtime:
         loading += time.perf_counter() - t_warm
         t1 = time.perf_counter()
         g = step_generators(s)
-        for i, t in enumerate(tqdm(sched.timesteps, desc="denoise", unit="step", disable=not progress)):
+        bar = log.isEnabledFor(logging.INFO) if progress is None else progress
+        for i, t in enumerate(tqdm(sched.timesteps, desc="denoise", unit="step", disable=not bar)):
             latents = sched.step(self.predict(latents, t, cond, sched, s), t, latents, generator=g).prev_sample
             if on_step is not None:
                 on_step(i, t, latents)

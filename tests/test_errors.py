@@ -35,8 +35,7 @@ def _one_line(capsys, *needles):
 
 
 def test_help_imports_no_torch():
-    # layers: its settings live in pladis.patch (the patching room), which imports torch (left to that room)
-    commands = [c for c in cli.COMMANDS if c != "layers"]
+    commands = list(cli.COMMANDS)
     code = (
         "import sys\nfrom pladis import cli\n"
         f"for c in {commands!r}:\n"
@@ -99,17 +98,6 @@ def test_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch, error):
 
 
 # ---- logging: the command shows it, the library keeps quiet --------------------------------------------------
-
-
-@pytest.fixture
-def unconfigured():
-    """Logging as in a program that never ran `pladis` (earlier tests here ran cli.main in this process)."""
-    logger = logging.getLogger("pladis")
-    saved = logger.handlers[:], logger.level
-    logger.handlers[:] = [h for h in logger.handlers if not getattr(h, "_pladis", False)]
-    logger.setLevel(logging.NOTSET)
-    yield
-    logger.handlers[:], logger.level = saved[0], saved[1]
 
 
 def test_the_python_api_prints_nothing_at_the_default_level(tmp_path, capfd, caplog, unconfigured):

@@ -1,6 +1,7 @@
 """The runtime: engines in the scheduler loop, parity against eager PyTorch, and bad input."""
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -155,6 +156,16 @@ def test_generate_takes_a_request_and_calls_on_step(engines):
 
     with pytest.raises(KeyboardInterrupt):
         rt.generate(request, on_step=stop, progress=False)
+
+
+def test_generate_prints_nothing_at_the_default_level(engines, capfd, unconfigured):
+    rt = Runtime(engines("tiny-sd15"), "ort")
+    rt.generate("a cat", steps=2)  # progress=None: the bar follows the module's INFO level, off by default
+    out, err = capfd.readouterr()
+    assert out == "" and "denoise" not in err, (out, err)
+    logging.getLogger("pladis").setLevel(logging.INFO)  # an application that asks for pladis's lines gets the bar
+    rt.generate("a cat", steps=2)
+    assert "denoise" in capfd.readouterr().err
 
 
 def test_load_preloads_tokenizers_and_libraries(engines):
