@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from pladis.errors import PladisError
+
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
 _CHARS = string.ascii_lowercase + string.digits + string.punctuation
@@ -43,7 +45,7 @@ def char_tokenizer(kind: str, max_length: int):
         specials = [T5_PAD, T5_EOS, T5_UNK]
         unk, pad, bos, eos, template = T5_UNK, T5_PAD, None, T5_EOS, f"$A {T5_EOS}"
     else:
-        raise ValueError(f'tokenizer kind must be "clip" or "t5"; got {kind!r}')
+        raise PladisError(f'tokenizer kind must be "clip" or "t5"; got {kind!r}')
     vocab = {tok: i for i, tok in enumerate([*specials, *_CHARS])}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
     tok.normalizer = normalizers.Lowercase()
@@ -305,7 +307,7 @@ def load(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
         local = {"local_files_only": True} if Path(name_or_path).is_dir() else {}  # a folder never goes to the hub
         pipe = diffusers.DiffusionPipeline.from_pretrained(name_or_path, **{dtype_kw: dtype}, **local)
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise PladisError(
             f"cannot load model {name_or_path!r}: not a built-in ({', '.join(BUILTINS)}) and from_pretrained "
             f"failed ({_hub_failure(err)}). Pass a built-in name, a local diffusers folder, or a hub id you can "
             "download."

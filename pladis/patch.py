@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pladis import ops
+from pladis.errors import PladisError, SettingError
 from pladis.families import Family, denoiser_components, supported_models
 from pladis.families import of_model as family_of
 from pladis.options import LayersConfig
@@ -53,7 +54,7 @@ def _strength(proc, batch: int) -> float | torch.Tensor:
     """The lam a processor uses for a call with ``batch`` samples: the per-call value ``using_lam`` set (one per
     sample; a list for half the batch is repeated, as diffusers pipelines stack [uncond, cond]), or the
     number the model was patched with."""
-    lam = proc.runtime_lam
+    lam = proc.lam_override
     if lam is None:
         return proc.lam
     if lam.shape[0] not in (1, batch) and batch % lam.shape[0] == 0:
@@ -65,7 +66,7 @@ class CrossAttnProcessor:
     """PLADIS processor for a diffusers ``Attention`` used as cross-attention (U-Net, PixArt)."""
 
     def __init__(self, lam: float, alpha: float):
-        self.lam, self.alpha, self.runtime_lam = lam, alpha, None
+        self.lam, self.alpha, self.lam_override = lam, alpha, None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         residual = hidden_states
@@ -109,11 +110,11 @@ class JointAttnProcessor:
     """
 
     def __init__(self, lam: float, alpha: float, text_first: bool):
-        self.lam, self.alpha, self.text_first, self.runtime_lam = lam, alpha, text_first, None
+        self.lam, self.alpha, self.text_first, self.lam_override = lam, alpha, text_first, None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is None:
-            raise ValueError("PLADIS joint-attention processor needs encoder_hidden_states (the text tokens)")
+            raise PladisError("PLADIS joint-attention processor needs encoder_hidden_states (the text tokens)")
         if getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv"):
             q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
             eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
@@ -191,7 +192,7 @@ def select_layers(model: nn.Module, layers: LayerSelection = "default") -> list[
         return names
     if layers == "default":
         return [n for n in names if not (fam.default_excludes and re.search(fam.default_excludes, n))]
-    raise ValueError(f'layers must be "default", "all" or a callable on module names; got {layers!r}')
+    raise SettingError("layers", f'layers must be "default", "all" or a callable on module names; got {layers!r}')
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def denoiser_of(target) -> nn.Module:
         if isinstance(model, nn.Module):
             return model
     attrs = " or ".join(f"`{a}`" for a in denoiser_components())
-    raise ValueError(
+    raise PladisError(
         f"cannot find a denoiser in {type(target).__name__}: pass a diffusers model or a pipeline with a "
         f"{attrs} (supported: {', '.join(supported_models())})"
     )
@@ -253,7 +254,7 @@ def apply(
     for name in names:
         proc = modules[name].get_processor()
         if isinstance(proc, nn.Module):
-            raise ValueError(
+            raise PladisError(
                 f"{name} uses {type(proc).__name__}, which carries weights (e.g. IP-Adapter); PLADIS replaces "
                 "stock attention processors only (patch a model without adapters)"
             )
@@ -281,7 +282,7 @@ def using_lam(target, lam):
     model = denoiser_of(target)
     procs = [p for p in _pladis_processors(model)]
     if not procs:
-        raise ValueError("this model is not patched with PLADIS (or was patched with lam=0): call "
+        raise PladisError("this model is not patched with PLADIS (or was patched with lam=0): call "
                          "pladis.apply(model, lam=...) first")  # fmt: skip
     if isinstance(lam, torch.Tensor):
         t = lam.float().flatten()
@@ -291,15 +292,15 @@ def using_lam(target, lam):
             ops.check_params(v, procs[0].alpha)
         t = torch.tensor(values, dtype=torch.float32)
     if t.numel() == 0:
-        raise ValueError("lam is an empty list: give a number or one value per sample")
-    old = [p.runtime_lam for p in procs]
+        raise SettingError("lam", "lam is an empty list: give a number or one value per sample")
+    old = [p.lam_override for p in procs]
     for p in procs:
-        p.runtime_lam = t
+        p.lam_override = t
     try:
         yield
     finally:
         for p, o in zip(procs, old, strict=True):
-            p.runtime_lam = o
+            p.lam_override = o
 
 
 def scale(target, lam):
