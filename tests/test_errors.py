@@ -131,11 +131,13 @@ def test_vv_shows_the_export_log_lines_and_the_default_hides_known_noise(tmp_pat
     for component in ("text_encoder", "unet", "vae_decoder"):
         assert f"debug pladis.export.exporter: {component}: traced to {component}.onnx" in loud.stdout
         assert f"  {component}: ONNX Runtime vs eager" in loud.stdout
-    assert "requires torchvision" in loud.stderr  # -vv hides nothing (the noise is silenced only by default)
+    # -vv turns on the libraries' own debug logging. Which warnings they emit depends on what else is installed
+    # (the torchvision notice is not printed everywhere), so the check is on a debug line transformers always logs.
+    assert "Successfully imported torch version" in loud.stderr, loud.stderr[-3000:]
     quiet = run(out=tmp_path / "b")
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     assert "  unet: ONNX Runtime vs eager" in quiet.stdout and "debug " not in quiet.stdout
-    for noise in ("requires torchvision", "should be kept in float32: []", "FutureWarning"):
+    for noise in ("Successfully imported torch", "requires torchvision", "should be kept in float32: []", "FutureWarning"):
         assert noise not in quiet.stderr, quiet.stderr[-3000:]
 
 
