@@ -137,7 +137,8 @@ def test_vv_shows_the_export_log_lines_and_the_default_hides_known_noise(tmp_pat
     quiet = run(out=tmp_path / "b")
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     assert "  unet: ONNX Runtime vs eager" in quiet.stdout and "debug " not in quiet.stdout
-    for noise in ("Successfully imported torch", "requires torchvision", "should be kept in float32: []", "FutureWarning"):
+    noises = ("Successfully imported torch", "requires torchvision", "should be kept in float32: []", "FutureWarning")
+    for noise in noises:
         assert noise not in quiet.stderr, quiet.stderr[-3000:]
 
 
