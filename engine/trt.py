@@ -117,11 +117,13 @@ def installed_version() -> str | None:
 
 
 def preflight(src, precision: str, refit: bool = False) -> dict[str, ComponentPlan]:
-    """The checks a trt build makes before anything heavy, on any machine: the build plan's refusals, then
-    TensorRT present and in range (a plugin-only export is not sent to another backend). Returns the plan."""
+    """The checks a trt build makes before anything heavy, on any machine: the build plan's refusals, the
+    plugin's refusals of the export's PladisAttention nodes (``check_export``), then TensorRT present and in
+    range (a plugin-only export is not sent to another backend). Returns the plan."""
     from pladis.plugins_trt import SUPPORTED_TEXT
 
     build_plan(src.manifest, precision, None, refit)
+    check_export(src)
     version = installed_version()
     if version is None:
         plugin_only = src.manifest.data.get("pladis", {}).get("function_body") is False
@@ -175,9 +177,11 @@ def plugin_info() -> dict:
 
 
 def check_plugin_nodes(model: onnx.ModelProto, component: str) -> int:
-    """How many PladisAttention nodes ``model`` has; ValueError naming the component when one of them is
-    something the plugin does not implement (joint attention, alpha other than 1.5/2) or an export older than
-    the plugin (lam as an attribute instead of the fifth input, missing attributes)."""
+    """How many PladisAttention nodes ``model`` has; TrtBuildError naming the component and the node when one of
+    them is something the plugin's kernels do not implement (alpha other than 1.5/2, joint attention past
+    ``plugin.MAX_TEXT`` text tokens) or an export older than the plugin (lam as an attribute instead of the fifth
+    input, missing attributes). Cross (``text_len == 0``) and joint (SD3, FLUX: ``text_len > 0``) nodes pass.
+    Head dims and key lengths are the profile's, checked when the plugin compiles its kernel."""
     from pladis.plugins_trt import plugin
 
     nodes = onnx_op.pladis_nodes(model)
@@ -186,16 +190,25 @@ def check_plugin_nodes(model: onnx.ModelProto, component: str) -> int:
         missing = [a for a in plugin.ATTRIBUTES if a not in attrs]
         if missing:
             raise TrtBuildError(f"{component}: PladisAttention node {node.name!r} lacks the attributes {missing} the "
-                             "TensorRT plugin reads; re-export with this version of pladis")  # fmt: skip
+                                "TensorRT plugin reads; re-export with this version of pladis")  # fmt: skip
         try:
-            plugin.check_attributes(float(attrs["alpha"]), int(attrs["text_len"]))
-        except ValueError as e:
-            raise TrtBuildError(f"{component}: {e}") from None
+            plugin.check_attributes(float(attrs["alpha"]), int(attrs["text_len"]), int(attrs["text_first"]))
+        except PladisError as e:
+            raise TrtBuildError(f"{component}: PladisAttention node {node.name!r}: {e}") from None
         if len(node.input) != len(plugin.INPUTS):
             raise TrtBuildError(f"{component}: PladisAttention node {node.name!r} has {len(node.input)} inputs; the "
-                             f"TensorRT plugin takes {len(plugin.INPUTS)} ({', '.join(plugin.INPUTS)}: lam became a "
-                             "tensor input); re-export with this version of pladis")  # fmt: skip
+                                f"TensorRT plugin takes {len(plugin.INPUTS)} ({', '.join(plugin.INPUTS)}: lam became "
+                                "a tensor input); re-export with this version of pladis")  # fmt: skip
     return len(nodes)
+
+
+def check_export(src) -> dict[str, int]:
+    """Component -> its PladisAttention node count, after ``check_plugin_nodes`` on every component's graph
+    (read without its weights): the plugin's refusals, by component and node, before anything is built."""
+    return {
+        name: check_plugin_nodes(onnx.load(str(src.folder / spec.file), load_external_data=False), name)
+        for name, spec in src.manifest.components.items()
+    }
 
 
 def _check_plugin_layers(network: trt.INetworkDefinition, expected: int, component: str) -> None:
@@ -256,11 +269,7 @@ def build(src, dims, precision, cfg, folder: Path) -> dict:
 
     plans = build_plan(src.manifest, precision, trt.__version__, cfg.refit)
     components = src.manifest.components
-    # every component is checked before the first one is built: a refusal costs no build time
-    nodes = {
-        name: check_plugin_nodes(onnx.load(str(src.folder / spec.file), load_external_data=False), name)
-        for name, spec in components.items()
-    }
+    nodes = check_export(src)  # every component is checked before the first one is built
     if any(nodes.values()):
         from pladis import plugins_trt
 

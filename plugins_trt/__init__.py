@@ -76,7 +76,7 @@ def check_environment() -> None:
 
     try:
         kernels.check_triton()
-    except ValueError as e:
+    except PladisError as e:
         raise PluginUnavailable(str(e)) from None
     import torch
 

@@ -209,8 +209,10 @@ def test_trt_without_tensorrt_fails_clearly(onnx_dirs, tmp_path, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_has_tensorrt_and_gpu() is not None, reason=str(_has_tensorrt_and_gpu()))
-def test_trt_build_refuses_joint_attention_before_building(onnx_dirs, tmp_path):
-    # The plugin covers cross-attention; FLUX's joint nodes are refused by name before any component builds
-    # (the cross-attention build and its engine: tests/test_plugins_trt.py).
-    with pytest.raises(ValueError, match="no joint kernel"):
-        build(cfg(onnx_dirs["tiny-flux"], tmp_path, backend="trt", device="cuda"))
+def test_trt_build_of_flux_runs_the_joint_kernel_in_the_plugin(onnx_dirs, tmp_path):
+    # FLUX's joint nodes become plugin layers running the joint kernel (the CPU checks of the same export:
+    # tests/test_plugins_trt.py); the engine against eager PyTorch in the scheduler loop
+    meta = build(cfg(onnx_dirs["tiny-flux"], tmp_path, backend="trt", device="cuda"))
+    assert meta["components"]["transformer"]["pladis_plugin_layers"] > 0
+    report = parity.check(tmp_path / "engine", "trt", steps=2)
+    assert report.ok, report.table()

@@ -15,6 +15,7 @@ import pytest
 from onnx import helper
 
 from pladis.engine import trt as trt_engine
+from pladis.errors import PladisError
 from pladis.export import ExportConfig, export, onnx_op
 from pladis.plugins_trt import plugin
 
@@ -117,7 +118,7 @@ def test_exported_nodes_carry_every_registered_attribute_with_its_type(sd15_onnx
     if all(len(n.input) == len(plugin.INPUTS) for n in nodes):
         assert trt_engine.check_plugin_nodes(model, "unet") == len(nodes)
     else:  # an exporter from before lam became the fifth input: the trt build asks for a re-export
-        with pytest.raises(ValueError, match="lam became a tensor input.*re-export"):
+        with pytest.raises(trt_engine.TrtBuildError, match="lam became a tensor input.*re-export"):
             trt_engine.check_plugin_nodes(model, "unet")
 
 
@@ -137,21 +138,38 @@ def _node(**attrs):
 
 
 def test_the_trt_build_refuses_what_the_plugin_does_not_implement():
+    from pladis.errors import PladisError, SettingError
+
     ok = dict(alpha=1.5, scale=0.125, text_len=0, text_first=0)
     assert trt_engine.check_plugin_nodes(_node(**ok), "unet") == 1
-    with pytest.raises(ValueError, match="transformer: .*joint .*no joint kernel.*--backend ort"):
-        trt_engine.check_plugin_nodes(_node(**{**ok, "text_len": 77, "text_first": 1}), "transformer")
-    with pytest.raises(ValueError, match="alpha 1.5 and 2 only"):
+    # joint attention (SD3: text last, FLUX: text first) up to the joint kernel's 512 text tokens is accepted
+    for text_len, text_first in ((77, 0), (333, 0), (512, 1)):
+        assert trt_engine.check_plugin_nodes(_node(**{**ok, "text_len": text_len, "text_first": text_first}), "t") == 1
+    with pytest.raises(
+        trt_engine.TrtBuildError, match="transformer: .*'n0'.*text_len=513.*at most 512 text .*--backend ort"
+    ):
+        trt_engine.check_plugin_nodes(_node(**{**ok, "text_len": 513, "text_first": 1}), "transformer")
+    with pytest.raises(trt_engine.TrtBuildError, match="alpha 1.5 and 2 only.*--backend ort or --backend aoti"):
         trt_engine.check_plugin_nodes(_node(**{**ok, "alpha": 1.25}), "unet")
-    with pytest.raises(ValueError, match=r"lacks the attributes \['scale'\]"):
+    with pytest.raises(trt_engine.TrtBuildError, match=r"lacks the attributes \['scale'\]"):
         trt_engine.check_plugin_nodes(_node(alpha=1.5, text_len=0, text_first=0), "unet")
     four = _node(**ok)
     del four.graph.node[0].input[4]
-    with pytest.raises(ValueError, match="has 4 inputs.*takes 5 .*re-export"):
+    with pytest.raises(trt_engine.TrtBuildError, match="has 4 inputs.*takes 5 .*re-export"):
         trt_engine.check_plugin_nodes(four, "unet")
+    # the plugin's own refusals are SettingErrors naming the attribute (TensorRT calls these functions too)
+    with pytest.raises(SettingError, match="text_len=600") as e:
+        plugin.check_attributes(1.5, 600, 1)
+    assert e.value.field == "text_len" and isinstance(e.value, PladisError)
+    with pytest.raises(SettingError) as e:
+        plugin.check_attributes(1.25, 0)
+    assert e.value.field == "alpha"
 
 
 def test_plan_picks_the_kernel_from_the_profile_and_the_mask_shape():
+    pytest.importorskip("triton", reason="Triton is not installed (dev extra)")
+    from pladis.kernels import aot
+
     def info(static, upper, dtype="fp16"):
         return plugin.TensorInfo(dtype, static, upper)
 
@@ -159,9 +177,30 @@ def test_plan_picks_the_kernel_from_the_profile_and_the_mask_shape():
     k = info((None, 16, None, 72), (8, 16, 300, 72))
     cfg, ck = plugin.plan(q, k, k, info((None, 1, 1, None), (8, 1, 1, 300)), 1.5, 72**-0.5, 90)
     assert cfg.block_n == 512 and cfg.mask_mode == 1 and ck.capability == 90 and ck.shared_mem <= 48 * 1024
+    assert not aot.is_joint(cfg) and ck.name.startswith("pladis_fwd")
     long = info((None, 16, None, 72), (8, 16, 600, 72))
-    with pytest.raises(ValueError, match="at most 512 keys"):
+    with pytest.raises(PladisError, match="at most 512 keys.*--backend ort or --backend aoti"):
         plugin.plan(q, long, long, info((1, 1, 1, 1), (1, 1, 1, 1), "fp32"), 1.5, 0.1, 90)
+
+
+def test_plan_of_a_joint_node_is_the_joint_kernel():
+    # text_len > 0: the joint kernel, the text tile from the node's text_len, text_first from the node
+    pytest.importorskip("triton", reason="Triton is not installed (dev extra)")
+    from pladis.kernels import aot
+
+    def info(static, upper, dtype="bf16"):
+        return plugin.TensorInfo(dtype, static, upper)
+
+    qkv = info((None, 24, None, 128), (1, 24, 512 + 4096, 128))  # FLUX 1024²: 512 text + 4096 image tokens
+    mask = info((None, 1, 1, None), (1, 1, 1, 512 + 4096), "fp32")
+    cfg, ck = plugin.plan(qkv, qkv, qkv, mask, 1.5, 128**-0.5, 90, 512, 1)
+    assert aot.is_joint(cfg) and cfg.block_t == 512 and cfg.text_first and cfg.mask_mode == 1
+    assert ck.name.startswith("pladis_joint_fwd") and ck.shared_mem <= 48 * 1024
+    sd3, _ = plugin.plan(qkv, qkv, qkv, mask, 2.0, 0.125, 90, 77, 0)
+    assert sd3.block_t == 128 and not sd3.text_first and sd3.alpha == 2.0
+    wide = info((None, 24, None, 256), (1, 24, 4608, 256))
+    with pytest.raises(PladisError, match="TensorRT plugin: .*head dims up to 128.*--backend ort or --backend aoti"):
+        plugin.plan(wide, wide, wide, mask, 1.5, 0.0625, 90, 512, 1)
 
 
 def test_engine_metadata_names_the_kernel_and_the_driver_it_needs():
@@ -176,6 +215,65 @@ def test_engine_metadata_names_the_kernel_and_the_driver_it_needs():
 # --------------------------------------------------------------------------------------------------
 # 5. register() and `pladis build --backend trt` say what is missing, without a traceback
 # --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mmdit_onnx(tmp_path_factory):
+    """Tiny SD3 (text last, 333 tokens) and FLUX (text first, 512 tokens) exports."""
+    root = tmp_path_factory.mktemp("mmdit")
+    for name in ("tiny-sd3", "tiny-flux"):
+        export(ExportConfig(model=name, out=str(root / name), validate=False))
+    return root
+
+
+@pytest.mark.parametrize("name, text_len, text_first", [("tiny-sd3", 333, 0), ("tiny-flux", 512, 1)])
+def test_sd3_and_flux_exports_pass_every_pre_build_check_of_the_trt_backend(mmdit_onnx, tmp_path, name, text_len,
+                                                                           text_first):  # fmt: skip
+    # Every check `pladis build --backend trt` makes before TensorRT is needed: the build's own (settings, the
+    # export folder), the trt build plan, the plugin's check of every PladisAttention node (joint nodes: the
+    # joint kernel). What stops the build here is only that TensorRT is not installed.
+    from pladis.engine import BuildConfig, build
+    from pladis.manifest import open_engine
+
+    src = open_engine(mmdit_onnx / name)
+    nodes = trt_engine.check_export(src)
+    assert nodes["transformer"] > 0 and sum(nodes.values()) == nodes["transformer"]
+    model = onnx.load(str(mmdit_onnx / name / src.manifest.components["transformer"].file), load_external_data=False)
+    for node in onnx_op.pladis_nodes(model):  # joint nodes, with the layout the plugin reads from them
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert (attrs["text_len"], attrs["text_first"]) == (text_len, text_first)
+    assert set(trt_engine.build_plan(src.manifest, src.manifest.precision, "11.4.0.106")) == set(nodes)
+    if _tensorrt_missing() is None:
+        pytest.skip("TensorRT and a GPU are present: the gpu build test covers the rest")
+    cfg = BuildConfig(onnx=str(mmdit_onnx / name), backend="trt", out=str(tmp_path / "e"),
+                      cache_dir=str(tmp_path / "c"))  # fmt: skip
+    with pytest.raises(trt_engine.TrtBuildError, match="TensorRT is not installed") as e:
+        build(cfg)
+    assert "joint" not in str(e.value) and "PladisAttention" not in str(e.value)
+    assert not (tmp_path / "e").exists()
+
+
+def test_preflight_refuses_an_uncovered_joint_node_by_name_before_tensorrt(mmdit_onnx, tmp_path):
+    # the same FLUX graph with text_len past the joint kernel's tile: refused by component and node, before the
+    # TensorRT check (which would otherwise be what fails on this machine)
+    import shutil
+    from types import SimpleNamespace
+
+    from pladis.manifest import open_engine
+
+    folder = tmp_path / "flux"
+    shutil.copytree(mmdit_onnx / "tiny-flux", folder)
+    src = open_engine(folder)
+    path = folder / src.manifest.components["transformer"].file
+    model = onnx.load(str(path), load_external_data=False)
+    node = onnx_op.pladis_nodes(model)[0]
+    next(a for a in node.attribute if a.name == "text_len").i = 600
+    onnx.save(model, str(path))
+    edited = SimpleNamespace(folder=folder, manifest=src.manifest)
+    with pytest.raises(
+        trt_engine.TrtBuildError, match=f"transformer: PladisAttention node '{node.name}'.*text_len=600"
+    ):
+        trt_engine.preflight(edited, src.manifest.precision)
 
 
 @pytest.mark.skipif(_tensorrt_missing() is None, reason="TensorRT >= 10.9 and a GPU are present")

@@ -22,10 +22,13 @@ Python ``tensorrt.plugin`` (its validators). Neither libnvinfer nor a GPU is her
   one of the signatures. ``validators(wheel)`` applies the wheel's unchanged ``tensorrt.plugin`` decorators
   (register, autotune, aot_impl; lazy registration, so TensorRT's registry is not touched) to the plugin functions.
 
+``aot`` runs aot_impl for a node through the wheel's own AOT plugin class (its checks of the results included),
+with the C++ side replaced by fake expressions and recording sinks (``_main_aot``).
+
 ``create(wheel)`` has the wheel's plugin creator parse the node's attributes as the ONNX parser delivers them
 (one-element NumPy arrays), which is where TensorRT 10.9 … 11.1 fail with NumPy >= 2.4.
 
-Run as a script it is the checking subprocess: ``python trt_surface.py <wheel dir> check|validators|create``.
+Run as a script it is the checking subprocess: ``python trt_surface.py <wheel dir> check|validators|create|aot``.
 """
 
 from __future__ import annotations
@@ -534,7 +537,77 @@ def _main_create(trt, payload) -> dict:
     return out
 
 
-MODES = {"check": _main_check, "validators": _main_validators, "create": _main_create}
+class _LaunchParamsSink:
+    """Where TensorRT's ``get_launch_params`` stores the launch (a C++ struct in TensorRT): records which fields
+    were set, to what kind of value."""
+
+    def __init__(self):
+        self.__dict__["fields"] = {}
+
+    def __setattr__(self, name, value):
+        self.fields[name] = type(value).__name__
+
+
+class _SymExprSink:
+    """Where TensorRT's ``get_launch_params`` stores the extra arguments (a C++ setter in TensorRT)."""
+
+    def __init__(self):
+        self.nbSymExprs, self.items = None, {}
+
+    def __setitem__(self, i, value):
+        self.items[i] = type(value).__name__
+
+
+def _main_aot(trt, payload) -> dict:
+    """The wheel's own AOT plugin class (``_TemplateAOTPlugin``) runs the decorated plugin functions for one node
+    as a build does: ``get_output_data_types`` (register) then ``get_launch_params`` (aot_impl, with the wheel's
+    checks of its results) and ``get_kernel``. What TensorRT's C++ side would supply is replaced: the shape
+    expressions are the wheel's fake ones (no expression builder: that is libnvinfer), the launch struct and the
+    extra-argument setter are sinks that record what was stored, and the build GPU's capability is the payload's
+    (no GPU here). The PTX itself is Triton's, compiled on this CPU."""
+    import tensorrt.plugin as trtp
+    from tensorrt.plugin import _lib, _plugin_class
+    from tensorrt.plugin._tensor import ShapeExprs, TensorDesc
+
+    from pladis import plugins_trt
+    from pladis.plugins_trt import plugin
+
+    plugin.gpu_capability = lambda: int(payload["capability"])  # the build GPU's, as torch would report it
+    plugins_trt.decorate(trtp, lazy=True)
+    desc = _lib.QDP_REGISTRY[plugin.PLUGIN_ID]
+    plg = _plugin_class._TemplateAOTPlugin(plugin.NAME, plugin.NAMESPACE, desc.num_outputs)
+    attrs = {name: typ(payload["attrs"][name]) for name, typ in plugin.ATTRIBUTES.items()}
+    plg.init(desc.register_func, attrs, desc.aot_impl_attr_names, desc.aot_impl_func, desc.autotune_attr_names,
+             desc.autotune_func)  # fmt: skip
+    types = {"fp32": trt.float32, "fp16": trt.float16, "bf16": trt.bfloat16}
+    in_out = []
+    for t in payload["tensors"]:  # q, k, v, mask, lam, out: {"dtype", "dims" (-1: dynamic), "max"}
+        d = trt.DynamicPluginTensorDesc()
+        d.desc.dims = trt.Dims(t["dims"])
+        d.desc.type = types[t["dtype"]]
+        d.desc.format = trt.TensorFormat.LINEAR
+        d.min = trt.Dims([1 if x < 0 else x for x in t["dims"]])
+        d.max = d.opt = trt.Dims(t["max"])
+        in_out.append(d)
+    n_in = len(plugin.INPUTS)
+    out_types = plg.get_output_data_types([d.desc.type for d in in_out[:n_in]], [len(d.desc.dims) for d in in_out])
+    # the descriptors get_output_shapes would make (it needs TensorRT's expression builder): fake expressions
+    plg.input_descs = [TensorDesc(ShapeExprs(len(d.desc.dims), _is_dummy=True), d.desc.type) for d in in_out[:n_in]]
+    plg.output_descs = (TensorDesc(ShapeExprs(len(in_out[n_in].desc.dims), _is_dummy=True), out_types[0]),)
+    plg.set_tactic(0)
+    launch, sym = _LaunchParamsSink(), _SymExprSink()
+    out = {"version": trt.__version__, "output_type": str(out_types[0])}
+    try:
+        plg.get_launch_params(None, in_out, n_in, launch, sym, None)
+    except Exception as e:
+        return {**out, "error": f"{type(e).__name__}: {e}"}
+    name, ptx = plg.get_kernel([d.desc for d in in_out[:n_in]], [d.desc for d in in_out[n_in:]])
+    extra = [sym.items[i] for i in sorted(sym.items)]
+    return {**out, "name": name.decode() if isinstance(name, bytes) else name, "ptx": ptx.decode(),
+            "launch_fields": launch.fields, "n_extra": sym.nbSymExprs, "extra": extra}  # fmt: skip
+
+
+MODES = {"check": _main_check, "validators": _main_validators, "create": _main_create, "aot": _main_aot}
 
 if __name__ == "__main__":
     wheel_dir, mode = Path(sys.argv[1]), sys.argv[2]

@@ -5,7 +5,7 @@ which function serves CUDA tensors (no GPU query, no Triton import until a CUDA 
 function runs the cross-attention kernel (``attention``: alpha 1.5 or 2, up to 512 keys) or the joint one
 (``joint``: MMDiT, up to 512 text tokens, head dims up to 128) where they apply and the PyTorch operator
 otherwise, so CUDA calls are always served. The TensorRT plugin
-(``pladis.plugins_trt``) compiles the same kernel ahead of time (``aot.compile_kernel``).
+(``pladis.plugins_trt``) compiles the same two kernels ahead of time (``aot.compile_kernel``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import hashlib
 import importlib.metadata
 import importlib.util
 from pathlib import Path
+
+from pladis.errors import MissingExtra, PladisError
 
 # The PTX ISA the ahead-of-time kernel is written in (aot.py): 8.0 = CUDA 12.0, which every driver of the
 # CUDA 12 line loads (Linux >= 525.60.13, Windows >= 527.41), the floor TensorRT 10's CUDA 12 builds have too.
@@ -43,17 +45,18 @@ def triton_version() -> tuple[int, int]:
 
 
 def check_triton() -> None:
-    """Raise ValueError when Triton cannot compile the TensorRT plugin's kernel ahead of time."""
+    """Raise a PladisError (``MissingExtra`` when it is absent) when Triton cannot compile the TensorRT plugin's
+    kernels ahead of time."""
     need = f"{MIN_TRITON[0]}.{MIN_TRITON[1]}"
     try:
         version = triton_version()
     except ImportError:
-        raise ValueError(
+        raise MissingExtra(
             f"Triton is not installed: the TensorRT plugin compiles its kernel with it at build time "
             f"(pip install 'triton>={need}')"
         ) from None
     if version < MIN_TRITON:
-        raise ValueError(
+        raise PladisError(
             f"Triton {version[0]}.{version[1]} is too old for the TensorRT plugin: it needs >= {need} "
             "(ASTSource with constexprs=, and both scratch sizes in the metadata, which must be 0 because "
             "TensorRT passes null scratch pointers); upgrade triton"

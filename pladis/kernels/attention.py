@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pladis.errors import PladisError
+from pladis.errors import PladisError, SettingError
 from pladis.numerics import MASKED, constant, newton_steps
 
 MAX_KEYS = 512  # one tile holds the whole key row; longer rows use the PyTorch operator (joint: kernels.joint)
@@ -329,7 +329,10 @@ def _lam_tensor(lam, batch: int, device) -> torch.Tensor:
         return constant(float(lam), (1,), device)
     lam = lam.to(device=device, dtype=torch.float32).reshape(-1).contiguous()
     if lam.numel() not in (1, batch):
-        raise ValueError(f"lam must hold 1 or B={batch} values (one per batch sample); got shape {tuple(lam.shape)}")
+        raise SettingError(
+            "lam", f"lam must hold 1 or B={batch} values (one per batch sample); got shape {tuple(lam.shape)}: pass "
+            "one strength, or one per sample"
+        )  # fmt: skip
     return lam
 
 
