@@ -63,6 +63,15 @@ def denoiser_case(name: str):
             txt_ids=torch.zeros(12, 3),
             guidance=torch.tensor([3.5, 3.5]),
         )
+    if name == "tiny-flux2":
+        ids = torch.cartesian_prod(torch.arange(1), torch.arange(6), torch.arange(6), torch.arange(1)).float()
+        return tr, dict(
+            hidden_states=_rand(b, 36, 16, seed=1),
+            encoder_hidden_states=_rand(b, 12, 48, seed=2),
+            timestep=torch.tensor([0.5, 0.5]),
+            img_ids=ids,
+            txt_ids=torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(12)).float(),
+        )
     raise KeyError(name)
 
 
