@@ -60,3 +60,131 @@ def test_double_stream_blocks_are_patched_and_single_stream_ones_are_not():
     names = pladis.apply(pipe, layers="all").layers
     assert names == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
     assert len(pipe.transformer.single_transformer_blocks) == 1  # there, and left stock
+
+
+# --------------------------------------------------------------------------------------------------
+# The record's hooks against Flux2Pipeline's own static helpers (an independent reference)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_hooks_match_the_pipeline_helpers():
+    from diffusers import Flux2KleinPipeline as P
+
+    fam = families.get("flux2")
+    noise = torch.randn(fam.noise_shape(2, 4, 12, 16), generator=torch.Generator().manual_seed(0))
+    assert noise.shape == (2, 16, 6, 8)  # drawn patchified, as prepare_latents
+    packed = fam.pack(noise)
+    assert torch.equal(packed, P._pack_latents(noise))  # pure index moves: bitwise
+    assert torch.equal(fam.unpack(packed, 12, 16), noise)
+    assert torch.equal(fam.unpack(packed, 12, 16), P._unpack_latents_with_ids(packed, P._prepare_latent_ids(noise)))
+    assert torch.equal(flux2_module().unpatchify(noise), P._unpatchify_latents(noise))
+    assert torch.equal(flux2_module().image_ids(6, 8), P._prepare_latent_ids(noise)[0].float())
+    assert torch.equal(flux2_module().text_ids(5), P._prepare_text_ids(torch.zeros(1, 5, 3))[0].float())
+    tok = models.load(NAME, device="meta").tokenizer
+    chat = tok.apply_chat_template([{"role": "user", "content": "a cat"}], tokenize=False,
+                                   add_generation_prompt=True, enable_thinking=False)  # fmt: skip
+    assert flux2_module().chat("a cat") == chat
+
+
+def flux2_module():
+    from pladis.families import flux2
+
+    return flux2
+
+
+def test_timesteps_follow_the_pipeline():
+    # the pipeline's own schedule: sigmas linspace(1, 1/n) with the empirical mu of (tokens, steps)
+    import numpy as np
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    pipe = models.load(NAME)
+    ours = pipe.scheduler.from_config(pipe.scheduler.config)
+    families.get("flux2").set_timesteps(ours, 3, 16, 16)
+    ref = pipe.scheduler.from_config(pipe.scheduler.config)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / 3, 3), mu=compute_empirical_mu(64, 3))
+    assert torch.equal(ours.timesteps, ref.timesteps) and torch.equal(ours.sigmas, ref.sigmas)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export and runtime, from one export
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from pladis.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("flux2") / "out"
+    return export(ExportConfig(model=NAME, out=str(out))), out
+
+
+def test_every_component_matches_eager_at_another_size(exported):
+    import numpy as np
+    import onnxruntime as ort
+
+    from pladis import patch
+    from pladis.export import contracts
+
+    manifest, out = exported
+    dims = {k: tuple(v) for k, v in manifest["dims"].items()}
+    run_at = dict(batch=3, cfg_batch=3, latent_height=24, latent_width=16)  # export: batch 1, 16 x 16 latents
+    run_at.update(patch_height=12, patch_width=8, image_tokens=12 * 8, height=48, width=32)
+    d = {k: (v[0], run_at.get(k, v[1]), v[2]) for k, v in dims.items()}
+    pipe = models.load(NAME)
+    pladis.apply(pipe)
+    comps = contracts.components(pipe, "flux2")
+    assert [c.name for c in comps] == ["text_encoder", "transformer", "vae_decoder"] == list(manifest["components"])
+    for comp in comps:
+        inputs = contracts.sample_inputs(comp, d, torch.float32, seed=3)
+        with torch.no_grad():
+            expected = contracts.Traced(comp)(*inputs)[0].numpy()
+        sess = ort.InferenceSession(str(out / manifest["components"][comp.name]["file"]),
+                                    providers=["CPUExecutionProvider"])  # fmt: skip
+        got = sess.run(None, {i.name: t.numpy() for i, t in zip(comp.inputs, inputs, strict=True)})[0]
+        assert got.shape == expected.shape and got.shape[0] == 3
+        rel = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        assert rel <= 1e-4, f"{comp.name}: rel-L2 {rel:.3g}"  # the fp32 export contract
+    assert manifest["components"]["transformer"]["pladis_nodes"] == len(manifest["pladis"]["layers"]) == 2
+    assert manifest["components"]["text_encoder"]["pladis_nodes"] == 0
+    patch.remove(pipe)
+
+
+@pytest.mark.parametrize("lam", [0.0, 3.0])
+def test_parity_through_the_loop(exported, lam):
+    from pladis.runtime import parity
+
+    _, out = exported
+    report = parity.check(out, "ort", steps=3, lam=lam)  # guidance 4 (the family's default): CFG, as klein
+    assert report.ok, report.table()  # fp32: rel-L2 <= 1e-4 per teacher-forced step (parity.TOLERANCE)
+    assert len(report.teacher_forced) == len(report.free_running) == 3
+    for row in report.free_running:
+        assert row["latent"]["rel_l2"] < 1e-3, report.table()
+    assert report.image_psnr_db > 40
+
+
+def test_generate_and_parity_commands(exported, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from pladis import cli
+
+    _, out = exported
+    images = {}
+    for lam in ("0", "3"):
+        path = tmp_path / f"img{lam}.png"
+        args = ["generate", "--engine", str(out), "--prompt", "a cat", "--steps", "3", "--lam", lam]
+        assert cli.main([*args, "--out", str(path)]) == 0
+        images[lam] = np.asarray(Image.open(path), dtype=float)
+        assert cli.main(["parity", "--engine", str(out), "--steps", "3", "--lam", lam]) == 0
+        assert "PASS" in capsys.readouterr().out
+    assert images["0"].shape == (32, 32, 3)
+    assert np.abs(images["3"] - images["0"]).max() > 0, "lam did not change the image: the test would prove nothing"
+
+
+def test_layers_command_lists_the_double_stream_blocks(capsys):
+    from pladis import cli
+
+    assert cli.main(["layers", "--model", NAME]) == 0
+    printed = capsys.readouterr().out
+    assert "(flux2)" in printed and "2 layers" in printed and "transformer_blocks.1.attn" in printed
+    assert "single_transformer_blocks" not in printed
