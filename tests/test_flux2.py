@@ -188,3 +188,20 @@ def test_layers_command_lists_the_double_stream_blocks(capsys):
     printed = capsys.readouterr().out
     assert "(flux2)" in printed and "2 layers" in printed and "transformer_blocks.1.attn" in printed
     assert "single_transformer_blocks" not in printed
+
+
+def test_a_flux2_single_file_takes_the_flux2_layout_not_flux1s(tmp_path):
+    # BFL's FLUX.2 files also carry FLUX.1's double_blocks key: the FLUX.2 layout must win
+    from safetensors.torch import save_file
+
+    from pladis import single_file
+
+    keys = ["double_blocks.0.img_attn.norm.key_norm.scale", "single_stream_modulation.lin.weight"]
+    for prefix in ("", "model.diffusion_model."):
+        path = tmp_path / f"flux2{len(prefix)}.safetensors"
+        save_file({prefix + k: torch.zeros(2) for k in keys}, str(path))
+        shapes = set(single_file.checkpoint_shapes(path))
+        layout = next(lay for lay in families.LAYOUTS if lay.matches(shapes))
+        assert layout.name.startswith("FLUX.2") and layout in families.get("flux2").layouts
+        with pytest.raises(single_file.CheckpointError, match="holds only a denoiser.*--config"):
+            single_file.inspect(path)

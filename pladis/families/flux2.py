@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from pladis.contracts import Component, Port
-from pladis.families.record import Denoising, Family, both
+from pladis.families.record import LDM, Denoising, Family, Layout, both
 
 COMPONENT = "transformer"
 TEXT_LENGTH = 512  # the pipelines' max_sequence_length
@@ -151,10 +151,19 @@ def _as_is(latents: torch.Tensor, scaling_factor: float, shift_factor: float | N
     return latents  # the exported decoder undoes the normalisation itself
 
 
+# BFL's single files of the denoiser. They also hold FLUX.1's double_blocks keys: the registry lists this family
+# before FLUX.1 so that these (single_stream_modulation: FLUX.2 only, as diffusers tells them apart) match first.
+LAYOUTS = (
+    Layout("FLUX.2 (model.diffusion_model.single_stream_modulation)",
+           (LDM + "single_stream_modulation.lin.weight",), None, COMPONENT, model_types=("flux-2-dev",)),
+    Layout("FLUX.2 (single_stream_modulation)", ("single_stream_modulation.lin.weight",), None, COMPONENT,
+           model_types=("flux-2-dev",)),
+)  # fmt: skip
+
 FAMILY = Family(
     name="flux2", class_name="Flux2Transformer2DModel", component=COMPONENT, joint=True, text_first=True,
     contract=contract, text_length=TEXT_LENGTH, denoiser_multiple=lambda m: 2,  # 2x2 patches
-    extra_dims=dims, timestep_scale=1.0, flow_matching=True, default_guidance=4.0, encode=encode, pack=pack,
+    extra_dims=dims, layouts=LAYOUTS, timestep_scale=1.0, flow_matching=True, default_guidance=4.0, encode=encode, pack=pack,
     unpack=unpack, set_timesteps=set_timesteps, text_encoders=text_encoders, vae_decoder=vae_decoder,
     noise_shape=noise_shape, vae_input=_as_is,
 )  # fmt: skip
