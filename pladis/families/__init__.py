@@ -32,7 +32,8 @@ __all__ = ["CLIP_LENGTH", "FAMILIES", "LAYOUTS", "Denoising", "Family", "Layout"
            "denoiser_components", "get", "of_model", "supported", "supported_models", "vae_latents",
            "vae_scale_factor"]  # fmt: skip
 
-FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (unet, pixart, sd3, flux2, flux)}  # FLUX.2's layouts before FLUX.1's
+# FLUX.2 before FLUX.1: its single files also hold FLUX.1's layout key, so its own layouts must be tried first
+FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (unet, pixart, sd3, flux2, flux)}
 
 # every family's single-file layouts, most specific first (the first that matches a checkpoint's keys wins)
 LAYOUTS: tuple[Layout, ...] = tuple(lay for fam in FAMILIES.values() for lay in fam.layouts)

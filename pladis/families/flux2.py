@@ -163,7 +163,7 @@ LAYOUTS = (
 FAMILY = Family(
     name="flux2", class_name="Flux2Transformer2DModel", component=COMPONENT, joint=True, text_first=True,
     contract=contract, text_length=TEXT_LENGTH, denoiser_multiple=lambda m: 2,  # 2x2 patches
-    extra_dims=dims, layouts=LAYOUTS, timestep_scale=1.0, flow_matching=True, default_guidance=4.0, encode=encode, pack=pack,
-    unpack=unpack, set_timesteps=set_timesteps, text_encoders=text_encoders, vae_decoder=vae_decoder,
+    extra_dims=dims, layouts=LAYOUTS, timestep_scale=1.0, flow_matching=True, default_guidance=4.0, encode=encode,
+    pack=pack, unpack=unpack, set_timesteps=set_timesteps, text_encoders=text_encoders, vae_decoder=vae_decoder,
     noise_shape=noise_shape, vae_input=_as_is,
 )  # fmt: skip
