@@ -205,3 +205,13 @@ def test_a_flux2_single_file_takes_the_flux2_layout_not_flux1s(tmp_path):
         assert layout.name.startswith("FLUX.2") and layout in families.get("flux2").layouts
         with pytest.raises(single_file.CheckpointError, match="holds only a denoiser.*--config"):
             single_file.inspect(path)
+
+
+def test_a_dev_text_encoder_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from pladis.errors import PladisError
+
+    dev = SimpleNamespace(text_encoder=torch.nn.Linear(1, 1))  # stands in for Mistral3ForConditionalGeneration
+    with pytest.raises(PladisError, match=r"FLUX.2 with a Linear text encoder \(FLUX.2 \[dev\]\).*export a klein"):
+        families.get("flux2").text_encoders(dev)

@@ -12,6 +12,9 @@ The sampling loop follows ``Flux2KleinPipeline``: the prompt in Qwen3's chat tem
 empirical shift ``mu`` from the token count and step count; true classifier-free guidance against the empty
 prompt, or the guidance input where the model embeds it ([dev]). The exported VAE decoder takes the patchified
 normalised latents and undoes the batch norm and the 2x2 patches inside its graph.
+
+Export covers [klein] (Qwen3 encoder). [dev]'s Mistral-3 encoder (its system prompt in Mistral's chat format,
+hidden states 10, 20, 30) has no export contract yet and is refused by name; its denoiser patches all the same.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ def text_encoders(pipe) -> list[Component]:
     """The LLM text encoder without its LM head: token ids and padding mask -> the three hidden states the
     pipeline reads, stacked along the features (B, L, 3 * hidden)."""
     module = pipe.text_encoder
+    if type(module).__name__ != "Qwen3ForCausalLM":  # [dev]: Mistral-3 with its own chat format and layers
+        from pladis.errors import PladisError
+
+        raise PladisError(f"FLUX.2 with a {type(module).__name__} text encoder (FLUX.2 [dev]) cannot be exported yet: "
+                          "only the Qwen3 encoder of FLUX.2 [klein] has an export contract here (patching works for "
+                          "both); export a klein model")  # fmt: skip
     layers = QWEN3_LAYERS
 
     def fwd(m, input_ids, attention_mask):
