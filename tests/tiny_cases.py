@@ -6,7 +6,7 @@ import torch
 
 from pladis import models
 
-FAMILY_CASES = ["tiny-sd15", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux"]
+FAMILY_CASES = ["tiny-sd15", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-flux2"]
 
 
 def _rand(*shape, seed):
