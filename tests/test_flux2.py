@@ -185,3 +185,28 @@ def test_a_dev_text_encoder_is_refused_by_name():
     dev = SimpleNamespace(text_encoder=torch.nn.Linear(1, 1))  # stands in for Mistral3ForConditionalGeneration
     with pytest.raises(PladisError, match=r"FLUX.2 with a Linear text encoder \(FLUX.2 \[dev\]\).*export a klein"):
         families.get("flux2").text_encoders(dev)
+
+
+def test_a_transformer_lora_is_fused_as_peft_runs_it(tmp_path):
+    # --lora goes through diffusers' Flux2KleinPipeline loader; the reference is peft's unfused adapter itself
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from tiny_cases import denoiser_case, forward
+
+    from pladis import sources
+
+    _, kwargs = denoiser_case(NAME)
+    pipe = models.load(NAME)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+        pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    reference = forward(pipe.transformer, kwargs)
+    path = tmp_path / "lora.safetensors"
+    type(pipe).save_lora_weights(str(tmp_path), transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                 weight_name=path.name)  # fmt: skip
+    fused = sources.load(sources.resolve(NAME, "", [str(path)])).transformer
+    got = forward(fused, kwargs)
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)  # fused W + BA vs W x + B(A x): fp32 rounding
+    assert (got - forward(models.load(NAME).transformer, kwargs)).abs().max() > 1e-3  # the LoRA does something
