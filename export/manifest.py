@@ -105,7 +105,7 @@ def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, val
         "dims": {k: list(v) for k, v in dims.items()},
         "image": {"height": height, "width": width, "multiple": multiple},
         "vae": {
-            "scaling_factor": vae.scaling_factor,
+            "scaling_factor": getattr(vae, "scaling_factor", 1.0),  # none: the family's decoder normalises
             "shift_factor": getattr(vae, "shift_factor", None),
             "scale_factor": families.get(family).vae_scale(vae),
             "latent_channels": vae.latent_channels,

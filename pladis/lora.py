@@ -23,7 +23,7 @@ LORA_SUFFIXES = (".safetensors", ".bin")
 
 # the pipelines of the supported families that diffusers may give a LoRA loader (never one PLADIS refuses)
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline",
-             "StableDiffusion3Pipeline", "FluxPipeline")  # fmt: skip
+             "StableDiffusion3Pipeline", "FluxPipeline", "Flux2Pipeline", "Flux2KleinPipeline")  # fmt: skip
 
 
 class LoraError(PladisError):

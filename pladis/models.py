@@ -238,6 +238,54 @@ def _flux():
     )  # fmt: skip
 
 
+# Qwen3's chat template for one user message with add_generation_prompt and enable_thinking=False (what
+# FLUX.2 [klein] applies to each prompt), for the character tokenizer of the tiny Qwen3
+QWEN3_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def _qwen3(hidden: int, layers: int, heads: int, inter: int, max_length: int):
+    """A Qwen3 causal LM (eager attention: traceable with a padding mask) and a character tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = char_tokenizer("t5", max_length)
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    cfg = Qwen3Config(
+        vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=1, head_dim=hidden // heads, max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+        attn_implementation="eager",
+    )  # fmt: skip
+    return Qwen3ForCausalLM(cfg), tok
+
+
+def _flux2():
+    """FLUX.2 [klein]'s layout: Qwen3 text encoder (27 layers: the pipeline reads hidden states 9, 18, 27),
+    Flux2Transformer2DModel without guidance embedding (klein uses CFG), AutoencoderKLFlux2 with random
+    batch-norm statistics (the latents' normalisation)."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    te, tok = _qwen3(16, 27, 2, 32, max_length=512)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32, mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    )  # fmt: skip
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+    vae.bn.running_mean.normal_(0.0, 0.5)
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = _flow(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096, shift=3.0)  # fmt: skip
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer)
+
+
 @dataclass(frozen=True)
 class Builtin:
     """A built-in random-weight model: its builder, the image size its tests and demo use, and any extra
@@ -255,6 +303,7 @@ BUILTINS: dict[str, Builtin] = {
     "tiny-pixart": Builtin(_pixart, 16, 16, {"use_resolution_binning": False}),
     "tiny-sd3": Builtin(_sd3, 16, 16),
     "tiny-flux": Builtin(_flux, 32, 32),
+    "tiny-flux2": Builtin(_flux2, 32, 32),
     # SD 1.5's layout with a 92 M-parameter U-Net at 256²: benchmarks that must take seconds on a CPU
     "small-sd15": Builtin(lambda: _sd15(tiny=False, channels=(128, 256, 384, 384), sample_size=32), 256, 256),
     "sd15": Builtin(lambda: _sd15(tiny=False), 512, 512),

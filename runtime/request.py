@@ -99,7 +99,8 @@ def check(request: Request, engine) -> Settings:
         raise SettingError("steps", f"steps must be at least 1; got {steps}")
     guidance = record.default_guidance if request.guidance is None else _real(request.guidance, "guidance")
     rescale = _real(request.guidance_rescale, "guidance_rescale")
-    use_cfg = not record.guidance_distilled and guidance > 1.0
+    embedded = "guidance" in {i.name for i in engine.component(engine.denoiser).inputs}  # a guidance-distilled model
+    use_cfg = not record.guidance_distilled and not embedded and guidance > 1.0
     negatives = _negatives(request.negative_prompt, prompts, use_cfg, engine)
     seeds = _seeds(request.seed, len(prompts))
     lam = _lam(request.lam, len(prompts), engine)

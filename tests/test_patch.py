@@ -11,7 +11,7 @@ import pladis
 from pladis import models, patch
 
 ORACLE = {1.5: entmax15, 2.0: sparsemax}
-JOINT_TEXT_FIRST = {"tiny-flux": True, "tiny-sd3": False}
+JOINT_TEXT_FIRST = {"tiny-flux": True, "tiny-sd3": False, "tiny-flux2": True}
 
 
 @pytest.fixture(autouse=True)
@@ -130,6 +130,7 @@ EXPECTED_COUNTS = {  # (default, all): U-Nets leave the mid block out by default
     "tiny-pixart": (2, 2),
     "tiny-sd3": (2, 2),
     "tiny-flux": (2, 2),
+    "tiny-flux2": (2, 2),
 }
 
 
@@ -195,7 +196,7 @@ def test_pipeline_target_and_cfg_halves():
     torch.testing.assert_close(both, torch.cat(halves), rtol=1e-5, atol=1e-5)  # batch-size-dependent BLAS order
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3", "tiny-flux2"])
 def test_joint_attention_leaves_text_queries(name):
     model, _ = denoiser_case(name)
     attn = model.transformer_blocks[0].attn

@@ -6,7 +6,7 @@ import torch
 
 from pladis import models
 
-FAMILY_CASES = ["tiny-sd15", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux"]
+FAMILY_CASES = ["tiny-sd15", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-flux2"]
 
 
 def _rand(*shape, seed):
@@ -62,6 +62,15 @@ def denoiser_case(name: str):
             img_ids=img_ids.reshape(-1, 3).float(),
             txt_ids=torch.zeros(12, 3),
             guidance=torch.tensor([3.5, 3.5]),
+        )
+    if name == "tiny-flux2":
+        ids = torch.cartesian_prod(torch.arange(1), torch.arange(6), torch.arange(6), torch.arange(1)).float()
+        return tr, dict(
+            hidden_states=_rand(b, 36, 16, seed=1),
+            encoder_hidden_states=_rand(b, 12, 48, seed=2),
+            timestep=torch.tensor([0.5, 0.5]),
+            img_ids=ids,
+            txt_ids=torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(12)).float(),
         )
     raise KeyError(name)
 

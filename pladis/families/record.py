@@ -89,6 +89,10 @@ def _no_extra_dims(d: dict) -> dict:
     return {}
 
 
+def _noise_shape(batch: int, channels: int, latent_h: int, latent_w: int) -> tuple[int, ...]:
+    return (batch, channels, latent_h, latent_w)
+
+
 def vae_scale_factor(vae_config) -> int:
     """Pixels per latent unit a side of an ``AutoencoderKL`` config: 2 ** (down-sampling levels)."""
     return 2 ** (len(vae_config.block_out_channels) - 1)
@@ -122,6 +126,9 @@ class Family:
     t5_length: int | None = None  # T5 tokens (the pipeline's default max_sequence_length); None: no T5
     denoiser_multiple: Callable[[nn.Module], int]  # the denoiser's own size factor, in latent units
     extra_dims: Callable[[dict], dict] = _no_extra_dims  # named dims beyond the shared ones, from those
+    # (pipeline) -> the text encoders' contracts; None: CLIP/T5 by their class (LLM encoders need their own)
+    text_encoders: Callable | None = None
+    vae_decoder: Callable | None = None  # (VAE) -> the decoder's contract; None: the plain ``decode``
     # single files
     layouts: tuple[Layout, ...] = ()  # the single-file checkpoint layouts it is released in, most specific first
     # sampling
@@ -135,6 +142,8 @@ class Family:
     pack: Callable[[torch.Tensor], torch.Tensor] = _same  # (B, C, h, w) latents -> the denoiser's layout
     unpack: Callable[[torch.Tensor, int, int], torch.Tensor] = _same  # (packed, h, w) -> (B, C, h, w)
     noise: Callable[[torch.Tensor, int], torch.Tensor] = _noise_as_is  # (output, latent channels) -> noise
+    # (batch, latent channels, latent h, latent w) -> the initial noise's shape (FLUX.2 draws it patchified)
+    noise_shape: Callable[[int, int, int, int], tuple[int, ...]] = _noise_shape
     set_timesteps: Callable[..., None] = _plain_timesteps  # (scheduler, steps, latent h, latent w)
     # the VAE
     vae_scale: Callable[..., int] = vae_scale_factor  # (VAE config) -> pixels per latent unit a side
@@ -158,8 +167,8 @@ class Family:
         self.set_timesteps(scheduler, steps, *d.latent_hw(height, width))
 
     def latent_shape(self, d: Denoising, batch: int, height: int, width: int) -> tuple[int, ...]:
-        """Shape of the initial noise (B, C, h, w), before any packing."""
-        return (batch, d.latent_channels, *d.latent_hw(height, width))
+        """Shape of the initial noise (B, C, h, w) by the family's rule, before any packing."""
+        return self.noise_shape(batch, d.latent_channels, *d.latent_hw(height, width))
 
     def step_inputs(self, latents: torch.Tensor, t: torch.Tensor, cond: dict) -> dict[str, torch.Tensor]:
         """The denoiser's inputs for one step: latents (already CFG-doubled and scaled) and the timestep (n,)

@@ -1,0 +1,212 @@
+"""FLUX.2 ([klein] layout, ``tiny-flux2``): its record against Flux2Pipeline's own code, patching against the
+stock processors, export against eager, and the runtime through parity."""
+
+import pytest
+import torch
+
+import pladis
+from pladis import families, models
+
+NAME = "tiny-flux2"
+
+
+# Patched vs stock (lam = 0 and remove bitwise; lam = 2 against diffusers' own Flux2AttnProcessor with its SDPA
+# call answered by the float64 formula; text-query rows untouched) run in tests/test_patch.py: tiny-flux2 is
+# one of tiny_cases.FAMILY_CASES.
+
+
+def test_double_stream_blocks_are_patched_and_single_stream_ones_are_not():
+    pipe = models.load(NAME, device="meta")
+    names = pladis.apply(pipe, layers="all").layers
+    assert names == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
+    assert len(pipe.transformer.single_transformer_blocks) == 1  # there, and left stock
+
+
+# --------------------------------------------------------------------------------------------------
+# The record's hooks against Flux2Pipeline's own static helpers (an independent reference)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_hooks_match_the_pipeline_helpers():
+    from diffusers import Flux2KleinPipeline as P
+
+    fam = families.get("flux2")
+    noise = torch.randn(fam.noise_shape(2, 4, 12, 16), generator=torch.Generator().manual_seed(0))
+    assert noise.shape == (2, 16, 6, 8)  # drawn patchified, as prepare_latents
+    packed = fam.pack(noise)
+    assert torch.equal(packed, P._pack_latents(noise))  # pure index moves: bitwise
+    assert torch.equal(fam.unpack(packed, 12, 16), noise)
+    assert torch.equal(fam.unpack(packed, 12, 16), P._unpack_latents_with_ids(packed, P._prepare_latent_ids(noise)))
+    assert torch.equal(flux2_module().unpatchify(noise), P._unpatchify_latents(noise))
+    assert torch.equal(flux2_module().image_ids(6, 8), P._prepare_latent_ids(noise)[0].float())
+    assert torch.equal(flux2_module().text_ids(5), P._prepare_text_ids(torch.zeros(1, 5, 3))[0].float())
+    tok = models.load(NAME, device="meta").tokenizer
+    chat = tok.apply_chat_template([{"role": "user", "content": "a cat"}], tokenize=False,
+                                   add_generation_prompt=True, enable_thinking=False)  # fmt: skip
+    assert flux2_module().chat("a cat") == chat
+
+
+def flux2_module():
+    from pladis.families import flux2
+
+    return flux2
+
+
+def test_timesteps_follow_the_pipeline():
+    # the pipeline's own schedule: sigmas linspace(1, 1/n) with the empirical mu of (tokens, steps)
+    import numpy as np
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    pipe = models.load(NAME)
+    ours = pipe.scheduler.from_config(pipe.scheduler.config)
+    families.get("flux2").set_timesteps(ours, 3, 16, 16)
+    ref = pipe.scheduler.from_config(pipe.scheduler.config)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / 3, 3), mu=compute_empirical_mu(64, 3))
+    assert torch.equal(ours.timesteps, ref.timesteps) and torch.equal(ours.sigmas, ref.sigmas)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export and runtime, from one export
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from pladis.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("flux2") / "out"
+    return export(ExportConfig(model=NAME, out=str(out))), out
+
+
+def test_every_component_matches_eager_at_another_size(exported):
+    import numpy as np
+    import onnxruntime as ort
+
+    from pladis import patch
+    from pladis.export import contracts
+
+    manifest, out = exported
+    dims = {k: tuple(v) for k, v in manifest["dims"].items()}
+    run_at = dict(batch=3, cfg_batch=3, latent_height=24, latent_width=16)  # export: batch 1, 16 x 16 latents
+    run_at.update(patch_height=12, patch_width=8, image_tokens=12 * 8, height=48, width=32)
+    d = {k: (v[0], run_at.get(k, v[1]), v[2]) for k, v in dims.items()}
+    pipe = models.load(NAME)
+    pladis.apply(pipe)
+    comps = contracts.components(pipe, "flux2")
+    assert [c.name for c in comps] == ["text_encoder", "transformer", "vae_decoder"] == list(manifest["components"])
+    for comp in comps:
+        inputs = contracts.sample_inputs(comp, d, torch.float32, seed=3)
+        with torch.no_grad():
+            expected = contracts.Traced(comp)(*inputs)[0].numpy()
+        sess = ort.InferenceSession(str(out / manifest["components"][comp.name]["file"]),
+                                    providers=["CPUExecutionProvider"])  # fmt: skip
+        got = sess.run(None, {i.name: t.numpy() for i, t in zip(comp.inputs, inputs, strict=True)})[0]
+        assert got.shape == expected.shape and got.shape[0] == 3
+        rel = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        assert rel <= 1e-4, f"{comp.name}: rel-L2 {rel:.3g}"  # the fp32 export contract
+    assert manifest["components"]["transformer"]["pladis_nodes"] == len(manifest["pladis"]["layers"]) == 2
+    assert manifest["components"]["text_encoder"]["pladis_nodes"] == 0
+    patch.remove(pipe)
+
+
+@pytest.mark.parametrize("lam", [0.0, 3.0])
+def test_parity_through_the_loop(exported, lam):
+    from pladis.runtime import parity
+
+    _, out = exported
+    report = parity.check(out, "ort", steps=3, lam=lam)  # guidance 4 (the family's default): CFG, as klein
+    assert report.ok, report.table()  # fp32: rel-L2 <= 1e-4 per teacher-forced step (parity.TOLERANCE)
+    assert len(report.teacher_forced) == len(report.free_running) == 3
+    for row in report.free_running:
+        assert row["latent"]["rel_l2"] < 1e-3, report.table()
+    assert report.image_psnr_db > 40
+
+
+def test_one_export_serves_a_lam_per_sample(exported):
+    # four prompts at lam 0, 1, 2, 3 in one CFG batch (the lam input routes per sample, both halves alike)
+    from pladis.runtime import parity
+
+    lams = [0.0, 1.0, 2.0, 3.0]
+    report = parity.check(exported[1], "ort", steps=2, lam=lams, prompt=["a red cube", "a ball", "a cone", "a cup"])
+    assert report.lam == lams
+    assert report.ok, report.table()  # fp32: rel-L2 <= 1e-4 per teacher-forced step (parity.TOLERANCE)
+
+
+def test_generate_and_parity_commands(exported, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from pladis import cli
+
+    _, out = exported
+    images = {}
+    for lam in ("0", "3"):
+        path = tmp_path / f"img{lam}.png"
+        args = ["generate", "--engine", str(out), "--prompt", "a cat", "--steps", "3", "--lam", lam]
+        assert cli.main([*args, "--out", str(path)]) == 0
+        images[lam] = np.asarray(Image.open(path), dtype=float)
+        assert cli.main(["parity", "--engine", str(out), "--steps", "3", "--lam", lam]) == 0
+        assert "PASS" in capsys.readouterr().out
+    assert images["0"].shape == (32, 32, 3)
+    assert np.abs(images["3"] - images["0"]).max() > 0, "lam did not change the image: the test would prove nothing"
+
+
+def test_layers_command_lists_the_double_stream_blocks(capsys):
+    from pladis import cli
+
+    assert cli.main(["layers", "--model", NAME]) == 0
+    printed = capsys.readouterr().out
+    assert "(flux2)" in printed and "2 layers" in printed and "transformer_blocks.1.attn" in printed
+    assert "single_transformer_blocks" not in printed
+
+
+def test_a_flux2_single_file_takes_the_flux2_layout_not_flux1s(tmp_path):
+    # BFL's FLUX.2 files also carry FLUX.1's double_blocks key: the FLUX.2 layout must win
+    from safetensors.torch import save_file
+
+    from pladis import single_file
+
+    keys = ["double_blocks.0.img_attn.norm.key_norm.scale", "single_stream_modulation.lin.weight"]
+    for prefix in ("", "model.diffusion_model."):
+        path = tmp_path / f"flux2{len(prefix)}.safetensors"
+        save_file({prefix + k: torch.zeros(2) for k in keys}, str(path))
+        shapes = set(single_file.checkpoint_shapes(path))
+        layout = next(lay for lay in families.LAYOUTS if lay.matches(shapes))
+        assert layout.name.startswith("FLUX.2") and layout in families.get("flux2").layouts
+        with pytest.raises(single_file.CheckpointError, match="holds only a denoiser.*--config"):
+            single_file.inspect(path)
+
+
+def test_a_dev_text_encoder_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from pladis.errors import PladisError
+
+    dev = SimpleNamespace(text_encoder=torch.nn.Linear(1, 1))  # stands in for Mistral3ForConditionalGeneration
+    with pytest.raises(PladisError, match=r"FLUX.2 with a Linear text encoder \(FLUX.2 \[dev\]\).*export a klein"):
+        families.get("flux2").text_encoders(dev)
+
+
+def test_a_transformer_lora_is_fused_as_peft_runs_it(tmp_path):
+    # --lora goes through diffusers' Flux2KleinPipeline loader; the reference is peft's unfused adapter itself
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from tiny_cases import denoiser_case, forward
+
+    from pladis import sources
+
+    _, kwargs = denoiser_case(NAME)
+    pipe = models.load(NAME)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+        pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    reference = forward(pipe.transformer, kwargs)
+    path = tmp_path / "lora.safetensors"
+    type(pipe).save_lora_weights(str(tmp_path), transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                 weight_name=path.name)  # fmt: skip
+    fused = sources.load(sources.resolve(NAME, "", [str(path)])).transformer
+    got = forward(fused, kwargs)
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)  # fused W + BA vs W x + B(A x): fp32 rounding
+    assert (got - forward(models.load(NAME).transformer, kwargs)).abs().max() > 1e-3  # the LoRA does something
