@@ -3,9 +3,8 @@
 Only the invoked subcommand's config module is imported, and config modules are light, so ``pladis --help``
 and ``pladis <command> --help`` answer without loading torch; a command whose optional extra is missing (``serve``
 without fastapi) says which ``pip install`` fixes it. User-facing failures (``PladisError``) print one line and
-exit 2; Ctrl-C exits 130; anything else is a bug and keeps its traceback, with a line saying so (exit 1)
-(``LEGACY_VALUE_ERRORS``: until every pladis module raises PladisError, a ValueError pladis itself raised is
-still shown as one line).
+exit 2; Ctrl-C exits 130; anything else (a ValueError inside torch or onnx included) is a bug and keeps its
+traceback, with a line saying so (exit 1).
 
 Output: the library logs through module loggers and sets no handler; the command shows the ``pladis`` loggers'
 INFO lines as plain text on stdout (what a command reports as it goes), ``-v`` adds pladis's DEBUG lines,
@@ -251,35 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bug(args.command)
         where = f" in {Path(err.filename).parent}" if err.filename else ""  # commands name the folder (NoSpace)
         return _error(args.command, f"no space left on device{where}: free some space or choose another location")
-    except ValueError as err:
-        if LEGACY_VALUE_ERRORS and _raised_by_pladis(err):
-            return _error(args.command, str(err))
-        return _bug(args.command)
     except Exception:  # noqa: BLE001 - not a user's mistake: show where, and say so
         return _bug(args.command)
-
-
-# Transitional: pladis modules that still raise a bare ValueError for a user's mistake (instead of a
-# PladisError) keep their one-line error; a ValueError raised inside torch, numpy, onnx ... is a bug and
-# shows its traceback. Set to False once no `raise ValueError` is left in pladis (tests/test_errors.py lists
-# the modules converted so far).
-LEGACY_VALUE_ERRORS = True
-
-
-def _raised_by_pladis(err: BaseException) -> bool:
-    """Whether the innermost frame of ``err``'s traceback is in pladis's own source (its package and the
-    top-level folders it links in: export, engine, runtime, plugins_trt)."""
-    import pladis
-
-    home = Path(pladis.__file__).resolve().parent
-    roots = {home, *((home / name).resolve() for name in ("export", "engine", "runtime", "plugins_trt", "serve"))}
-    tb = err.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    where = Path(tb.tb_frame.f_code.co_filename).resolve()
-    return any(root in where.parents for root in roots)
 
 
 def _bug(command: str) -> int:

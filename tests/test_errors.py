@@ -192,17 +192,18 @@ def test_default_folders_are_the_options_and_the_makefile_agrees():
     assert f"--out {options.DEFAULT_EXPORT} " in export_line
 
 
-# Modules whose every user-facing failure is a PladisError already (pladis.manifest's one ValueError is internal:
-# Manifest.from_dict's callers turn it into an EngineError). The others still raise bare ValueErrors, shown as one
-# line through cli.LEGACY_VALUE_ERRORS until they are converted.
-CONVERTED = ["pladis/cli.py", "pladis/demo.py", "pladis/errors.py", "pladis/files.py", "pladis/ort.py",
-             "pladis/precision.py", "pladis/defaults.py", "engine/build.py", "engine/cache.py", "engine/aoti.py",
-             "export/exporter.py", "export/config.py", "export/validate.py", "export/manifest.py",
-             "runtime/backends.py"]  # fmt: skip
+# Every user-facing failure is a PladisError: the CLI shows any other exception as a bug, with its traceback.
+# pladis.manifest's one ValueError is internal (Manifest.from_dict's callers turn it into an EngineError).
+SOURCES = sorted(  # each file once: pladis/export etc. are symlinks to the top-level folders
+    {str(path.resolve().relative_to(ROOT)) for folder in ("pladis", "export", "engine", "runtime", "plugins_trt")
+     for path in (ROOT / folder).rglob("*.py")}
+)  # fmt: skip
 
 
-@pytest.mark.parametrize("path", CONVERTED)
-def test_converted_modules_raise_no_bare_value_error(path):
+@pytest.mark.parametrize("path", SOURCES)
+def test_no_module_raises_a_bare_value_error_or_prints(path):
     code = [line for line in (ROOT / path).read_text().splitlines() if not line.lstrip().startswith("#")]
-    assert not [line for line in code if "raise ValueError" in line], path
-    assert not [line for line in code if line.lstrip().startswith("print(")] or path == "pladis/cli.py", path
+    assert not [line for line in code if "raise ValueError" in line] or path == "pladis/manifest.py", path
+    # the CLI prints results; `pladis parity` prints its table before it writes files (a failed write loses nothing)
+    printers = ("pladis/cli.py", "runtime/commands.py")
+    assert not [line for line in code if line.lstrip().startswith("print(")] or path in printers, path
