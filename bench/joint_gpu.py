@@ -24,6 +24,8 @@ import json
 import sys
 from pathlib import Path
 
+from pladis.files import write_text
+
 # name: (B, H, text tokens, image tokens, head dim, text first)
 SHAPES = {
     "flux 1024²": (1, 24, 512, 4096, 128, True),
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.repeats)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "joint_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text(out / "joint_gpu.json", json.dumps(result, indent=2) + "\n")  # renamed into place when complete
     print(table(result))
     bad = failures(result)
     for line in bad:

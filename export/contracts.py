@@ -173,8 +173,7 @@ def components(pipe, family: str) -> list[Component]:
     denoiser.extras["timestep_scale"] = fam.timestep_scale  # sample timesteps over the model's range
     if patch.is_patched(denoiser.module):
         denoiser = _with_lam_input(denoiser)
-    texts = fam.text_encoders(pipe) if fam.text_encoders else _text_encoders(pipe)
-    return [*texts, denoiser, (fam.vae_decoder or _vae_decoder)(pipe.vae)]
+    return [*(fam.text_encoders or _text_encoders)(pipe), denoiser, (fam.vae_decoder or _vae_decoder)(pipe.vae)]
 
 
 # --------------------------------------------------------------------------------------------------
