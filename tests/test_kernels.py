@@ -783,3 +783,42 @@ def test_plugin_launch_arguments_for_a_joint_node_are_the_launchers():
         grid = K.launch(b, 24, length, block_m=cfg.block_m, num_warps=cfg.num_warps, shared_mem=0).grid
         assert tuple(Sym.lift(g).fn(env) for g in launch.grid) == grid
     assert launch.shared_mem == 20480 and launch.block == (cfg.num_warps * 32, 1, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The GPU script of the joint kernel (bench/joint_gpu.py, run by make gpu-check): what it reads and writes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_joint_gpu_script_reports_bounds_goals_and_failures_from_its_json():
+    from pladis.bench import joint_gpu as G
+
+    # the shapes are the issue's: FLUX 1024² (512 T5 tokens first, 4096 image tokens, 24 heads, D 128), SD3
+    # 1024² (333 text tokens last, D 64); PixArt's 300 keys for the cross kernel
+    assert G.SHAPES["flux 1024²"] == (1, 24, 512, 4096, 128, True)
+    assert G.SHAPES["sd3 1024²"] == (1, 24, 333, 4096, 64, False) and G.PIXART[3] == 300
+    assert G.BOUNDS == {"float16": 4e-3, "bfloat16": 3e-2} and G.GOALS == {"joint": 1.5, "pixart": 2.0}
+    rows = [
+        {"check": "accuracy", "case": "flux 1024²", "dtype": "float16", "rel_l2": 1e-3, "bound": 4e-3, "ok": True},
+        {"check": "accuracy", "case": "sd3 1024²", "dtype": "bfloat16", "rel_l2": 5e-2, "bound": 3e-2, "ok": False},
+        {"check": "timing", "case": "flux 1024²", "dtype": "float16", "kernel_ms": 3.0, "sdpa_ms": 1.0, "ratio": 3.0,
+         "goal": 1.5, "ok": False},
+        {"check": "aot", "case": "flux 1024²", "ok": False, "error": "CudaError: cuModuleLoadData failed"},
+    ]  # fmt: skip
+    result = {"device": "card", "capability": "9.0", "torch": "t", "triton": "tr", "date": "d", "rows": rows}
+    result = json.loads(json.dumps(result))  # what main() writes and a reader gets back
+    # a timing goal missed is reported, not a failure; an accuracy row over its bound and a row that raised are
+    assert G.failures(result) == ["accuracy sd3 1024² bfloat16: rel-L2 5.00e-02 > 3e-02",
+                                  "aot flux 1024² : CudaError: cuModuleLoadData failed"]  # fmt: skip
+    table = G.table(result).splitlines()
+    assert table[0] == "card (sm 9.0), torch t, triton tr, d" and len(table) == 4 + len(rows)
+    assert "| timing | flux 1024² | float16 | 3.000 ms vs SDPA 1.000 ms = 3.00x | <= 1.5x | no |" in table
+    assert "| accuracy | flux 1024² | float16 | rel-L2 1.00e-03 | <= 4e-03 | yes |" in table
+
+
+def test_joint_gpu_script_measures_nothing_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: make gpu-check runs the script")
+    from pladis.bench import joint_gpu as G
+
+    assert G.main(["--out", "/nonexistent/never-written"]) == 2
