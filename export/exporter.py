@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pladis import models, numerics, ops, patch, provenance, sources
 from pladis.errors import SettingError
-from pladis.export import contracts, onnx_op, validate
+from pladis.export import contracts, onnx_op, validate, weight_map
 from pladis.export.config import ExportConfig
 from pladis.export.manifest import build_manifest, config_hash, sealed
 from pladis.files import check_output_folder, clean_stale, no_space, replace_folder, temp_dir, write_text
@@ -170,9 +170,12 @@ def _export_component(comp, d, trace, dtype, folder: Path, cfg: ExportConfig) ->
     shutil.rmtree(folder / "raw")
     n_nodes = len(onnx_op.pladis_nodes(model))
     del model
+    weights, missing = {}, {}
+    if comp.name != "vae_decoder":  # what diffusers' LoRA loaders address; metadata only, the file is unchanged
+        weights, missing = weight_map.build(comp.module, folder / name)
     log.debug(f"{comp.name}: traced to {name} in {time.perf_counter() - t0:.1f} s ({n_nodes} PladisAttention nodes)")
     return {"file": name, "external_data": [f"{name}.data"] if external else [], "pladis_nodes": n_nodes,
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(dtype).removeprefix("torch."), "weights": weights, "weights_missing": missing,
             "export_seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
 
 

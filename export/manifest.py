@@ -76,6 +76,9 @@ def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, val
             "pladis_nodes": f["pladis_nodes"],
             "export_seconds": f["export_seconds"],
             "validation": validation.get(comp.name, "not run (--no-validate)"),
+            # module path -> the initializer holding its nn.Linear weight (LoRA swapping on a built engine)
+            "weights": f.get("weights", {}),
+            "weights_missing": f.get("weights_missing", {}),
         }
     vae = pipe.vae.config
     manifest = {
