@@ -797,7 +797,7 @@ def test_joint_gpu_script_reports_bounds_goals_and_failures_from_its_json():
     # 1024² (333 text tokens last, D 64); PixArt's 300 keys for the cross kernel
     assert G.SHAPES["flux 1024²"] == (1, 24, 512, 4096, 128, True)
     assert G.SHAPES["sd3 1024²"] == (1, 24, 333, 4096, 64, False) and G.PIXART[3] == 300
-    assert G.BOUNDS == {"float16": 4e-3, "bfloat16": 3e-2} and G.GOALS == {"joint": 1.5, "pixart": 2.0}
+    assert G.BOUNDS == {"float16": 4e-3, "bfloat16": 3e-2} and G.GOALS == {"joint": 1.5, "long": 2.0}
     rows = [
         {"check": "accuracy", "case": "flux 1024²", "dtype": "float16", "rel_l2": 1e-3, "bound": 4e-3, "ok": True},
         {"check": "accuracy", "case": "sd3 1024²", "dtype": "bfloat16", "rel_l2": 5e-2, "bound": 3e-2, "ok": False},
