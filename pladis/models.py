@@ -262,18 +262,40 @@ def _qwen3(hidden: int, layers: int, heads: int, inter: int, max_length: int):
     return Qwen3ForCausalLM(cfg), tok
 
 
-def _flux2():
-    """FLUX.2 [klein]'s layout: Qwen3 text encoder (27 layers: the pipeline reads hidden states 9, 18, 27),
-    Flux2Transformer2DModel without guidance embedding (klein uses CFG), AutoencoderKLFlux2 with random
-    batch-norm statistics (the latents' normalisation)."""
-    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+# Mistral-3's chat format for a system message and user turns whose content is a list of text parts (what
+# FLUX.2 [dev]'s format_input builds), for the character tokenizer of the tiny Mistral-3
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{ bos_token or '' }}{% for m in messages %}"
+    "{% if m['content'] is string %}{% set text = m['content'] %}"
+    "{% else %}{% set text = m['content'] | map(attribute='text') | join('') %}{% endif %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{{ text }}[/INST]{% endif %}{% endfor %}"
+)
 
-    te, tok = _qwen3(16, 27, 2, 32, max_length=512)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32, mlp_ratio=2.0,
-        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+
+def _mistral3(hidden: int, layers: int, heads: int, inter: int, max_length: int):
+    """A Mistral-3 (Pixtral vision tower + Mistral language model; eager attention: traceable with a padding
+    mask) and a character tokenizer with Mistral's chat format."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    tok = char_tokenizer("t5", max_length)
+    tok.chat_template = MISTRAL3_CHAT_TEMPLATE
+    text = MistralConfig(
+        vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=1, head_dim=hidden // heads, max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
     )  # fmt: skip
+    vision = PixtralVisionConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1, image_size=32,
+                                 num_attention_heads=heads, head_dim=hidden // heads, patch_size=16)  # fmt: skip
+    cfg = Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=1, tie_word_embeddings=True,
+                         attn_implementation="eager")  # fmt: skip
+    return Mistral3ForConditionalGeneration(cfg), tok
+
+
+def _flux2_vae():
+    """AutoencoderKLFlux2 with random batch-norm statistics (the latents' normalisation)."""
+    from diffusers import AutoencoderKLFlux2
+
     vae = AutoencoderKLFlux2(
         block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
@@ -281,9 +303,47 @@ def _flux2():
     )  # fmt: skip
     vae.bn.running_mean.normal_(0.0, 0.5)
     vae.bn.running_var.uniform_(0.5, 2.0)
-    scheduler = _flow(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                      max_image_seq_len=4096, shift=3.0)  # fmt: skip
-    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer)
+    return vae
+
+
+def _flux2_transformer(guidance: bool):
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32, mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance,
+    )  # fmt: skip
+
+
+def _flux2_scheduler():
+    return _flow(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                 max_image_seq_len=4096, shift=3.0)  # fmt: skip
+
+
+def _flux2_dev():
+    """FLUX.2 [dev]'s layout: Mistral-3 text encoder (30 layers: the pipeline reads hidden states 10, 20, 30),
+    Flux2Transformer2DModel with guidance embedding (guidance-distilled, no CFG), the FLUX.2 VAE."""
+    from diffusers import Flux2Pipeline
+
+    te, tok = _mistral3(16, 30, 2, 32, max_length=512)
+    transformer = _flux2_transformer(guidance=True)  # weights drawn in this order: text encoder, transformer, VAE
+    return Flux2Pipeline(
+        scheduler=_flux2_scheduler(), vae=_flux2_vae(), text_encoder=te, tokenizer=tok, transformer=transformer
+    )
+
+
+def _flux2():
+    """FLUX.2 [klein]'s layout: Qwen3 text encoder (27 layers: the pipeline reads hidden states 9, 18, 27),
+    Flux2Transformer2DModel without guidance embedding (klein uses CFG), AutoencoderKLFlux2 with random
+    batch-norm statistics (the latents' normalisation)."""
+    from diffusers import Flux2KleinPipeline
+
+    te, tok = _qwen3(16, 27, 2, 32, max_length=512)
+    transformer = _flux2_transformer(guidance=False)  # weights drawn in this order: text encoder, transformer, VAE
+    return Flux2KleinPipeline(
+        scheduler=_flux2_scheduler(), vae=_flux2_vae(), text_encoder=te, tokenizer=tok, transformer=transformer
+    )
 
 
 @dataclass(frozen=True)
@@ -304,6 +364,7 @@ BUILTINS: dict[str, Builtin] = {
     "tiny-sd3": Builtin(_sd3, 16, 16),
     "tiny-flux": Builtin(_flux, 32, 32),
     "tiny-flux2": Builtin(_flux2, 32, 32),
+    "tiny-flux2-dev": Builtin(_flux2_dev, 32, 32),
     # SD 1.5's layout with a 92 M-parameter U-Net at 256²: benchmarks that must take seconds on a CPU
     "small-sd15": Builtin(lambda: _sd15(tiny=False, channels=(128, 256, 384, 384), sample_size=32), 256, 256),
     "sd15": Builtin(lambda: _sd15(tiny=False), 512, 512),

@@ -110,7 +110,8 @@ class Runtime:
         self.family = family_record(self.engine.family)  # the engine's family record, looked up once
         vae = self.engine.manifest.vae  # what the family's hooks may read of this engine
         self.denoising = Denoising(self.encode_text, frozenset(self.input_names), vae.scale_factor,
-                                   vae.latent_channels, vae.scaling_factor, vae.shift_factor)  # fmt: skip
+                                   vae.latent_channels, vae.scaling_factor, vae.shift_factor,
+                                   self.engine.manifest.model.get("pipeline_class", ""), self.chat)  # fmt: skip
         self.scheduler_config = _scheduler_config(self.engine.folder)  # read once: the folder may move later
 
     # -- components ----------------------------------------------------------------------------
@@ -161,13 +162,23 @@ class Runtime:
                     from None  # fmt: skip
         return self._tokenizers[name]
 
-    def encode_text(self, encoder: str, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def chat(self, encoder: str, conversation: list[dict], **template) -> str:
+        """``conversation`` rendered by ``encoder``'s tokenizer's own chat template (the family hooks' chat side)."""
+        tok = self.tokenizer(encoder)
+        if not getattr(tok, "chat_template", None):
+            raise EngineError(f"the tokenizer in {self.engine.folder / encoder.replace('text_encoder', 'tokenizer')} "
+                              "has no chat template, which this model's prompts need; re-export from a model whose "
+                              "tokenizer has one")  # fmt: skip
+        return tok.apply_chat_template(conversation, tokenize=False, **template)
+
+    def encode_text(self, encoder: str, prompts: list[str], special_tokens: bool = True) -> dict[str, torch.Tensor]:
         """``encoder``'s outputs for ``prompts`` tokenized to the engine's text length (the text side of the family
-        hooks); an encoder that takes an ``attention_mask`` (T5) also returns the mask it was given."""
+        hooks; ``special_tokens`` False: the tokenizer adds none); an encoder that takes an ``attention_mask`` (T5)
+        also returns the mask it was given."""
         ports = {i.name: i for i in self.engine.component(encoder).inputs}
         length = self.engine.dim(ports["input_ids"].shape[1])[1]
         enc = self.tokenizer(encoder)(prompts, padding="max_length", max_length=length, truncation=True,
-                                      return_tensors="pt")  # fmt: skip
+                                      add_special_tokens=special_tokens, return_tensors="pt")  # fmt: skip
         if "attention_mask" not in ports:
             return self.run(encoder, {"input_ids": enc.input_ids})
         out = self.run(encoder, {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask})

@@ -7,14 +7,15 @@ single-stream blocks' ``Flux2ParallelSelfAttention``: text and image tokens ther
 fused projection (``to_qkv_mlp_proj``, no text projections), so there is no separate text stream to sharpen;
 FLUX.1's record makes the same choice for its single-stream blocks.
 
-The sampling loop follows ``Flux2KleinPipeline``: the prompt in Qwen3's chat template (no thinking), hidden states
-9, 18 and 27 stacked along the features; noise drawn as (B, 4C, h/2, w/2) and packed row-major to tokens; the
-empirical shift ``mu`` from the token count and step count; true classifier-free guidance against the empty
-prompt, or the guidance input where the model embeds it ([dev]). The exported VAE decoder takes the patchified
-normalised latents and undoes the batch norm and the 2x2 patches inside its graph.
-
-Export covers [klein] (Qwen3 encoder). [dev]'s Mistral-3 encoder (its system prompt in Mistral's chat format,
-hidden states 10, 20, 30) has no export contract yet and is refused by name; its denoiser patches all the same.
+The sampling loop follows the pipelines: each prompt in the text encoder's own chat template ([klein]:
+``Flux2KleinPipeline``'s one user turn, generation prompt, no thinking, hidden states 9, 18, 27 of Qwen3; [dev]:
+``Flux2Pipeline``'s system message and user turn, tokenized without added special tokens as its
+``apply_chat_template`` call does, hidden states 10, 20, 30 of Mistral-3's language model), stacked along the
+features; noise drawn as (B, 4C, h/2, w/2) and packed row-major to tokens; the empirical shift ``mu`` from the
+token count and step count; true classifier-free guidance against the empty prompt ([klein]), or the guidance
+input where the model embeds it ([dev]). The exported VAE decoder takes the patchified normalised latents and
+undoes the batch norm and the 2x2 patches inside its graph. [dev]'s text encoder is exported as its language
+model only: the prompts carry no images, so the vision tower and projector never run.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from pladis.families.record import LDM, Denoising, Family, Layout, both
 
 COMPONENT = "transformer"
 TEXT_LENGTH = 512  # the pipelines' max_sequence_length
-QWEN3_LAYERS = (9, 18, 27)  # the hidden states Flux2KleinPipeline reads (hidden_states_layers)
+# text encoder class -> (the hidden states its pipeline reads (hidden_states_layers), its decoder without the head)
+ENCODERS = {
+    "Qwen3ForCausalLM": ((9, 18, 27), lambda m: m.model),  # Flux2KleinPipeline
+    "Mistral3ForConditionalGeneration": ((10, 20, 30), lambda m: m.model.language_model),  # Flux2Pipeline
+}
+DEV_PIPELINE = "Flux2Pipeline"  # [dev]: system message, no added special tokens, guidance embedded
 
 
 def contract(name: str, tr) -> Component:
@@ -53,23 +59,24 @@ def text_encoders(pipe) -> list[Component]:
     """The LLM text encoder without its LM head: token ids and padding mask -> the three hidden states the
     pipeline reads, stacked along the features (B, L, 3 * hidden)."""
     module = pipe.text_encoder
-    if type(module).__name__ != "Qwen3ForCausalLM":  # [dev]: Mistral-3 with its own chat format and layers
+    if type(module).__name__ not in ENCODERS:
         from pladis.errors import PladisError
 
-        raise PladisError(f"FLUX.2 with a {type(module).__name__} text encoder (FLUX.2 [dev]) cannot be exported yet: "
-                          "only the Qwen3 encoder of FLUX.2 [klein] has an export contract here (patching works for "
-                          "both); export a klein model")  # fmt: skip
-    layers = QWEN3_LAYERS
+        raise PladisError(f"FLUX.2 with a {type(module).__name__} text encoder cannot be exported: the FLUX.2 "
+                          f"pipelines' encoders are {' and '.join(ENCODERS)}; load the model's own "
+                          "text encoder")  # fmt: skip
+    layers, decoder = ENCODERS[type(module).__name__]
 
     def fwd(m, input_ids, attention_mask):
-        out = m.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        out = decoder(m)(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                         use_cache=False)  # fmt: skip
         return (torch.cat([out.hidden_states[k] for k in layers], dim=-1),)  # = stack(dim=1).permute.reshape
 
     inputs = [Port("input_ids", ("batch", "text"), "int64", "ids"),
               Port("attention_mask", ("batch", "text"), "int64", "mask")]  # fmt: skip
-    hidden = module.config.hidden_size * len(layers)
-    outputs = [Port("prompt_embeds", ("batch", "text", hidden))]
-    return [Component("text_encoder", module, inputs, outputs, fwd, extras={"vocab": module.config.vocab_size})]
+    text = decoder(module).config
+    outputs = [Port("prompt_embeds", ("batch", "text", text.hidden_size * len(layers)))]
+    return [Component("text_encoder", module, inputs, outputs, fwd, extras={"vocab": text.vocab_size})]
 
 
 def vae_decoder(vae) -> Component:
@@ -110,9 +117,13 @@ def text_ids(length: int) -> torch.Tensor:
     return torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(length)).float()
 
 
-def chat(prompt: str) -> str:
-    """A prompt in Qwen3's chat template, one user turn, generation prompt, thinking off (as klein applies it)."""
-    return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+def conversation(prompt: str, pipeline: str) -> tuple[list[dict], dict]:
+    """(messages, chat-template options) of one prompt as ``pipeline`` formats it."""
+    if pipeline == DEV_PIPELINE:
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        return format_input([prompt])[0], {"add_generation_prompt": False}
+    return [{"role": "user", "content": prompt}], {"add_generation_prompt": True, "enable_thinking": False}
 
 
 def encode(d: Denoising, prompts, negatives, height, width, guidance) -> dict:
@@ -120,7 +131,10 @@ def encode(d: Denoising, prompts, negatives, height, width, guidance) -> dict:
     guidance input (B,) where the model embeds guidance."""
 
     def states(p):
-        return d.text("text_encoder", [chat(x) for x in p])["prompt_embeds"]
+        texts = [d.chat("text_encoder", messages, **options) for messages, options in
+                 (conversation(x, d.pipeline) for x in p)]  # fmt: skip
+        special = d.pipeline != DEV_PIPELINE  # [dev] tokenizes in apply_chat_template: no added special tokens
+        return d.text("text_encoder", texts, special_tokens=special)["prompt_embeds"]
 
     emb = both(states, prompts, negatives)
     lh, lw = d.latent_hw(height, width)

@@ -24,9 +24,13 @@ LDM = "model.diffusion_model."  # the denoiser's key prefix in original (LDM/SGM
 # What the runtime hooks read
 # --------------------------------------------------------------------------------------------------
 
-# (encoder, prompts) -> the encoder's outputs by name for the prompts tokenized to the engine's text length,
-# plus the ``attention_mask`` it was given when it takes one (T5)
-TextSide = Callable[[str, list[str]], dict[str, torch.Tensor]]
+# (encoder, prompts, special_tokens=True) -> the encoder's outputs by name for the prompts tokenized to the
+# engine's text length (``special_tokens`` False: the tokenizer adds none, as a chat template tokenized by
+# ``apply_chat_template`` gets), plus the ``attention_mask`` it was given when it takes one (T5)
+TextSide = Callable[..., dict[str, torch.Tensor]]
+# (encoder, conversation, **template options) -> the conversation rendered by that encoder's tokenizer's own chat
+# template (``apply_chat_template(..., tokenize=False)``)
+ChatSide = Callable[..., str]
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class Denoising:
     latent_channels: int
     scaling_factor: float  # the VAE's latent scaling
     shift_factor: float | None = None
+    pipeline: str = ""  # the diffusers pipeline class the engine was exported from
+    chat: ChatSide | None = None
 
     def latent_hw(self, height: int, width: int) -> tuple[int, int]:
         """Latent height and width of an image of ``height`` x ``width`` pixels."""
