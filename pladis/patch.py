@@ -262,7 +262,9 @@ def apply(
     for name in names:
         module = modules[name]
         originals[name] = module.get_processor()
-        if fam.joint:
+        if fam.processor is not None:  # a family whose stock processor does more than the shared ones mirror
+            module.set_processor(fam.processor(float(lam), float(alpha)))
+        elif fam.joint:
             module.set_processor(JointAttnProcessor(float(lam), float(alpha), fam.text_first))
         else:
             module.set_processor(CrossAttnProcessor(float(lam), float(alpha)))

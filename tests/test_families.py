@@ -18,7 +18,7 @@ ALLOWED = {
     ("bench/suite.py", "unet"): "the U-Net component's exported file name, not the family",
 }
 BUILTIN_OF = {"unet": ["tiny-sd15", "tiny-sdxl"], "pixart": ["tiny-pixart"], "sd3": ["tiny-sd3"], "flux": ["tiny-flux"],
-              "flux2": ["tiny-flux2"]}  # fmt: skip
+              "flux2": ["tiny-flux2"], "qwenimage": ["tiny-qwenimage"]}  # fmt: skip
 
 
 def _family_literals(top: Path = ROOT) -> list[tuple[str, int, str]]:

@@ -93,6 +93,14 @@ def _noise_shape(batch: int, channels: int, latent_h: int, latent_w: int) -> tup
     return (batch, channels, latent_h, latent_w)
 
 
+def _plain_cfg(uncond: torch.Tensor, text: torch.Tensor, guidance: float) -> torch.Tensor:
+    return uncond + guidance * (text - uncond)
+
+
+def _latent_channels(vae_config) -> int:
+    return vae_config.latent_channels
+
+
 def vae_scale_factor(vae_config) -> int:
     """Pixels per latent unit a side of an ``AutoencoderKL`` config: 2 ** (down-sampling levels)."""
     return 2 ** (len(vae_config.block_out_channels) - 1)
@@ -120,6 +128,9 @@ class Family:
     joint: bool  # MMDiT joint attention over [text, image] (else dedicated cross-attention)
     text_first: bool = False  # joint sequence order: [text, image] (FLUX) or [image, text] (SD3)
     default_excludes: str | None = None  # regex on qualified names that layers="default" leaves out
+    # (lam, alpha) -> the PLADIS processor of a layer; None: pladis.patch's joint or cross-attention one (a family
+    # whose stock processor does more than those mirror, e.g. its own mask or rotary handling, brings its own)
+    processor: Callable[[float, float], object] | None = None
     # export
     contract: Callable  # (name, denoiser module) -> the denoiser's pladis.contracts.Component
     text_length: int  # the denoiser's text tokens; joint models keep it static (the node's text_len)
@@ -145,9 +156,13 @@ class Family:
     # (batch, latent channels, latent h, latent w) -> the initial noise's shape (FLUX.2 draws it patchified)
     noise_shape: Callable[[int, int, int, int], tuple[int, ...]] = _noise_shape
     set_timesteps: Callable[..., None] = _plain_timesteps  # (scheduler, steps, latent h, latent w)
+    # (uncond, text, guidance) -> the guided prediction (Qwen-Image rescales it to the conditional norm)
+    guide: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = _plain_cfg
     # the VAE
     vae_scale: Callable[..., int] = vae_scale_factor  # (VAE config) -> pixels per latent unit a side
     vae_input: Callable = vae_latents  # (latents, scaling_factor, shift_factor) -> VAE decoder input
+    vae_channels: Callable[..., int] = _latent_channels  # (VAE config) -> latent channels
+    default_side: int | None = None  # default image side (pixels) of hub models; None: denoiser sample_size x VAE
 
     # -- the size rule ------------------------------------------------------------------------------
 
