@@ -199,6 +199,38 @@ def text_encoders(pipe) -> list[Component]:
     return [Component("text_encoder", module, inputs, outputs, fwd, extras={"vocab": vocab})]
 
 
+def _single_head_attention(block):
+    """``QwenImageAttentionBlock.forward`` with its ``squeeze(1)`` of the single head written ``[:, 0]``: the
+    same tensor, but the exporter cannot size that dim (the reshape before it is dynamic) and would emit an
+    ``If`` that the export's clean-up (``onnx_op.drop_dynamic_squeeze``) takes for a never-1 dim."""
+    import torch.nn.functional as F
+
+    def forward(x):
+        identity = x
+        b, c, t, h, w = x.size()
+        x = block.norm(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+        qkv = block.to_qkv(x).reshape(b * t, 1, c * 3, -1).permute(0, 1, 3, 2).contiguous()
+        q, k, v = qkv.chunk(3, dim=-1)
+        x = F.scaled_dot_product_attention(q, k, v)
+        x = block.proj(x[:, 0].permute(0, 2, 1).reshape(b * t, c, h, w))
+        return x.view(b, t, c, h, w).permute(0, 2, 1, 3, 4) + identity
+
+    return forward
+
+
+@contextlib.contextmanager
+def exportable_vae(vae):
+    """Inside the block the VAE's attention blocks run ``_single_head_attention`` (the same numbers)."""
+    blocks = [m for m in vae.modules() if type(m).__name__ == "QwenImageAttentionBlock"]
+    for m in blocks:
+        m.forward = _single_head_attention(m)
+    try:
+        yield
+    finally:
+        for m in blocks:
+            del m.forward
+
+
 def vae_decoder(vae) -> Component:
     """Normalised latents (B, C, h, w) -> images (B, 3, H, W): ``latents / (1 / std) + mean`` (the pipeline's
     expression), one frame for the 3-D decoder, the frame axis dropped again."""
@@ -208,7 +240,8 @@ def vae_decoder(vae) -> Component:
         mean = torch.tensor(m.config.latents_mean).view(1, c, 1, 1).to(latent_sample.dtype)
         inv_std = 1.0 / torch.tensor(m.config.latents_std).view(1, c, 1, 1).to(latent_sample.dtype)
         z = (latent_sample / inv_std + mean).unsqueeze(2)
-        return (m.decode(z, return_dict=False)[0][:, :, 0],)
+        with exportable_vae(m):
+            return (m.decode(z, return_dict=False)[0][:, :, 0],)
 
     c = vae.config.z_dim
     return Component("vae_decoder", vae, [Port("latent_sample", ("batch", c, "latent_height", "latent_width"))],
