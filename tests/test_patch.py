@@ -222,7 +222,8 @@ def test_joint_attention_leaves_text_queries(name):
     outs = {}
     for lam in (0.0, 2.0, 3.0):
         fam = pladis.families.of_model(model)
-        proc = fam.processor(lam, 1.5) if fam.processor else patch.JointAttnProcessor(lam, 1.5, JOINT_TEXT_FIRST[name])
+        proc = (patch.StreamJointAttnProcessor(lam, 1.5, fam.stream_rotary) if fam.stream_rotary
+                else patch.JointAttnProcessor(lam, 1.5, JOINT_TEXT_FIRST[name]))  # fmt: skip
         attn.set_processor(proc if lam else stock)
         with torch.no_grad():
             outs[lam] = attn(img, encoder_hidden_states=txt)

@@ -4,16 +4,15 @@ text length, the Qwen2.5-VL text encoder's last hidden states after the prompt t
 whose latents are normalised by a per-channel mean and standard deviation.
 
 Patched: every block's ``attn`` (image queries x text keys, as FLUX.1); Qwen-Image has no single-stream blocks.
-The stock processor (``QwenDoubleStreamAttnProcessor2_0``) does more than the shared joint processor mirrors:
-it builds the joint key mask from the text padding mask, and applies the rotary to the text and image streams
-separately, as complex numbers. ``Processor`` below mirrors it up to the attention call, which goes to
-``pladis.ops.joint_attention`` (text first).
+The stock processor (``QwenDoubleStreamAttnProcessor2_0``) builds the joint key mask from the text padding mask
+and rotates the text and image streams separately (as complex numbers): the record's ``stream_rotary`` (``rotate``)
+makes ``pladis.patch`` use its ``StreamJointAttnProcessor``, which mirrors that up to the attention call.
 
 Export. The rotary is size-dependent (diffusers builds it from ``img_shapes`` and the text length inside the
 forward): the exported denoiser takes position ids instead, ``img_ids`` (image_tokens, 3) and ``txt_ids``
 (text, 3), as FLUX does, and turns them into the same angles (``position x theta^(-2j/d)`` per axis, float32) in
 the graph; diffusers' complex-number rotation becomes its real-arithmetic equal (``Processor`` takes either).
-Layers PLADIS leaves stock run ``Processor`` at lam 0 (plain SDPA) in the exported graph, for the same reason.
+Layers PLADIS leaves stock rotate through ``rotate`` too (``given_rotary``), for the same reason.
 The text encoder is exported as the pipeline runs it, without the LM head (its last hidden states); the
 pipeline's template handling (drop the first 34 tokens of the real ones, pad with zeros) runs in ``encode``.
 The text is padded to a static ``TEXT_LENGTH`` with its mask, where the pipeline pads to the longest prompt: the
@@ -43,6 +42,7 @@ TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shap
             "<|im_start|>assistant\n")  # fmt: skip
 TEMPLATE_DROP = 34  # hidden states of the template's system part, dropped
 THETA = 10000  # QwenEmbedRope's theta
+_DIFFUSERS_ROTARY = None  # diffusers' apply_rotary_emb_qwen, set on first use (import cost: torch only)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,13 +61,13 @@ def rotary(ids: torch.Tensor, axes_dim: tuple[int, ...]) -> tuple[torch.Tensor, 
     return theta.cos(), theta.sin()
 
 
-def _rotate(x: torch.Tensor, freqs) -> torch.Tensor:
-    """x (B, L, H, D) rotated by ``freqs``: diffusers' complex (L, D/2) (eager), or a real (cos, sin) pair
-    (exported graphs: the same rotation of each consecutive pair (x[2j], x[2j+1]) in real arithmetic)."""
+def rotate(x: torch.Tensor, freqs, use_real: bool = False) -> torch.Tensor:
+    """x (B, L, H, D) rotated by ``freqs``: diffusers' complex (L, D/2) (eager: diffusers' own
+    ``apply_rotary_emb_qwen``), or a real (cos, sin) pair (exported graphs: the same rotation of each consecutive
+    pair (x[2j], x[2j+1]) in real arithmetic). ``use_real``: as diffusers' signature; complex freqs only."""
     if isinstance(freqs, torch.Tensor):
-        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
-
-        return apply_rotary_emb_qwen(x, freqs, use_real=False)
+        _diffusers_module()
+        return _DIFFUSERS_ROTARY(x, freqs, use_real=use_real)
     cos, sin = (f[None, :, None, :] for f in freqs)
     pairs = x.float().unflatten(-1, (-1, 2))
     re, im = pairs[..., 0], pairs[..., 1]
@@ -75,77 +75,34 @@ def _rotate(x: torch.Tensor, freqs) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# The processor
-# --------------------------------------------------------------------------------------------------
-
-
-class Processor:
-    """PLADIS processor of Qwen-Image's joint attention: ``QwenDoubleStreamAttnProcessor2_0`` up to the attention
-    call (q/k/v of both streams, per-head q/k norms, per-stream rotary, the joint key mask from the text mask),
-    then ``pladis.ops.joint_attention`` over [text, image]."""
-
-    def __init__(self, lam: float, alpha: float):
-        self.lam, self.alpha, self.lam_override = lam, alpha, None
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
-                 attention_mask=None, image_rotary_emb=None):  # fmt: skip
-        from pladis import ops
-        from pladis.patch import _strength
-
-        if encoder_hidden_states is None or attention_mask is not None:
-            raise PladisError("the PLADIS Qwen-Image processor takes the text stream and its padding mask "
-                              "(encoder_hidden_states, encoder_hidden_states_mask), not an attention_mask")  # fmt: skip
-        mask = None
-        if encoder_hidden_states_mask is not None:  # keys: [text (its mask), image (all)], as the stock processor
-            image = torch.ones_like(hidden_states[..., 0], dtype=torch.bool)
-            mask = torch.cat([encoder_hidden_states_mask.bool(), image], dim=1)[:, None, None, :]
-        head_dim = attn.inner_dim // attn.heads
-        img = [p(hidden_states).unflatten(-1, (-1, head_dim)) for p in (attn.to_q, attn.to_k, attn.to_v)]
-        txt = [p(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-               for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]  # fmt: skip
-        for stream, (nq, nk) in ((img, (attn.norm_q, attn.norm_k)), (txt, (attn.norm_added_q, attn.norm_added_k))):
-            stream[0] = stream[0] if nq is None else nq(stream[0])
-            stream[1] = stream[1] if nk is None else nk(stream[1])
-        if image_rotary_emb is not None:
-            img_freqs, txt_freqs = image_rotary_emb
-            img[0], img[1] = _rotate(img[0], img_freqs), _rotate(img[1], img_freqs)
-            txt[0], txt[1] = _rotate(txt[0], txt_freqs), _rotate(txt[1], txt_freqs)
-        n_txt = int(txt[0].shape[1])  # a constant of the graph; the image length stays symbolic
-        q, k, v = (torch.cat([t, i], dim=1).transpose(1, 2) for t, i in zip(txt, img, strict=True))
-        out = ops.joint_attention(q, k, v, text_len=n_txt, text_first=True, lam=_strength(self, q.shape[0]),
-                                  alpha=self.alpha, attn_mask=mask)  # fmt: skip
-        out = out.transpose(1, 2).flatten(2).to(q.dtype)
-        img_out = attn.to_out[0](out[:, n_txt:].contiguous())
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)  # dropout
-        return img_out, attn.to_add_out(out[:, :n_txt].contiguous())
-
-
-# --------------------------------------------------------------------------------------------------
 # Export contracts
 # --------------------------------------------------------------------------------------------------
+
+
+def _diffusers_module():
+    from diffusers.models.transformers import transformer_qwenimage
+
+    global _DIFFUSERS_ROTARY
+    if _DIFFUSERS_ROTARY is None:
+        _DIFFUSERS_ROTARY = transformer_qwenimage.apply_rotary_emb_qwen
+    return transformer_qwenimage
 
 
 @contextlib.contextmanager
 def given_rotary(model, rotary_emb):
     """Inside the block, ``model``'s forward uses ``rotary_emb`` (a real (cos, sin) pair per stream) instead of
-    building its rotary from ``img_shapes``, and layers PLADIS left stock run ``Processor`` at lam 0 (the stock
-    processor's complex rotation does not export)."""
+    building its rotary from ``img_shapes``. The PLADIS processors rotate through the record's ``rotate``; so do
+    the layers PLADIS left stock: diffusers' ``apply_rotary_emb_qwen``, which their processor calls, is ``rotate``
+    for the block (complex freqs still go to diffusers' own function; the stock rotation does not export)."""
+    module = _diffusers_module()
     pos = model.pos_embed
-    stock = {}
-    for name, m in model.named_modules():
-        if hasattr(m, "set_processor") and not isinstance(m.get_processor(), Processor):
-            stock[name] = m.get_processor()
-    modules = dict(model.named_modules())
     pos.forward = lambda *args, **kwargs: rotary_emb
-    for name, proc in stock.items():
-        modules[name].processor = Processor(0.0, 1.5)  # plain attribute: set_processor would log
+    module.apply_rotary_emb_qwen = rotate
     try:
         yield
     finally:
+        module.apply_rotary_emb_qwen = _DIFFUSERS_ROTARY
         del pos.forward
-        for name, proc in stock.items():
-            modules[name].processor = proc
 
 
 def _check_variant(cfg) -> None:
@@ -341,7 +298,7 @@ def vae_scale(vae_config) -> int:
 
 FAMILY = Family(
     name="qwenimage", class_name="QwenImageTransformer2DModel", component=COMPONENT, joint=True, text_first=True,
-    processor=Processor, contract=contract, text_length=TEXT_LENGTH, denoiser_multiple=lambda m: m.config.patch_size,
+    stream_rotary=rotate, contract=contract, text_length=TEXT_LENGTH, denoiser_multiple=lambda m: m.config.patch_size,
     extra_dims=dims, timestep_scale=1.0, flow_matching=True, default_guidance=4.0, encode=encode, pack=pack,
     unpack=unpack, set_timesteps=set_timesteps, guide=guide, text_encoders=text_encoders, vae_decoder=vae_decoder,
     vae_scale=vae_scale, vae_input=_as_is, vae_channels=lambda cfg: cfg.z_dim, default_side=1024,

@@ -128,9 +128,10 @@ class Family:
     joint: bool  # MMDiT joint attention over [text, image] (else dedicated cross-attention)
     text_first: bool = False  # joint sequence order: [text, image] (FLUX) or [image, text] (SD3)
     default_excludes: str | None = None  # regex on qualified names that layers="default" leaves out
-    # (lam, alpha) -> the PLADIS processor of a layer; None: pladis.patch's joint or cross-attention one (a family
-    # whose stock processor does more than those mirror, e.g. its own mask or rotary handling, brings its own)
-    processor: Callable[[float, float], object] | None = None
+    # (x (B, L, H, D), freqs) -> x rotated, for joint attention that rotates its text and image streams apart
+    # (freqs: an (image, text) pair) and masks text keys by the text padding mask: pladis.patch then uses its
+    # StreamJointAttnProcessor (Qwen-Image); None: the shared joint processor's layout (one rotary, one sequence)
+    stream_rotary: Callable | None = None
     # export
     contract: Callable  # (name, denoiser module) -> the denoiser's pladis.contracts.Component
     text_length: int  # the denoiser's text tokens; joint models keep it static (the node's text_len)
