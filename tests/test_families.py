@@ -98,7 +98,7 @@ def test_single_file_layouts_sit_beside_their_families():
     assert families.LAYOUTS == tuple(lay for f in families.FAMILIES.values() for lay in f.layouts)
     for fam in families.FAMILIES.values():
         assert all(lay.denoiser == fam.component for lay in fam.layouts), fam.name
-    assert {f.name for f in families.FAMILIES.values() if f.layouts} == {"unet", "sd3", "flux", "flux2"}
+    assert {f.name for f in families.FAMILIES.values() if f.layouts} == {"unet", "sd3", "flux", "flux2", "qwenimage"}
 
 
 def test_flux_hooks_match_diffusers_own_packing():

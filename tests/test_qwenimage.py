@@ -94,7 +94,8 @@ def test_prompt_embeds_are_the_pipelines():
     tok = pipe.tokenizer([qwen().TEMPLATE.format(p) for p in prompts], padding="max_length", truncation=True,
                          max_length=qwen().TEXT_LENGTH + qwen().TEMPLATE_DROP, return_tensors="pt")  # fmt: skip
     with torch.no_grad():
-        hidden = qwen().text_encoders(pipe)[0].forward(pipe.text_encoder, tok.input_ids, tok.attention_mask)[0]
+        comp = qwen().text_encoders(pipe)[0]
+        hidden = comp.forward(comp.module, tok.input_ids, tok.attention_mask)[0]
     emb, mask = qwen().prompt_embeds(hidden, tok.attention_mask)
     n = ref.shape[1]
     assert torch.equal(mask[:, :n], ref_mask) and not mask[:, n:].any()
@@ -246,3 +247,52 @@ def test_generate_and_parity_commands(exported, tmp_path, capsys):
         assert "PASS" in capsys.readouterr().out
     assert images["0"].shape == (32, 32, 3)
     assert np.abs(images["3"] - images["0"]).max() > 0, "lam did not change the image: the test would prove nothing"
+
+
+# --------------------------------------------------------------------------------------------------
+# Single files and LoRAs, through diffusers' own loaders
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_transformer_single_file_loads_with_its_config_folder(tmp_path):
+    from safetensors.torch import save_file
+
+    from pladis import single_file, sources
+
+    pipe = models.load(NAME)
+    pipe.save_pretrained(tmp_path / "base")
+    path = tmp_path / "qwen_image.safetensors"
+    save_file(pipe.transformer.state_dict(), str(path))
+    with pytest.raises(single_file.CheckpointError, match="holds only a denoiser.*--config"):
+        single_file.inspect(path)
+    src = sources.resolve(str(path), str(tmp_path / "base"))
+    assert src.layout in families.get("qwenimage").layouts and src.denoiser_only
+    got = sources.load(src)
+    assert type(got).__name__ == "QwenImagePipeline"
+    a, b = got.transformer.state_dict(), pipe.transformer.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)  # copies: bitwise
+
+
+def test_a_transformer_lora_is_fused_as_peft_runs_it(tmp_path):
+    # --lora goes through diffusers' QwenImagePipeline loader; the reference is peft's unfused adapter itself
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from tiny_cases import denoiser_case, forward
+
+    from pladis import sources
+
+    _, kwargs = denoiser_case(NAME)
+    pipe = models.load(NAME)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+        pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    reference = forward(pipe.transformer, kwargs)
+    path = tmp_path / "lora.safetensors"
+    type(pipe).save_lora_weights(str(tmp_path), transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                 weight_name=path.name)  # fmt: skip
+    fused = sources.load(sources.resolve(NAME, "", [str(path)])).transformer
+    got = forward(fused, kwargs)
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)  # fused W + BA vs W x + B(A x): fp32 rounding
+    assert (got - forward(models.load(NAME).transformer, kwargs)).abs().max() > 1e-3  # the LoRA does something

@@ -32,7 +32,7 @@ import torch
 
 from pladis.contracts import Component, Port
 from pladis.errors import PladisError
-from pladis.families.record import Denoising, Family
+from pladis.families.record import Denoising, Family, Layout
 
 COMPONENT = "transformer"
 TEXT_LENGTH = 512  # text tokens after the template: static (the joint node's text_len); the pipeline allows 1024
@@ -137,22 +137,24 @@ def contract(name: str, tr) -> Component:
 
 
 def text_encoders(pipe) -> list[Component]:
-    """Qwen2.5-VL without its LM head: token ids of the templated prompt and its padding mask -> the last hidden
-    states (what the pipeline reads; the template's first tokens are dropped in ``encode``)."""
+    """Qwen2.5-VL's text decoder (``model.language_model``: no LM head, no vision tower, which text prompts never
+    reach): token ids of the templated prompt and its padding mask -> the last hidden states (what the pipeline
+    reads; the template's first tokens are dropped in ``encode``). The pipeline calls the whole model; for text
+    alone that runs the decoder on the same embeddings with the same (arange) positions."""
     if getattr(pipe, "prompt_template_encode_start_idx", TEMPLATE_DROP) != TEMPLATE_DROP:
         raise PladisError(f"{type(pipe).__name__} drops {pipe.prompt_template_encode_start_idx} template tokens; "
                           f"the Qwen-Image export contract drops {TEMPLATE_DROP} (QwenImagePipeline's)")  # fmt: skip
-    module = pipe.text_encoder
+    module = pipe.text_encoder.model.language_model
 
     def fwd(m, input_ids, attention_mask):
-        out = m.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        out = m(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
         return (out.hidden_states[-1],)
 
     inputs = [Port("input_ids", ("batch", "template_text"), "int64", "ids"),
               Port("attention_mask", ("batch", "template_text"), "int64", "mask")]  # fmt: skip
-    hidden = module.config.text_config.hidden_size
+    hidden = module.config.hidden_size
     outputs = [Port("last_hidden_state", ("batch", "template_text", hidden))]
-    vocab = module.config.text_config.vocab_size
+    vocab = module.config.vocab_size
     return [Component("text_encoder", module, inputs, outputs, fwd, extras={"vocab": vocab})]
 
 
@@ -296,10 +298,18 @@ def vae_scale(vae_config) -> int:
     return 2 ** len(vae_config.temperal_downsample)
 
 
+# Single files of the transformer in diffusers' own key layout (ComfyUI's split files; diffusers' loader for this
+# class maps keys as they are, so the "model.diffusion_model." prefix is not taken). img_mod and txt_norm: no
+# other family's keys (Qwen-Image 2.1's txt_in.text_norm is another class).
+LAYOUTS = (
+    Layout("Qwen-Image (transformer_blocks.*.img_mod, txt_norm)", ("transformer_blocks.0.img_mod.1.weight",
+           "txt_norm.weight"), None, COMPONENT),
+)  # fmt: skip
+
 FAMILY = Family(
     name="qwenimage", class_name="QwenImageTransformer2DModel", component=COMPONENT, joint=True, text_first=True,
     stream_rotary=rotate, contract=contract, text_length=TEXT_LENGTH, denoiser_multiple=lambda m: m.config.patch_size,
-    extra_dims=dims, timestep_scale=1.0, flow_matching=True, default_guidance=4.0, encode=encode, pack=pack,
+    extra_dims=dims, layouts=LAYOUTS, timestep_scale=1.0, flow_matching=True, default_guidance=4.0, encode=encode, pack=pack,
     unpack=unpack, set_timesteps=set_timesteps, guide=guide, text_encoders=text_encoders, vae_decoder=vae_decoder,
     vae_scale=vae_scale, vae_input=_as_is, vae_channels=lambda cfg: cfg.z_dim, default_side=1024,
 )  # fmt: skip
