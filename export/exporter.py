@@ -140,8 +140,8 @@ def _size(cfg: ExportConfig, pipe) -> tuple[int, int]:
         default_h, default_w = spec.height, spec.width
     else:
         fam = patch.family_of(patch.denoiser_of(pipe))
-        default_h = default_w = fam.default_side or patch.denoiser_of(pipe).config.sample_size * fam.vae_scale(
-            pipe.vae.config)
+        side = fam.default_side or patch.denoiser_of(pipe).config.sample_size * fam.vae_scale(pipe.vae.config)
+        default_h = default_w = side
     return cfg.height or default_h, cfg.width or default_w
 
 

@@ -122,17 +122,10 @@ def _upsample_nearest_exact_symbolic(g, x, output_size, scale_factors):
 
     empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
     attrs = dict(mode_s="nearest", coordinate_transformation_mode_s="half_pixel", nearest_mode_s="round_prefer_ceil")
-    if not sh._is_none(scale_factors):
-        scales = [1.0, 1.0, *sh._get_const(scale_factors, "fs", "scale_factors")]
-        return g.op("Resize", x, empty, g.op("Constant", value_t=torch.tensor(scales)), **attrs)
-    shape = g.op("Shape", x)
-    head = g.op("Slice", shape, g.op("Constant", value_t=torch.tensor([0])), g.op("Constant", value_t=torch.tensor([2])))
-    size = output_size if not sh._is_value(output_size) or output_size.node().kind() != "prim::ListConstruct" else (
-        g.op("Concat", *[sh._unsqueeze_helper(g, s, [0]) for s in output_size.node().inputs()], axis_i=0))  # fmt: skip
-    if not sh._is_value(size):
-        size = g.op("Constant", value_t=torch.tensor(sh._get_const(output_size, "is", "output_size")))
-    sizes = g.op("Concat", head, g.op("Cast", size, to_i=TensorProto.INT64), axis_i=0)
-    return g.op("Resize", x, empty, empty, sizes, **attrs)
+    if sh._is_none(scale_factors):  # an output size would freeze the image size: only scale factors export
+        raise torch.onnx.errors.SymbolicValueError("nearest-exact up-sampling exports with scale factors only", x)
+    scales = [1.0, 1.0, *sh._get_const(scale_factors, "fs", "scale_factors")]
+    return g.op("Resize", x, empty, g.op("Constant", value_t=torch.tensor(scales)), **attrs)
 
 
 def register_symbolics(opset: int) -> None:

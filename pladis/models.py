@@ -324,8 +324,10 @@ def _qwenimage():
         latents_mean=(torch.randn(4, generator=g, device="cpu") * 0.5).tolist(),
         latents_std=(torch.rand(4, generator=g, device="cpu") * 1.5 + 0.5).tolist(),
     )  # fmt: skip
+    # Qwen-Image's scheduler config
     scheduler = _flow(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
-                      max_image_seq_len=8192, shift=1.0, shift_terminal=0.02, time_shift_type="exponential")  # fmt: skip
+                      max_image_seq_len=8192, shift=1.0, shift_terminal=0.02,
+                      time_shift_type="exponential")  # fmt: skip
     return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer)
 
 

@@ -40,7 +40,8 @@ def test_hooks_match_the_pipeline_helpers():
     from diffusers import QwenImagePipeline as P
 
     pipe = models.load(NAME, device="meta")
-    assert (qwen().TEMPLATE, qwen().TEMPLATE_DROP) == (pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx)
+    assert qwen().TEMPLATE == pipe.prompt_template_encode
+    assert qwen().TEMPLATE_DROP == pipe.prompt_template_encode_start_idx
     assert qwen().vae_scale(pipe.vae.config) == pipe.vae_scale_factor
     fam = families.get("qwenimage")
     noise = torch.randn(fam.noise_shape(2, 4, 12, 16), generator=torch.Generator().manual_seed(0))

@@ -1,10 +1,10 @@
 """One record per model family: everything that differs between the denoisers PLADIS supports.
 
 ``record`` defines the ``Family`` record, the ``Denoising`` view its runtime hooks read and the single-file
-``Layout``; one module per family (``unet``, ``pixart``, ``sd3``, ``flux2``, ``flux``, ``qwenimage``) holds its export contract, its
-encode/pack/unpack/timestep hooks, its single-file layouts and its size rule. This module is the registry:
-the other modules look a family up (``get(name)``, ``of_model(model)``) and read the record; none of them
-names a family (tests/test_families.py scans the source for that).
+``Layout``; one module per family (``unet``, ``pixart``, ``sd3``, ``flux2``, ``flux``, ``qwenimage``) holds its
+export contract, its encode/pack/unpack/timestep hooks, its single-file layouts and its size rule. This module
+is the registry: the other modules look a family up (``get(name)``, ``of_model(model)``) and read the record;
+none of them names a family (tests/test_families.py scans the source for that).
 
 Adding a family: a module here with its contract and ``encode`` hook (the record's defaults cover the rest)
 and one ``FAMILY``, its entry in ``FAMILIES`` below, a tiny built-in model in ``pladis.models.BUILTINS`` and

@@ -309,7 +309,8 @@ LAYOUTS = (
 FAMILY = Family(
     name="qwenimage", class_name="QwenImageTransformer2DModel", component=COMPONENT, joint=True, text_first=True,
     stream_rotary=rotate, contract=contract, text_length=TEXT_LENGTH, denoiser_multiple=lambda m: m.config.patch_size,
-    extra_dims=dims, layouts=LAYOUTS, timestep_scale=1.0, flow_matching=True, default_guidance=4.0, encode=encode, pack=pack,
-    unpack=unpack, set_timesteps=set_timesteps, guide=guide, text_encoders=text_encoders, vae_decoder=vae_decoder,
-    vae_scale=vae_scale, vae_input=_as_is, vae_channels=lambda cfg: cfg.z_dim, default_side=1024,
+    extra_dims=dims, layouts=LAYOUTS, timestep_scale=1.0, flow_matching=True, default_guidance=4.0, encode=encode,
+    pack=pack, unpack=unpack, set_timesteps=set_timesteps, guide=guide, text_encoders=text_encoders,
+    vae_decoder=vae_decoder, vae_scale=vae_scale, vae_input=_as_is, vae_channels=lambda cfg: cfg.z_dim,
+    default_side=1024,
 )  # fmt: skip
