@@ -297,3 +297,14 @@ def test_a_transformer_lora_is_fused_as_peft_runs_it(tmp_path):
     got = forward(fused, kwargs)
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)  # fused W + BA vs W x + B(A x): fp32 rounding
     assert (got - forward(models.load(NAME).transformer, kwargs)).abs().max() > 1e-3  # the LoRA does something
+
+
+def test_another_prompt_template_is_refused_by_name():
+    # QwenImageEditPipeline (and the like) template their prompts otherwise: the t2i contract would misread them
+    from types import SimpleNamespace
+
+    from pladis.errors import PladisError
+
+    edit = SimpleNamespace(prompt_template_encode="{}", prompt_template_encode_start_idx=64, text_encoder=None)
+    with pytest.raises(PladisError, match=r"another template \(it drops 64 tokens\).*export a QwenImagePipeline"):
+        qwen().text_encoders(edit)

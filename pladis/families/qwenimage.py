@@ -11,13 +11,13 @@ makes ``pladis.patch`` use its ``StreamJointAttnProcessor``, which mirrors that 
 Export. The rotary is size-dependent (diffusers builds it from ``img_shapes`` and the text length inside the
 forward): the exported denoiser takes position ids instead, ``img_ids`` (image_tokens, 3) and ``txt_ids``
 (text, 3), as FLUX does, and turns them into the same angles (``position x theta^(-2j/d)`` per axis, float32) in
-the graph; diffusers' complex-number rotation becomes its real-arithmetic equal (``Processor`` takes either).
+the graph; diffusers' complex-number rotation becomes its real-arithmetic equal (``rotate`` takes either).
 Layers PLADIS leaves stock rotate through ``rotate`` too (``given_rotary``), for the same reason.
 The text encoder is exported as the pipeline runs it, without the LM head (its last hidden states); the
 pipeline's template handling (drop the first 34 tokens of the real ones, pad with zeros) runs in ``encode``.
 The text is padded to a static ``TEXT_LENGTH`` with its mask, where the pipeline pads to the longest prompt: the
 image stream is the same (padded keys are masked out), prompts longer than ``TEXT_LENGTH`` tokens are cut.
-The VAE decoder takes the packed latents' (B, C, h, w) and undoes the normalisation inside its graph.
+The VAE decoder takes the unpacked latents (B, C, h, w) and undoes the normalisation inside its graph.
 
 Sampling follows ``QwenImagePipeline``: sigmas linspace(1, 1/n) shifted by ``mu`` from the token count (the
 scheduler's dynamic shifting), timesteps / 1000, true classifier-free guidance rescaled to the conditional
@@ -110,7 +110,7 @@ def _check_variant(cfg) -> None:
         if getattr(cfg, key, False):
             raise PladisError(f"a QwenImageTransformer2DModel with {key}=True (an edit or layered variant) has no "
                               "export contract here: only the text-to-image QwenImagePipeline's transformer "
-                              "exports (patching works for all)")  # fmt: skip
+                              "exports (the PLADIS processors do not depend on these settings)")  # fmt: skip
 
 
 def contract(name: str, tr) -> Component:
@@ -141,9 +141,12 @@ def text_encoders(pipe) -> list[Component]:
     reach): token ids of the templated prompt and its padding mask -> the last hidden states (what the pipeline
     reads; the template's first tokens are dropped in ``encode``). The pipeline calls the whole model; for text
     alone that runs the decoder on the same embeddings with the same (arange) positions."""
-    if getattr(pipe, "prompt_template_encode_start_idx", TEMPLATE_DROP) != TEMPLATE_DROP:
-        raise PladisError(f"{type(pipe).__name__} drops {pipe.prompt_template_encode_start_idx} template tokens; "
-                          f"the Qwen-Image export contract drops {TEMPLATE_DROP} (QwenImagePipeline's)")  # fmt: skip
+    template = (getattr(pipe, "prompt_template_encode", TEMPLATE), getattr(pipe, "prompt_template_encode_start_idx",
+                                                                            TEMPLATE_DROP))  # fmt: skip
+    if template != (TEMPLATE, TEMPLATE_DROP):
+        raise PladisError(f"{type(pipe).__name__} encodes prompts with another template (it drops {template[1]} "
+                          f"tokens); the Qwen-Image export contract is QwenImagePipeline's (text to image, "
+                          f"{TEMPLATE_DROP} dropped): export a QwenImagePipeline")  # fmt: skip
     module = pipe.text_encoder.model.language_model
 
     def fwd(m, input_ids, attention_mask):
