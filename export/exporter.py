@@ -139,9 +139,9 @@ def _size(cfg: ExportConfig, pipe) -> tuple[int, int]:
         spec = models.BUILTINS[cfg.model]
         default_h, default_w = spec.height, spec.width
     else:
-        denoiser = patch.denoiser_of(pipe)
-        vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        default_h = default_w = denoiser.config.sample_size * vae
+        fam = patch.family_of(patch.denoiser_of(pipe))
+        side = fam.default_side or patch.denoiser_of(pipe).config.sample_size * fam.vae_scale(pipe.vae.config)
+        default_h = default_w = side
     return cfg.height or default_h, cfg.width or default_w
 
 

@@ -111,7 +111,7 @@ def build_manifest(*, cfg, pipe, family, report, dims, comps, files, folder, val
             "scaling_factor": getattr(vae, "scaling_factor", 1.0),  # none: the family's decoder normalises
             "shift_factor": getattr(vae, "shift_factor", None),
             "scale_factor": families.get(family).vae_scale(vae),
-            "latent_channels": vae.latent_channels,
+            "latent_channels": families.get(family).vae_channels(vae),
         },
         "components": components,
         # an export of some components only (--components) is for benchmarks: the runtime refuses it

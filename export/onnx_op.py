@@ -112,10 +112,28 @@ def _unflatten_symbolic(g, x, dim, sizes):
     return g.op("Reshape", x, g.op("Concat", *parts, axis_i=0))
 
 
+def _upsample_nearest_exact_symbolic(g, x, output_size, scale_factors):
+    """``aten::_upsample_nearest_exact2d`` (the 3-D VAEs' up-sampling), which the exporter lacks: one Resize.
+
+    torch reads source ``floor((dst + 0.5) / scale)``; Resize with ``half_pixel`` coordinates reads
+    ``round((dst + 0.5) / scale - 0.5)``, which ``round_prefer_ceil`` makes the same ``floor`` for every scale.
+    """
+    from torch.onnx import symbolic_helper as sh
+
+    empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
+    attrs = dict(mode_s="nearest", coordinate_transformation_mode_s="half_pixel", nearest_mode_s="round_prefer_ceil")
+    if sh._is_none(scale_factors):  # an output size would freeze the image size: only scale factors export
+        raise torch.onnx.errors.SymbolicValueError("nearest-exact up-sampling exports with scale factors only", x)
+    scales = [1.0, 1.0, *sh._get_const(scale_factors, "fs", "scale_factors")]
+    return g.op("Resize", x, empty, g.op("Constant", value_t=torch.tensor(scales)), **attrs)
+
+
 def register_symbolics(opset: int) -> None:
     """Teach the TorchScript exporter (``torch.onnx.export(dynamo=False)``) to emit ``PladisAttention``;
-    to export ``aten::rms_norm``, which it cannot below opset 23; and to keep ``aten::unflatten`` dynamic."""
+    to export ``aten::rms_norm``, which it cannot below opset 23; to keep ``aten::unflatten`` dynamic; and to
+    export ``aten::_upsample_nearest_exact2d``, which it lacks."""
     torch.onnx.register_custom_op_symbolic("pladis::attention", _symbolic, opset)
+    torch.onnx.register_custom_op_symbolic("aten::_upsample_nearest_exact2d", _upsample_nearest_exact_symbolic, opset)
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, opset)
     torch.onnx.register_custom_op_symbolic("aten::unflatten", _unflatten_symbolic, opset)
 

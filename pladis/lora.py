@@ -23,7 +23,8 @@ LORA_SUFFIXES = (".safetensors", ".bin")
 
 # the pipelines of the supported families that diffusers may give a LoRA loader (never one PLADIS refuses)
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline",
-             "StableDiffusion3Pipeline", "FluxPipeline", "Flux2Pipeline", "Flux2KleinPipeline")  # fmt: skip
+             "StableDiffusion3Pipeline", "FluxPipeline", "Flux2Pipeline", "Flux2KleinPipeline",
+             "QwenImagePipeline")  # fmt: skip
 
 
 class LoraError(PladisError):

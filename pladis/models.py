@@ -346,6 +346,51 @@ def _flux2():
     )
 
 
+def _qwen25_vl(hidden: int, layers: int, heads: int, inter: int, max_length: int):
+    """A Qwen2.5-VL model (text decoder with M-RoPE and a one-block vision tower; eager attention: traceable with
+    a padding mask) and a character tokenizer (right padding, as the pipeline's masked-hidden extraction reads)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = char_tokenizer("t5", max_length)
+    half = hidden // heads // 2  # M-RoPE sections (temporal, height, width) cover half the head dim
+    text = dict(
+        vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=1, max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "mrope_section": [half - 2 * (half // 4), half // 4, half // 4],
+                         "rope_theta": 1000000.0},
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )  # fmt: skip
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden,
+                  fullatt_block_indexes=[0])  # fmt: skip
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=252, video_token_id=253,
+                           vision_start_token_id=254, vision_end_token_id=255, attn_implementation="eager")  # fmt: skip
+    return Qwen2_5_VLForConditionalGeneration(cfg), tok
+
+
+def _qwenimage():
+    """Qwen-Image's layout: a Qwen2.5-VL text encoder (the pipeline reads its last hidden states after the
+    prompt template's first 34 tokens), QwenImageTransformer2DModel (joint attention in every block, 3-axis
+    rotary), AutoencoderKLQwenImage (a causal 3-D VAE; latents normalised by random per-channel mean/std)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+
+    te, tok = _qwen25_vl(16, 2, 2, 32, max_length=2048)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+        latents_mean=(torch.randn(4, generator=g, device="cpu") * 0.5).tolist(),
+        latents_std=(torch.rand(4, generator=g, device="cpu") * 1.5 + 0.5).tolist(),
+    )  # fmt: skip
+    # Qwen-Image's scheduler config
+    scheduler = _flow(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                      max_image_seq_len=8192, shift=1.0, shift_terminal=0.02,
+                      time_shift_type="exponential")  # fmt: skip
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer)
+
+
 @dataclass(frozen=True)
 class Builtin:
     """A built-in random-weight model: its builder, the image size its tests and demo use, and any extra
@@ -365,6 +410,7 @@ BUILTINS: dict[str, Builtin] = {
     "tiny-flux": Builtin(_flux, 32, 32),
     "tiny-flux2": Builtin(_flux2, 32, 32),
     "tiny-flux2-dev": Builtin(_flux2_dev, 32, 32),
+    "tiny-qwenimage": Builtin(_qwenimage, 32, 32),
     # SD 1.5's layout with a 92 M-parameter U-Net at 256²: benchmarks that must take seconds on a CPU
     "small-sd15": Builtin(lambda: _sd15(tiny=False, channels=(128, 256, 384, 384), sample_size=32), 256, 256),
     "sd15": Builtin(lambda: _sd15(tiny=False), 512, 512),

@@ -2,9 +2,10 @@
 
 Which denoisers are supported, and whether their text attention is joint or cross-attention, is read from
 their record in ``pladis.families``. The processors mirror diffusers' stock ones (``AttnProcessor2_0`` for
-cross-attention, ``JointAttnProcessor2_0``/``FluxAttnProcessor`` for joint attention) up to the attention
-call, which goes to ``pladis.ops``; they hold no numerics of their own. ``apply`` swaps processors through
-each attention module's public ``set_processor`` and remembers the originals; ``remove`` puts them back.
+cross-attention, ``JointAttnProcessor2_0``/``FluxAttnProcessor`` for joint attention, and for joint attention
+that rotates and masks its streams apart ``QwenDoubleStreamAttnProcessor2_0``) up to the attention call, which
+goes to ``pladis.ops``; they hold no numerics of their own. ``apply`` swaps processors through each attention
+module's public ``set_processor`` and remembers the originals; ``remove`` puts them back.
 """
 
 from __future__ import annotations
@@ -159,6 +160,45 @@ class JointAttnProcessor:
         return img, txt
 
 
+class StreamJointAttnProcessor:
+    """PLADIS processor for joint attention over [text, image] that rotates each stream by itself and masks
+    text keys by a text padding mask (Qwen-Image's ``QwenDoubleStreamAttnProcessor2_0``): q/k/v of both streams,
+    per-head q/k norms, ``rotate(x, freqs)`` per stream (the family record's ``stream_rotary``; freqs an
+    (image, text) pair), keys masked by [text mask, image all], then ``ops.joint_attention`` (text first)."""
+
+    def __init__(self, lam: float, alpha: float, rotate: Callable):
+        self.lam, self.alpha, self.rotate, self.lam_override = lam, alpha, rotate, None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):  # fmt: skip
+        if encoder_hidden_states is None or attention_mask is not None:
+            raise PladisError("PLADIS stream joint-attention processor takes the text stream and its padding mask "
+                              "(encoder_hidden_states, encoder_hidden_states_mask), not an attention_mask")  # fmt: skip
+        mask = None
+        if encoder_hidden_states_mask is not None:  # keys: [text (its mask), image (all)]
+            image = torch.ones_like(hidden_states[..., 0], dtype=torch.bool)
+            mask = torch.cat([encoder_hidden_states_mask.bool(), image], dim=1)[:, None, None, :]
+        head_dim = attn.inner_dim // attn.heads
+        img = [p(hidden_states).unflatten(-1, (-1, head_dim)) for p in (attn.to_q, attn.to_k, attn.to_v)]
+        txt = [p(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+               for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]  # fmt: skip
+        img[0], img[1] = _maybe(attn.norm_q, img[0]), _maybe(attn.norm_k, img[1])
+        txt[0], txt[1] = _maybe(attn.norm_added_q, txt[0]), _maybe(attn.norm_added_k, txt[1])
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img[0], img[1] = self.rotate(img[0], img_freqs), self.rotate(img[1], img_freqs)
+            txt[0], txt[1] = self.rotate(txt[0], txt_freqs), self.rotate(txt[1], txt_freqs)
+        n_txt = int(txt[0].shape[1])  # a constant of the graph; the image length stays symbolic
+        q, k, v = (torch.cat([t, i], dim=1).transpose(1, 2) for t, i in zip(txt, img, strict=True))
+        out = ops.joint_attention(q, k, v, text_len=n_txt, text_first=True, lam=_strength(self, q.shape[0]),
+                                  alpha=self.alpha, attn_mask=mask)  # fmt: skip
+        out = out.transpose(1, 2).flatten(2).to(q.dtype)
+        img_out = attn.to_out[0](out[:, n_txt:].contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)  # dropout
+        return img_out, attn.to_add_out(out[:, :n_txt].contiguous())
+
+
 def _maybe(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if norm is None else norm(x)
 
@@ -262,7 +302,9 @@ def apply(
     for name in names:
         module = modules[name]
         originals[name] = module.get_processor()
-        if fam.joint:
+        if fam.stream_rotary is not None:  # joint attention rotating its streams apart, text keys masked
+            module.set_processor(StreamJointAttnProcessor(float(lam), float(alpha), fam.stream_rotary))
+        elif fam.joint:
             module.set_processor(JointAttnProcessor(float(lam), float(alpha), fam.text_first))
         else:
             module.set_processor(CrossAttnProcessor(float(lam), float(alpha)))

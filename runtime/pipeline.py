@@ -232,7 +232,7 @@ class Runtime:
         if not use_cfg:
             return noise
         uncond, text = noise.chunk(2)
-        guided = uncond + s.guidance * (text - uncond)
+        guided = self.family.guide(uncond, text, s.guidance)
         if s.guidance_rescale > 0:
             from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 

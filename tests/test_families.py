@@ -18,7 +18,7 @@ ALLOWED = {
     ("bench/suite.py", "unet"): "the U-Net component's exported file name, not the family",
 }
 BUILTIN_OF = {"unet": ["tiny-sd15", "tiny-sdxl"], "pixart": ["tiny-pixart"], "sd3": ["tiny-sd3"], "flux": ["tiny-flux"],
-              "flux2": ["tiny-flux2"]}  # fmt: skip
+              "flux2": ["tiny-flux2"], "qwenimage": ["tiny-qwenimage"]}  # fmt: skip
 
 
 def _family_literals(top: Path = ROOT) -> list[tuple[str, int, str]]:
@@ -98,7 +98,7 @@ def test_single_file_layouts_sit_beside_their_families():
     assert families.LAYOUTS == tuple(lay for f in families.FAMILIES.values() for lay in f.layouts)
     for fam in families.FAMILIES.values():
         assert all(lay.denoiser == fam.component for lay in fam.layouts), fam.name
-    assert {f.name for f in families.FAMILIES.values() if f.layouts} == {"unet", "sd3", "flux", "flux2"}
+    assert {f.name for f in families.FAMILIES.values() if f.layouts} == {"unet", "sd3", "flux", "flux2", "qwenimage"}
 
 
 def test_flux_hooks_match_diffusers_own_packing():

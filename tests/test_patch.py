@@ -11,7 +11,7 @@ import pladis
 from pladis import models, patch
 
 ORACLE = {1.5: entmax15, 2.0: sparsemax}
-JOINT_TEXT_FIRST = {"tiny-flux": True, "tiny-sd3": False, "tiny-flux2": True}
+JOINT_TEXT_FIRST = {"tiny-flux": True, "tiny-sd3": False, "tiny-flux2": True, "tiny-qwenimage": True}
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +64,20 @@ class ReferenceProcessor:
             return self.stock(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
 
 
+class KeywordReference(ReferenceProcessor):
+    """The reference for a stock processor whose attention module passes on only the keywords the processor's
+    signature names (diffusers' ``Attention``): Qwen-Image's text mask and per-stream rotary."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):  # fmt: skip
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask=attention_mask,
+                                encoder_hidden_states_mask=encoder_hidden_states_mask,
+                                image_rotary_emb=image_rotary_emb)  # fmt: skip
+
+
+REFERENCE = {"tiny-qwenimage": KeywordReference}  # the others: ReferenceProcessor
+
+
 @contextlib.contextmanager
 def _replace_sdpa(fn):
     original = torch.nn.functional.scaled_dot_product_attention
@@ -91,7 +105,8 @@ def test_patched_output_matches_reference_processor(case, alpha):
     pladis.remove(model)
     modules = dict(model.named_modules())
     for name in report.layers:
-        modules[name].set_processor(ReferenceProcessor(stock[name], 2.0, alpha, JOINT_TEXT_FIRST.get(case)))
+        ref = REFERENCE.get(case, ReferenceProcessor)
+        modules[name].set_processor(ref(stock[name], 2.0, alpha, JOINT_TEXT_FIRST.get(case)))
     try:
         reference = forward(model, kwargs)
     finally:
@@ -131,6 +146,7 @@ EXPECTED_COUNTS = {  # (default, all): U-Nets leave the mid block out by default
     "tiny-sd3": (2, 2),
     "tiny-flux": (2, 2),
     "tiny-flux2": (2, 2),
+    "tiny-qwenimage": (2, 2),  # every block is joint: no single-stream blocks
 }
 
 
@@ -196,7 +212,7 @@ def test_pipeline_target_and_cfg_halves():
     torch.testing.assert_close(both, torch.cat(halves), rtol=1e-5, atol=1e-5)  # batch-size-dependent BLAS order
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3", "tiny-flux2"])
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3", "tiny-flux2", "tiny-qwenimage"])
 def test_joint_attention_leaves_text_queries(name):
     model, _ = denoiser_case(name)
     attn = model.transformer_blocks[0].attn
@@ -205,7 +221,10 @@ def test_joint_attention_leaves_text_queries(name):
     img, txt = torch.randn(2, 16, attn.query_dim, generator=g), torch.randn(2, 9, attn.added_kv_proj_dim, generator=g)
     outs = {}
     for lam in (0.0, 2.0, 3.0):
-        attn.set_processor(patch.JointAttnProcessor(lam, 1.5, JOINT_TEXT_FIRST[name]) if lam else stock)
+        fam = pladis.families.of_model(model)
+        proc = (patch.StreamJointAttnProcessor(lam, 1.5, fam.stream_rotary) if fam.stream_rotary
+                else patch.JointAttnProcessor(lam, 1.5, JOINT_TEXT_FIRST[name]))  # fmt: skip
+        attn.set_processor(proc if lam else stock)
         with torch.no_grad():
             outs[lam] = attn(img, encoder_hidden_states=txt)
     attn.set_processor(stock)

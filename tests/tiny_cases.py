@@ -6,7 +6,7 @@ import torch
 
 from pladis import models
 
-FAMILY_CASES = ["tiny-sd15", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-flux2"]
+FAMILY_CASES = ["tiny-sd15", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-qwenimage"]
 
 
 def _rand(*shape, seed):
@@ -71,6 +71,14 @@ def denoiser_case(name: str):
             timestep=torch.tensor([0.5, 0.5]),
             img_ids=ids,
             txt_ids=torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(12)).float(),
+        )
+    if name == "tiny-qwenimage":  # a 6 x 6 patch grid; row 0's text has 4 padded tokens (the pipeline's mask)
+        return tr, dict(
+            hidden_states=_rand(b, 36, 16, seed=1),
+            encoder_hidden_states=_rand(b, 12, 16, seed=2),
+            encoder_hidden_states_mask=_padding_mask(b, 12, [8, 12]),
+            timestep=torch.tensor([0.5, 0.5]),
+            img_shapes=[[(1, 6, 6)]] * b,
         )
     raise KeyError(name)
 

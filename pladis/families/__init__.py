@@ -1,10 +1,10 @@
 """One record per model family: everything that differs between the denoisers PLADIS supports.
 
 ``record`` defines the ``Family`` record, the ``Denoising`` view its runtime hooks read and the single-file
-``Layout``; one module per family (``unet``, ``pixart``, ``sd3``, ``flux2``, ``flux``) holds its export contract, its
-encode/pack/unpack/timestep hooks, its single-file layouts and its size rule. This module is the registry:
-the other modules look a family up (``get(name)``, ``of_model(model)``) and read the record; none of them
-names a family (tests/test_families.py scans the source for that).
+``Layout``; one module per family (``unet``, ``pixart``, ``sd3``, ``flux2``, ``flux``, ``qwenimage``) holds its
+export contract, its encode/pack/unpack/timestep hooks, its single-file layouts and its size rule. This module
+is the registry: the other modules look a family up (``get(name)``, ``of_model(model)``) and read the record;
+none of them names a family (tests/test_families.py scans the source for that).
 
 Adding a family: a module here with its contract and ``encode`` hook (the record's defaults cover the rest)
 and one ``FAMILY``, its entry in ``FAMILIES`` below, a tiny built-in model in ``pladis.models.BUILTINS`` and
@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from pladis.errors import PladisError
-from pladis.families import flux, flux2, pixart, sd3, unet
+from pladis.families import flux, flux2, pixart, qwenimage, sd3, unet
 from pladis.families.record import (
     CLIP_LENGTH,
     Denoising,
@@ -33,7 +33,7 @@ __all__ = ["CLIP_LENGTH", "FAMILIES", "LAYOUTS", "Denoising", "Family", "Layout"
            "vae_scale_factor"]  # fmt: skip
 
 # FLUX.2 before FLUX.1: its single files also hold FLUX.1's layout key, so its own layouts must be tried first
-FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (unet, pixart, sd3, flux2, flux)}
+FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in (unet, pixart, sd3, flux2, flux, qwenimage)}
 
 # every family's single-file layouts, most specific first (the first that matches a checkpoint's keys wins)
 LAYOUTS: tuple[Layout, ...] = tuple(lay for fam in FAMILIES.values() for lay in fam.layouts)

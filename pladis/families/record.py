@@ -99,6 +99,14 @@ def _noise_shape(batch: int, channels: int, latent_h: int, latent_w: int) -> tup
     return (batch, channels, latent_h, latent_w)
 
 
+def _plain_cfg(uncond: torch.Tensor, text: torch.Tensor, guidance: float) -> torch.Tensor:
+    return uncond + guidance * (text - uncond)
+
+
+def _latent_channels(vae_config) -> int:
+    return vae_config.latent_channels
+
+
 def vae_scale_factor(vae_config) -> int:
     """Pixels per latent unit a side of an ``AutoencoderKL`` config: 2 ** (down-sampling levels)."""
     return 2 ** (len(vae_config.block_out_channels) - 1)
@@ -126,6 +134,10 @@ class Family:
     joint: bool  # MMDiT joint attention over [text, image] (else dedicated cross-attention)
     text_first: bool = False  # joint sequence order: [text, image] (FLUX) or [image, text] (SD3)
     default_excludes: str | None = None  # regex on qualified names that layers="default" leaves out
+    # (x (B, L, H, D), freqs) -> x rotated, for joint attention that rotates its text and image streams apart
+    # (freqs: an (image, text) pair) and masks text keys by the text padding mask: pladis.patch then uses its
+    # StreamJointAttnProcessor (Qwen-Image); None: the shared joint processor's layout (one rotary, one sequence)
+    stream_rotary: Callable | None = None
     # export
     contract: Callable  # (name, denoiser module) -> the denoiser's pladis.contracts.Component
     text_length: int  # the denoiser's text tokens; joint models keep it static (the node's text_len)
@@ -151,9 +163,13 @@ class Family:
     # (batch, latent channels, latent h, latent w) -> the initial noise's shape (FLUX.2 draws it patchified)
     noise_shape: Callable[[int, int, int, int], tuple[int, ...]] = _noise_shape
     set_timesteps: Callable[..., None] = _plain_timesteps  # (scheduler, steps, latent h, latent w)
+    # (uncond, text, guidance) -> the guided prediction (Qwen-Image rescales it to the conditional norm)
+    guide: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = _plain_cfg
     # the VAE
     vae_scale: Callable[..., int] = vae_scale_factor  # (VAE config) -> pixels per latent unit a side
     vae_input: Callable = vae_latents  # (latents, scaling_factor, shift_factor) -> VAE decoder input
+    vae_channels: Callable[..., int] = _latent_channels  # (VAE config) -> latent channels
+    default_side: int | None = None  # default image side (pixels) of hub models; None: denoiser sample_size x VAE
 
     # -- the size rule ------------------------------------------------------------------------------
 
