@@ -33,3 +33,177 @@ def test_weight_map_covers_every_linear_and_holds_its_values(tmp_path, name):
             value = numpy_helper.to_array(inits[entry["initializer"]])
             want = linears[path].weight.detach().float().numpy()
             np.testing.assert_array_equal(value.T if entry["transposed"] else value, want)  # bitwise: same bytes
+
+
+# --------------------------------------------------------------------------------------------------
+# Swapping LoRAs on a built engine (pladis.runtime.lora): vs a fresh export with the same LoRAs fused
+# --------------------------------------------------------------------------------------------------
+
+pytest.importorskip("peft")  # in the dev and lora extras; the LoRAs are made with it
+
+# family -> (the denoiser's LoRA target modules, the LoRA-loader keyword its layers are saved under)
+FAMILIES = {
+    "tiny-sdxl": (["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"], "unet_lora_layers"),
+    "tiny-flux": (["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "proj_mlp", "ff.net.2"], "transformer_lora_layers"),
+}  # fmt: skip
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def make_lora(name: str, seed: int, path, rank: int = 4):
+    """A peft LoRA (random up- and down-projections: peft's default zeros would change nothing) on the
+    denoiser's attention and feed-forward linears, and for SDXL on both text encoders' attention projections,
+    saved with diffusers' save_lora_weights from peft's own state dicts."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    targets, keyword = FAMILIES[name]
+    torch.manual_seed(seed)
+    pipe = models.load(name)
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False)
+    denoiser.add_adapter(config)
+    layers = {keyword: get_peft_model_state_dict(denoiser)}
+    if name == "tiny-sdxl":  # text encoders: transformers 5's add_adapter wants peft >= 0.22; peft's own injection
+        te = LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+                        init_lora_weights=False)  # fmt: skip
+        for comp in ("text_encoder", "text_encoder_2"):
+            module = inject_adapter_in_model(te, getattr(pipe, comp))
+            layers[f"{comp}_lora_layers"] = get_peft_model_state_dict(module)
+    type(pipe).save_lora_weights(str(path.parent), weight_name=path.name, **layers)
+    return path
+
+
+def kohya(src, dst):
+    """The U-Net layers of a diffusers-saved SDXL LoRA renamed as kohya's sd-scripts names them
+    (``lora_unet_<path with _>.lora_down/lora_up.weight`` and an ``.alpha`` of the rank); text encoders as
+    ``lora_te1_`` / ``lora_te2_``."""
+    from safetensors.torch import load_file, save_file
+
+    prefixes = {"unet.": "lora_unet_", "text_encoder.": "lora_te1_", "text_encoder_2.": "lora_te2_"}
+    out = {}
+    for key, value in load_file(str(src)).items():
+        comp = next(p for p in sorted(prefixes, key=len, reverse=True) if key.startswith(p))
+        layer, _, kind = key.removeprefix(comp).rpartition(".lora_")
+        base = prefixes[comp] + layer.replace(".", "_")
+        out[f"{base}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
+        if kind.startswith("A"):
+            out[f"{base}.alpha"] = torch.tensor(float(value.shape[0]))
+    save_file(out, str(dst))
+    return dst
+
+
+def feeds_of(manifest: dict, seed: int = 0) -> dict:
+    """Seeded inputs of each LoRA-addressable component at its optimal shape."""
+    out = {}
+    for name, comp in manifest["components"].items():
+        gen = torch.Generator().manual_seed(seed + len(name))
+        feeds = {}
+        for i in comp["inputs"]:
+            if i["dtype"].startswith("int"):
+                feeds[i["name"]] = torch.randint(0, 60, i["opt"], generator=gen, dtype=getattr(torch, i["dtype"]))
+            else:
+                scale = 50 if "time" in i["name"] else 1
+                feeds[i["name"]] = torch.randn(i["opt"], generator=gen) * scale
+        if comp["role"] != "vae_decoder":
+            out[name] = feeds
+    return out
+
+
+def outputs(rt, feeds) -> dict:
+    return {n: {k: v.numpy().copy() for k, v in rt.run(n, f).items()} for n, f in feeds.items()}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """One module-scoped set per family: the base export, LoRAs a and b, and a fresh export with a:0.5 + b:1.0
+    fused through the existing --lora path (the reference)."""
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    a, b = make_lora(name, 1, root / "a.safetensors"), make_lora(name, 2, root / "b.safetensors")
+    base = root / "base"
+    manifest = export(ExportConfig(model=name, out=str(base), validate=False))
+    fused = root / "fused"
+    export(ExportConfig(model=name, out=str(fused), validate=False, lora=(f"{a}:0.5", f"{b}:1.0")))
+    return {"name": name, "root": root, "a": a, "b": b, "base": base, "fused": fused, "feeds": feeds_of(manifest)}
+
+
+def test_swapped_loras_match_a_fresh_export_with_them_fused(family):
+    """a:0.5 + b:1.0 swapped into the base ORT engine vs the export with both fused (diffusers' own fuse_lora)
+    and run by ONNX Runtime: every LoRA-touched component (SDXL: U-Net and both text encoders)."""
+    from pladis.runtime import Runtime
+
+    feeds = family["feeds"]
+    want = outputs(Runtime(family["fused"], "ort"), feeds)
+    rt = Runtime(family["base"], "ort", loras=[(family["a"], 0.5), (family["b"], 1.0)])
+    got = outputs(rt, feeds)
+    base = outputs(Runtime(family["base"], "ort"), feeds)
+    touched = {"tiny-sdxl": {"unet", "text_encoder", "text_encoder_2"}, "tiny-flux": {"transformer"}}[family["name"]]
+    assert set(rt._lora_weights) == touched
+    for comp in touched:
+        for key in want[comp]:
+            # same fp32 weights (W0 + 0.5·Δa + 1.0·Δb, added in diffusers' order) in the same graph: only the
+            # summation order of the weight update may differ, far below 1e-6
+            assert rel_l2(got[comp][key], want[comp][key]) <= 1e-6, (comp, key)
+            assert rel_l2(base[comp][key], want[comp][key]) > 1e-3, (comp, key)  # the LoRAs change the outputs
+
+
+def test_a_b_a_returns_a_bitwise_and_removing_all_returns_the_base(family):
+    from pladis.runtime import Runtime
+
+    feeds = family["feeds"]
+    base = outputs(Runtime(family["base"], "ort"), feeds)
+    rt = Runtime(family["base"], "ort", loras=[f"{family['a']}:1.0"])
+    first = outputs(rt, feeds)
+    rt.set_loras([f"{family['b']}:0.5"])
+    other = outputs(rt, feeds)
+    rt.set_loras([f"{family['a']}:1.0"])
+    again = outputs(rt, feeds)
+    rt.set_loras([])
+    plain = outputs(rt, feeds)
+    for comp in first:
+        for key in first[comp]:
+            np.testing.assert_array_equal(again[comp][key], first[comp][key])  # A -> B -> A: no residue, bitwise
+            np.testing.assert_array_equal(plain[comp][key], base[comp][key])  # none: the base engine, bitwise
+    denoiser = next(n for n in ("unet", "transformer") if n in first)
+    assert rel_l2(other[denoiser]["noise_pred" if "noise_pred" in other[denoiser] else next(iter(other[denoiser]))],
+                  first[denoiser][next(iter(first[denoiser]))]) > 1e-3  # fmt: skip  (B is another LoRA)
+
+
+def test_torch_backend_swaps_the_same_weights_and_restores_the_base(family):
+    """The torch backend: the fused weights in the shared eager module's parameters for each run only. Reference:
+    the eager pipeline of the fused export (diffusers' own load_lora_weights + fuse_lora on the same model)."""
+    from pladis.runtime import Runtime
+
+    if family["name"] != "tiny-sdxl":
+        pytest.skip("one family is enough for the torch backend's parameter swap")
+    feeds = {"unet": family["feeds"]["unet"]}
+    want = outputs(Runtime(family["fused"], "torch"), feeds)["unet"]
+    rt = Runtime(family["base"], "torch", loras=[(family["a"], 0.5), (family["b"], 1.0)])
+    got = outputs(rt, feeds)["unet"]
+    base = outputs(Runtime(family["base"], "torch"), feeds)["unet"]
+    for key in want:
+        # the same fp32 weights in the same eager module: only the weight update's summation order may differ
+        assert rel_l2(got[key], want[key]) <= 1e-6
+        assert rel_l2(base[key], want[key]) > 1e-3  # the LoRAs change the output
+    rt.set_loras([])
+    for key, value in outputs(rt, feeds)["unet"].items():
+        np.testing.assert_array_equal(value, base[key])  # the base tensors themselves are back
+
+
+def test_a_kohya_named_lora_swaps_in_the_same(family, tmp_path):
+    if family["name"] != "tiny-sdxl":
+        pytest.skip("kohya's sd-scripts names: written for the SDXL U-Net and text encoders")
+    from pladis.runtime import Runtime
+
+    k = kohya(family["a"], tmp_path / "kohya.safetensors")
+    feeds = family["feeds"]
+    want = outputs(Runtime(family["base"], "ort", loras=[(family["a"], 0.7)]), feeds)
+    got = outputs(Runtime(family["base"], "ort", loras=[(k, 0.7)]), feeds)
+    for comp in want:
+        for key in want[comp]:
+            # the same tensors under other names, alpha = rank: diffusers' converter gives the same deltas
+            assert rel_l2(got[comp][key], want[comp][key]) <= 1e-6, (comp, key)
