@@ -106,18 +106,20 @@ class Adapters:
         from pladis import lora as lora_unit
 
         if not lora_unit.has_loader(self.pipeline_class):
-            lora_unit.check(loras, self.engine.manifest.model.get("source", "?"), self.pipeline_class,
-                            lambda n: None)  # fmt: skip  (raises: no loader, naming the pipelines that have one)
+            lora_unit.check(
+                loras, self.engine.manifest.model.get("source", "?"), self.pipeline_class, lambda n: None
+            )  # fmt: skip  (raises: no loader, naming the pipelines that have one)
         pipe = self.skeleton()
         lora_unit.check(loras, self.engine.manifest.model.get("source", "?"), self.pipeline_class,
                         lambda n: getattr(pipe, n, None))  # fmt: skip
         for lora in loras:
-            layers = self._layers(lora)
+            layers = self.layers(lora)
             unmatched = [(c, p) for c, p in layers if p not in self.maps.get(c, {})]
             if unmatched:
                 c, p = unmatched[0]
                 why = self.missing.get(c, {}).get(p) or (
-                    f"the engine has no component {c}" if c not in self.maps else "it is not an nn.Linear")
+                    f"the engine has no component {c}" if c not in self.maps else "it is not an nn.Linear"
+                )
                 first = ", ".join(f"{c}.{p}" for c, p in unmatched[:3])
                 raise LoraError(f"LoRA {lora.path.name}: {len(unmatched)} of its layers are not in this engine's "
                                 f"weight map (first: {first}; {c}.{p}: {why}); fuse it at export instead: pladis "
@@ -132,7 +134,8 @@ class Adapters:
             self._pipe = skeleton(dict(self.engine.manifest.model))
         return self._pipe
 
-    def _layers(self, lora: Lora) -> dict:
+    def layers(self, lora: Lora) -> dict:
+        """{(component, module path): peft layer} of ``lora``, loaded once per file into the skeleton."""
         key = _file_key(lora)
         if key not in self._adapters:
             from pladis import lora as lora_unit

@@ -169,8 +169,13 @@ def test_a_b_a_returns_a_bitwise_and_removing_all_returns_the_base(family):
             np.testing.assert_array_equal(again[comp][key], first[comp][key])  # A -> B -> A: no residue, bitwise
             np.testing.assert_array_equal(plain[comp][key], base[comp][key])  # none: the base engine, bitwise
     denoiser = next(n for n in ("unet", "transformer") if n in first)
-    assert rel_l2(other[denoiser]["noise_pred" if "noise_pred" in other[denoiser] else next(iter(other[denoiser]))],
-                  first[denoiser][next(iter(first[denoiser]))]) > 1e-3  # fmt: skip  (B is another LoRA)
+    assert (
+        rel_l2(
+            other[denoiser]["noise_pred" if "noise_pred" in other[denoiser] else next(iter(other[denoiser]))],
+            first[denoiser][next(iter(first[denoiser]))],
+        )
+        > 1e-3
+    )  # fmt: skip  (B is another LoRA)
 
 
 def test_torch_backend_swaps_the_same_weights_and_restores_the_base(family):
@@ -207,3 +212,89 @@ def test_a_kohya_named_lora_swaps_in_the_same(family, tmp_path):
         for key in want[comp]:
             # the same tensors under other names, alpha = rank: diffusers' converter gives the same deltas
             assert rel_l2(got[comp][key], want[comp][key]) <= 1e-6, (comp, key)
+
+
+def _sdxl(family):
+    if family["name"] != "tiny-sdxl":
+        pytest.skip("the command and the refusals need one family")
+    return family
+
+
+def test_pladis_lora_writes_an_engine_folder_that_runs_with_them(family, tmp_path, capsys):
+    """The command: a new folder with loras.json beside the engine's (linked) files; a Runtime on it swaps them
+    in; an existing pladis folder is replaced only with --force; the LoRA-free command gives the base again."""
+    from pladis import cli
+    from pladis.runtime import Runtime
+
+    f = _sdxl(family)
+    out = tmp_path / "with-loras"
+    assert cli.main(["lora", "--engine", str(f["base"]), "--lora", f"{f['a']}:0.5", "--lora", str(f["b"]),
+                     "--out", str(out)]) == 0  # fmt: skip
+    assert "LoRAs: a.safetensors:0.5, b.safetensors:1" in capsys.readouterr().out
+    feeds = {"unet": f["feeds"]["unet"]}
+    got = outputs(Runtime(out, "ort"), feeds)["unet"]
+    want = outputs(Runtime(f["base"], "ort", loras=[(f["a"], 0.5), (f["b"], 1.0)]), feeds)["unet"]
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])  # the same swap, by the folder's loras.json
+    assert cli.main(["lora", "--engine", str(f["base"]), "--out", str(out)]) == 2  # exists: needs --force
+    assert "--force" in capsys.readouterr().err
+    assert cli.main(["lora", "--engine", str(f["base"]), "--out", str(out), "--force"]) == 0
+    base = outputs(Runtime(f["base"], "ort"), feeds)["unet"]
+    for key, value in outputs(Runtime(out, "ort"), feeds)["unet"].items():
+        np.testing.assert_array_equal(value, base[key])
+
+
+def _refused(capsys, args, *words):
+    from pladis import cli
+
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_refusals_before_any_work(family, tmp_path, capsys):
+    """Each refusal is one line, exit 2, and writes nothing: a LoRA for another model (sizes), a LoRA layer the
+    engine's weight map does not hold (a conv layer), a scale that is not finite; and in the API a family
+    without a diffusers LoRA loader and a TensorRT engine not built refittable."""
+    import json
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from pladis.lora import LoraError
+    from pladis.manifest import Engine, EngineError
+    from pladis.runtime import Runtime, backends
+    from pladis.runtime import lora as swap
+
+    f = _sdxl(family)
+    out = tmp_path / "out"
+    other = tmp_path / "sd15.safetensors"  # a LoRA for tiny-sd15: other layer sizes
+    pipe = models.load("tiny-sd15")
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"], init_lora_weights=False))
+    type(pipe).save_lora_weights(str(tmp_path), weight_name=other.name,
+                                 unet_lora_layers=get_peft_model_state_dict(pipe.unet))  # fmt: skip
+    _refused(capsys, ["lora", "--engine", str(f["base"]), "--lora", str(other), "--out", str(out)],
+             "does not fit tiny-sdxl", "key 'unet.")  # fmt: skip
+    conv = tmp_path / "conv.safetensors"  # a LoRA on the resnets' convolutions: not in the weight map
+    pipe = models.load("tiny-sdxl")
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["conv1"], init_lora_weights=False))
+    type(pipe).save_lora_weights(str(tmp_path), weight_name=conv.name,
+                                 unet_lora_layers=get_peft_model_state_dict(pipe.unet))  # fmt: skip
+    _refused(capsys, ["lora", "--engine", str(f["base"]), "--lora", str(conv), "--out", str(out)],
+             "not in this engine's weight map", "unet.down_blocks.0.resnets.0.conv1")  # fmt: skip
+    _refused(capsys, ["lora", "--engine", str(f["base"]), "--lora", f"{f['a']}:inf", "--out", str(out)],
+             "finite")  # fmt: skip
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))  # nothing written
+    with pytest.raises(LoraError, match="finite"):
+        Runtime(f["base"], "ort", loras=[(f["a"], float("nan"))])
+    manifest = json.loads((f["base"] / "manifest.json").read_text())
+    manifest["model"]["pipeline_class"] = "PixArtAlphaPipeline"  # a family diffusers gives no LoRA loader
+    with pytest.raises(LoraError, match="PixArtAlphaPipeline, which has no LoRA loader"):
+        swap.Adapters(Engine(f["base"], manifest)).check(swap.parse([f["a"]]))
+    built = {"backend": "trt", "flags": {"refit": False},
+             "components": {"unet": {"file": "unet.plan", "kind": "trt"}}}  # fmt: skip
+    with pytest.raises(EngineError, match="not built refittable.*--refit"):
+        backends.check_lora(Engine(f["base"], json.loads((f["base"] / "manifest.json").read_text()), built), "unet",
+                            "trt")  # fmt: skip
+    built["flags"]["refit"] = True
+    backends.check_lora(Engine(f["base"], json.loads((f["base"] / "manifest.json").read_text()), built), "unet", "trt")
