@@ -148,8 +148,9 @@ def skeleton(entry: dict):
         src = verify({**entry, "loras": []})
         folder = src.config if src.kind == "single_file" else Path(src.name) if src.kind == "folder" else None
         if folder is None:
-            raise SourceChanged(f"the model of this export ({name}) is a hub id: LoRA swapping reads its configs "
-                                "from a local folder; save it with pipe.save_pretrained(FOLDER) and re-export")  # fmt: skip
+            raise SourceChanged(f"the model of this export ({name}) is a hub id: LoRA swapping reads its "
+                                "configs from a local folder; save it with pipe.save_pretrained(FOLDER) and "
+                                "re-export")  # fmt: skip
         cls = getattr(diffusers, src.pipeline_class or "")
         get = meta_modules(folder)
         with quiet():

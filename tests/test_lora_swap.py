@@ -44,7 +44,8 @@ pytest.importorskip("peft")  # in the dev and lora extras; the LoRAs are made wi
 # family -> (the denoiser's LoRA target modules, the LoRA-loader keyword its layers are saved under)
 FAMILIES = {
     "tiny-sdxl": (["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"], "unet_lora_layers"),
-    "tiny-flux": (["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "proj_mlp", "ff.net.2"], "transformer_lora_layers"),
+    "tiny-flux": (["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "proj_mlp", "ff.net.2"],
+                  "transformer_lora_layers"),
 }  # fmt: skip
 
 
