@@ -149,10 +149,11 @@ class TorchBackend:
         self.device = device
         self.component = None
         self.lora: dict[str, torch.Tensor] = {}  # module path -> fused weight, swapped in for each run
+        self.eager_loras: tuple = ()  # (path, scale, sha256): LoRAs diffusers fuses into the rebuilt model
 
     def load(self) -> None:
         if self.component is None:
-            self.component = eager_components(self.folder, self.device)[self.component_name]
+            self.component = eager_components(self.folder, self.device, self.eager_loras)[self.component_name]
 
     def set_lora_weights(self, fused: dict[str, torch.Tensor] | None, weight_map: dict) -> None:
         """The module is shared (``eager_components`` caches it): the fused weights replace the parameters'

@@ -95,6 +95,8 @@ class ParityConfig:
     json: str = option("", "write the parity report as JSON to this file")
     plot: str = option("", "write a PNG plot of the error per step to this file")
     force: bool = option(False, "replace existing --json / --plot files")
+    lora: tuple[str, ...] = option((), "LoRA FILE[:SCALE] swapped onto the engine; the eager reference is rebuilt "
+                                   "with the same adapters (default: those `pladis lora` attached)", repeat=True)  # fmt: skip
 
 
 def parity(cfg: ParityConfig):
@@ -105,7 +107,8 @@ def parity(cfg: ParityConfig):
     for path, suffixes in ((cfg.json, (".json",)), (cfg.plot, (".png",))):
         if path:
             check_output_file(path, suffixes, cfg.force)
-    report = harness.check(cfg.engine, cfg.backend or None, request_of(cfg), device=cfg.device, verify=cfg.verify)
+    report = harness.check(cfg.engine, cfg.backend or None, request_of(cfg), device=cfg.device, verify=cfg.verify,
+                           loras=cfg.lora or None)  # fmt: skip
     print(report.table(), flush=True)
     harness.save(report, cfg.json or None, cfg.plot or None)
     return report

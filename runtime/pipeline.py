@@ -118,6 +118,7 @@ class Runtime:
         self.loras: tuple = ()  # the LoRAs swapped in now (pladis.lora.Lora, in order)
         self._adapters = None  # pladis.runtime.lora.Adapters, made on the first swap
         self._lora_weights: dict[str, dict] = {}  # component -> module path -> fused weight
+        self.eager_loras: tuple = ()  # torch backends: LoRAs fused into the eager model by diffusers (parity)
         if loras is None:
             from pladis.runtime.lora import read_attached
 
@@ -156,6 +157,8 @@ class Runtime:
         """The loaded backend of ``component`` (created and loaded on first use)."""
         if component not in self._backends:
             b = backends.create(self.engine, component, self.backend_names[component], self.device)
+            if self.eager_loras and hasattr(b, "eager_loras"):
+                b.eager_loras = self.eager_loras
             if component in self._lora_weights:
                 b.set_lora_weights(self._lora_weights[component], self._adapters.maps[component])
             else:

@@ -299,3 +299,38 @@ def test_refusals_before_any_work(family, tmp_path, capsys):
                             "trt")  # fmt: skip
     built["flags"]["refit"] = True
     backends.check_lora(Engine(f["base"], json.loads((f["base"] / "manifest.json").read_text()), built), "unet", "trt")
+
+
+def test_parity_with_swapped_loras_rebuilds_the_eager_reference_with_them(family, tmp_path, monkeypatch, capsys):
+    """`pladis parity --lora`: the ORT engine with a:0.5 + b swapped in vs eager diffusers with both loaded and
+    fused on the real pipeline; passes, and fails when the reference is left without them (so it can fail)."""
+    from pladis import cli
+    from pladis.runtime import backends, parity
+
+    f = _sdxl(family)
+    args = ["parity", "--engine", str(f["base"]), "--backend", "ort", "--steps", "2",
+            "--lora", f"{f['a']}:0.5", "--lora", str(f["b"])]  # fmt: skip
+    assert cli.main(args) == 0, capsys.readouterr().out  # fp32: parity.TOLERANCE per teacher-forced step
+    real = backends.eager_components
+    monkeypatch.setattr(backends, "eager_components", lambda folder, device, loras=(): real(folder, device))
+    report = parity.check(f["base"], "ort", steps=2, loras=[(f["a"], 0.5), (f["b"], 1.0)])
+    assert not report.ok  # the engine carries the LoRAs, a reference without them differs
+
+
+def test_a_built_ort_engine_takes_the_same_swap(family, tmp_path):
+    """`pladis build --backend ort` saves an optimised graph; the weight map's initializers are still there by
+    name, so the swap overrides them at session creation the same way as on the export folder."""
+    from pladis.engine import BuildConfig, build
+    from pladis.runtime import Runtime
+
+    f = _sdxl(family)
+    build(BuildConfig(onnx=str(f["base"]), backend="ort", out=str(tmp_path / "eng"), cache_dir=str(tmp_path / "c")))
+    feeds = f["feeds"]
+    want = outputs(Runtime(f["fused"], "ort"), feeds)
+    rt = Runtime(tmp_path / "eng", loras=[(f["a"], 0.5), (f["b"], 1.0)])
+    assert set(rt.backend_names.values()) == {"ort"} and rt.engine.built is not None
+    got = outputs(rt, feeds)
+    for comp in want:
+        for key in want[comp]:
+            # the fused export's weights in the optimised graph: kernels may be fused differently, not the weights
+            assert rel_l2(got[comp][key], want[comp][key]) <= 1e-6, (comp, key)
