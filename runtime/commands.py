@@ -95,8 +95,10 @@ class ParityConfig:
     json: str = option("", "write the parity report as JSON to this file")
     plot: str = option("", "write a PNG plot of the error per step to this file")
     force: bool = option(False, "replace existing --json / --plot files")
-    lora: tuple[str, ...] = option((), "LoRA FILE[:SCALE] swapped onto the engine; the eager reference is rebuilt "
-                                   "with the same adapters (default: those `pladis lora` attached)", repeat=True)  # fmt: skip
+    lora: tuple[str, ...] = option(
+        (), "LoRA FILE[:SCALE] swapped onto the engine; the eager reference is rebuilt with the same adapters "
+        "(default: those `pladis lora` attached)", repeat=True
+    )  # fmt: skip
 
 
 def parity(cfg: ParityConfig):
