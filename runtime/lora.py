@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,7 @@ class Adapters:
         self._pipe = None
         self._adapters: dict[tuple, tuple[str, dict]] = {}  # file key -> (adapter name, {(comp, path): layer})
         self._base: dict[str, dict[str, torch.Tensor]] = {}  # component -> module path -> W0 (out, in)
+        self._lock = threading.RLock()  # the server checks requests while its worker swaps (peft scales are state)
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -103,6 +105,10 @@ class Adapters:
         """Refuse, before any weight changes, what cannot be swapped in (see the module docstring)."""
         if not loras:
             return
+        with self._lock:
+            self._check(loras)
+
+    def _check(self, loras: tuple[Lora, ...]) -> None:
         from pladis import lora as lora_unit
 
         if not lora_unit.has_loader(self.pipeline_class):
@@ -158,9 +164,13 @@ class Adapters:
 
     def fused(self, loras: tuple[Lora, ...]) -> dict[str, dict[str, torch.Tensor]]:
         """{component: {module path: W0 + Σ scale·delta}} for every linear ``loras`` touch (``check`` first)."""
+        with self._lock:
+            return self._fused(loras)
+
+    def _fused(self, loras: tuple[Lora, ...]) -> dict[str, dict[str, torch.Tensor]]:
         from pladis import lora as lora_unit
 
-        self.check(loras)
+        self._check(loras)
         out: dict[str, dict[str, torch.Tensor]] = {}
         for lora in loras:
             name, layers = self._adapters[_file_key(lora)]

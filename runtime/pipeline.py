@@ -133,6 +133,12 @@ class Runtime:
         place of the ones in now, without a re-export: every check runs before any weight changes
         (``pladis.runtime.lora``), then each component they touch gets ``W0 + Σ scale·B·A`` from its base
         weights, and each component no longer touched gets its base weights back (bitwise)."""
+        loras, fused = self.lora_weights(loras)
+        self.use_lora_weights(loras, fused)
+
+    def lora_weights(self, loras) -> tuple[tuple, dict]:
+        """(the checked LoRAs, their fused weights {component: {module path: tensor}}): every check, nothing
+        swapped yet (the server keeps such sets in its cache)."""
         from pladis.runtime import lora
 
         loras = lora.parse(loras)
@@ -143,8 +149,34 @@ class Runtime:
             if comp not in self.backend_names:
                 raise EngineError(f"the LoRAs touch {comp}, which this engine does not have")
             backends.check_lora(self.engine, comp, self.backend_names[comp])
+        return loras, fused
+
+    @property
+    def lora_set(self) -> tuple[tuple, dict]:
+        """(the LoRAs swapped in now, their fused weights): what ``use_lora_weights`` takes back."""
+        return self.loras, self._lora_weights
+
+    def lora_check(self, loras) -> None:
+        """Every check of ``lora_weights`` on ``loras``, nothing computed or swapped (the server's 400s)."""
+        from pladis.runtime import lora
+
+        loras = lora.parse(loras)
+        if loras and self._adapters is None:
+            self._adapters = lora.Adapters(self.engine)
+        if loras:
+            self._adapters.check(loras)
+            for comp in sorted({c for x in loras for c, _ in self._adapters.layers(x)}):
+                if comp not in self.backend_names:
+                    raise EngineError(f"the LoRAs touch {comp}, which this engine does not have")
+                backends.check_lora(self.engine, comp, self.backend_names[comp])
+
+    def use_lora_weights(self, loras: tuple, fused: dict) -> None:
+        """Swap in the fused weights ``lora_weights`` made for ``loras``; components they leave get their base
+        weights back. A component whose weights are the very ones it holds now is left as it is."""
         for comp in sorted(set(fused) | set(self._lora_weights)):
             weights = fused.get(comp)
+            if weights is self._lora_weights.get(comp):
+                continue
             if comp in self._backends:
                 self._backends[comp].set_lora_weights(weights, self._adapters.maps[comp])
                 self._warm = {k for k in self._warm if k[0] != comp}  # a new session runs its first call again

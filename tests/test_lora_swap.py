@@ -334,3 +334,57 @@ def test_a_built_ort_engine_takes_the_same_swap(family, tmp_path):
         for key in want[comp]:
             # the fused export's weights in the optimised graph: kernels may be fused differently, not the weights
             assert rel_l2(got[comp][key], want[comp][key]) <= 1e-6, (comp, key)
+
+
+def test_server_serves_each_request_its_own_loras(family, tmp_path):
+    """--lora-dir: two concurrent request streams with different adapters get the images their adapters give
+    alone (bitwise vs solo requests afterwards), a request without adapters gets the base engine's image (bitwise
+    vs Runtime.generate on the plain engine), an unknown adapter is a 400 naming it, /metrics counts swaps and
+    cache hits."""
+    import base64
+    import io
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from pladis.runtime import Runtime
+    from pladis.serve import create_app
+    from pladis.serve.config import ServeConfig
+
+    f = _sdxl(family)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shutil.copy(f["a"], folder / "style-a.safetensors")
+    shutil.copy(f["b"], folder / "style-b.safetensors")
+    cfg = ServeConfig(engine=str(f["base"]), backend="ort", lora_dir=str(folder), lora_cache=2, batch_window_ms=200)
+
+    def image(r):
+        assert r.status_code == 200, r.text
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
+
+    body = {"prompt": "a red cube", "steps": 2, "size": "32x32"}
+    sets = {"a": [{"name": "style-a", "scale": 0.8}], "b": [{"name": "style-b"}], "none": None}
+    with TestClient(create_app(cfg)) as client:
+        post = lambda key, seed: client.post(  # noqa: E731
+            "/v1/images/generations", json={**body, "seed": seed, **({"loras": sets[key]} if sets[key] else {})}
+        )
+        jobs = [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("none", 3), ("a", 3), ("b", 3)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = dict(zip(jobs, pool.map(lambda j: image(post(*j)), jobs), strict=True))
+        alone = {j: image(post(*j)) for j in jobs}
+        r = client.post("/v1/images/generations", json={**body, "loras": [{"name": "style-c"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "loras"
+        assert "'style-c'" in r.json()["error"]["message"] and "style-a" in r.json()["error"]["message"]
+        metrics = client.get("/metrics").text
+    for j in jobs:
+        np.testing.assert_array_equal(together[j], alone[j])  # batched with others of its set = alone
+    assert not np.array_equal(alone[("a", 1)], alone[("b", 1)])  # the adapters give different images
+    plain = Runtime(f["base"], "ort").generate(body["prompt"], steps=2, seed=3, height=32, width=32).images[0]
+    np.testing.assert_array_equal(alone[("none", 3)], np.asarray(plain))
+    assert not np.array_equal(alone[("a", 3)], np.asarray(plain))
+    values = {
+        line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("pladis_lora")
+    }
+    assert values["pladis_lora_swaps_total"] >= 3 and values["pladis_lora_cache_hits_total"] >= 1
