@@ -388,3 +388,25 @@ def test_server_serves_each_request_its_own_loras(family, tmp_path):
         line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("pladis_lora")
     }
     assert values["pladis_lora_swaps_total"] >= 3 and values["pladis_lora_cache_hits_total"] >= 1
+
+
+def test_the_swap_benchmark_parses_its_arguments_and_writes_json_and_a_row(tmp_path, capsys):
+    """bench/lora_swap.py on tiny-sd15 (the full-size sd15 run is the benchmark, not a test): its flags, its JSON
+    (both measurements of one run) and its table row; no timing is asserted."""
+    import json
+
+    from pladis.bench import lora_swap
+
+    assert lora_swap.parse_args([]).model == "sd15" and lora_swap.parse_args([]).rank == 16
+    with pytest.raises(SystemExit):
+        lora_swap.parse_args(["--rank", "0"])
+    assert lora_swap.main(["--model", "tiny-sd15", "--rank", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "lora_swap.json").read_text())
+    r = data["results"]["tiny-sd15-ort"]
+    assert r["lora_layers"] > 0 and r["swap_s"] > 0 and r["rebuild_s"] > 0 and "machine" in r
+    assert r["swap_over_rebuild"] == pytest.approx(r["swap_s"] / r["rebuild_s"], abs=1e-3)  # from unrounded times
+    assert "| tiny-sd15 | 2 |" in out and "swap / rebuild" in out
+    from pladis.bench import report
+
+    assert "## LoRA swap vs rebuild" in report.render(tmp_path) and "| tiny-sd15 | 2 |" in report.render(tmp_path)
