@@ -63,13 +63,20 @@ def read_attached(folder: Path) -> tuple[Lora, ...]:
     path = Path(folder) / LORA_FILE
     if not path.is_file():
         return ()
+    from pladis.files import sha256
+
     try:
         data = json.loads(path.read_text())
-        items = [(x["path"], x["scale"]) for x in data["loras"]]
+        items = [(x["path"], x["scale"], x["sha256"]) for x in data["loras"]]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise PladisError(f"{path} is not a pladis LoRA list ({type(err).__name__}: {err}); rewrite it with "
                           "pladis lora") from None  # fmt: skip
-    return parse(items)
+    loras = parse([(p, scale) for p, scale, _ in items])
+    for lora, (_, _, digest) in zip(loras, items, strict=True):
+        if sha256(lora.path) != digest:
+            raise LoraError(f"LoRA {lora.path} changed since pladis lora attached it to {folder} (sha256 differs); "
+                            "restore it, or run pladis lora again")  # fmt: skip
+    return loras
 
 
 def attached_record(loras: tuple[Lora, ...]) -> dict:
@@ -112,14 +119,19 @@ class Adapters:
         from pladis import lora as lora_unit
 
         if not lora_unit.has_loader(self.pipeline_class):
-            lora_unit.check(
-                loras, self.engine.manifest.model.get("source", "?"), self.pipeline_class, lambda n: None
-            )  # fmt: skip  (raises: no loader, naming the pipelines that have one)
+            with_lora = [n for n in lora_unit.PIPELINES if lora_unit.has_loader(n)]
+            raise LoraError(f"{self.engine.manifest.model.get('source', '?')} is a {self.pipeline_class}, which has "
+                            f"no LoRA loader in diffusers; LoRAs work with {', '.join(with_lora)}")  # fmt: skip
         pipe = self.skeleton()
         lora_unit.check(loras, self.engine.manifest.model.get("source", "?"), self.pipeline_class,
                         lambda n: getattr(pipe, n, None))  # fmt: skip
         for lora in loras:
             layers = self.layers(lora)
+            bf16 = sorted({c for c, _ in layers if c in self.maps and self.engine.component(c).dtype == "bfloat16"})
+            if bf16:
+                raise LoraError(f"LoRA {lora.path.name}: {', '.join(bf16)} of this engine is bfloat16, which LoRA "
+                                "swapping does not write (NumPy has no bfloat16); fuse it at export instead: pladis "
+                                f"export --lora {lora.path}")  # fmt: skip
             unmatched = [(c, p) for c, p in layers if p not in self.maps.get(c, {})]
             if unmatched:
                 c, p = unmatched[0]

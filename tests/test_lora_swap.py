@@ -410,3 +410,30 @@ def test_the_swap_benchmark_parses_its_arguments_and_writes_json_and_a_row(tmp_p
     from pladis.bench import report
 
     assert "## LoRA swap vs rebuild" in report.render(tmp_path) and "| tiny-sd15 | 2 |" in report.render(tmp_path)
+
+
+@pytest.mark.slow
+def test_an_aoti_engine_swaps_its_constants(family, tmp_path):
+    """--backend aoti: the fused weights loaded as the .pt2's constants (load_constants), the base constants back
+    on removal (bitwise), A's outputs vs the eager pipeline with the LoRAs fused by diffusers."""
+    from pladis import torch_internals
+    from pladis.engine import BuildConfig, build
+    from pladis.runtime import Runtime
+
+    f = _sdxl(family)
+    if not torch_internals.aoti_updates_constants():
+        pytest.skip(f"torch {torch.__version__} has no AOTInductor constant update (the swap is refused by name)")
+    build(BuildConfig(onnx=str(f["base"]), backend="aoti", out=str(tmp_path / "eng"), cache_dir=str(tmp_path / "c")))
+    feeds = {"unet": f["feeds"]["unet"]}
+    rt = Runtime(tmp_path / "eng")
+    assert rt.backend_names["unet"] == "aoti"
+    base = outputs(rt, feeds)["unet"]
+    want = outputs(Runtime(f["fused"], "torch"), feeds)["unet"]
+    rt.set_loras([(f["a"], 0.5), (f["b"], 1.0)])
+    got = outputs(rt, feeds)["unet"]
+    rt.set_loras([])
+    again = outputs(rt, feeds)["unet"]
+    for key in want:
+        assert rel_l2(got[key], want[key]) <= 1e-4  # AOTInductor's kernels vs eager: the fp32 export contract
+        assert rel_l2(base[key], want[key]) > 1e-3  # the constants changed
+        np.testing.assert_array_equal(again[key], base[key])  # the base constants back, bitwise
