@@ -10,7 +10,7 @@ EXTRAS ?= $(if $(TORCH_PIN),cpu,gpu),serve,ray,dev
 STAMP  := $(VENV)/.installed
 REPORT  = $(BIN)/python -m pladis.bench.report --results bench/results --doc docs/PERFORMANCE.md
 
-.PHONY: setup test demo lint export engine gpu-check bench bench-export bench-report soak clean
+.PHONY: setup test demo lint export engine gpu-check bench bench-export bench-lora bench-report soak clean
 MODEL ?= tiny-sdxl
 BACKEND ?= ort
 PRECISION ?= fp32
@@ -62,6 +62,11 @@ bench: setup
 # Export benchmarks (CPU: ~2 min for the denoiser case, ~15 min and ~10 GB RAM for full-size SDXL fp16)
 bench-export: setup
 	$(BIN)/python -m pladis.bench.export_bench --out bench/results
+	$(REPORT)
+
+# LoRA swap on a built engine vs re-export + build with it fused (full-size sd15, CPU: ~16 GB RAM, tens of minutes)
+bench-lora: setup
+	$(BIN)/python -m pladis.bench.lora_swap --out bench/results
 	$(REPORT)
 
 # A bounded soak of the server (2 minutes of mixed valid, invalid, cancelled and slow requests)

@@ -296,6 +296,19 @@ def _aot_section(data: dict) -> list[str]:
                             "tile"], rows), ""]  # fmt: skip
 
 
+def _lora_section(data: dict) -> list[str]:
+    """One LoRA swap on a built engine vs a re-export + build with it fused (``python -m pladis.bench.lora_swap``)."""
+    from pladis.bench import lora_swap
+
+    rows = [lora_swap.row(r) for r in data["results"].values()]
+    first = next(iter(data["results"].values()))
+    return ["## LoRA swap vs rebuild (`python -m pladis.bench.lora_swap`)", "",
+            f"{_stamp(first)}. One run: a warm ORT engine takes a peft LoRA on every attention projection "
+            "(adapter read, fused weights from the base initializers, session created), rescaled, removed; then "
+            f"`pladis export --lora` + `pladis build --backend ort`. Goal: {first['goal']}.", "",
+            markdown_table(lora_swap.HEADER, rows), ""]  # fmt: skip
+
+
 def render(results: Path) -> str:
     """The markdown report from the JSON files in ``results``."""
     lines = [
@@ -321,6 +334,9 @@ def render(results: Path) -> str:
     export = results / "export.json"
     if export.exists():
         lines += _export_section(json.loads(export.read_text()))
+    swap = results / "lora_swap.json"
+    if swap.exists():
+        lines += _lora_section(json.loads(swap.read_text()))
     lines += [
         "## Reference figures (not measured here)",
         "",

@@ -190,6 +190,8 @@ def build(cfg: BuildConfig) -> dict:
                 hashed = {n: {**c, "sha256": sha256(built / c["file"])} for n, c in components.items()}
                 meta = {**parts, "key": k, "build_seconds": round(time.perf_counter() - t0, 3),
                         "source_manifest_sha256": sha256(src.folder / MANIFEST_FILE),
+                        # where the base weights of a LoRA swap come from (trt / aoti hold no ONNX initializers)
+                        "export_folder": str(src.folder.resolve()),
                         "components": hashed, "files": dict(src.manifest.files),
                         "lam": _lam_info(src.manifest)}  # fmt: skip
                 meta = sealed(meta)

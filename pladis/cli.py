@@ -47,6 +47,8 @@ COMMANDS = {
                  "pladis.runtime.commands:GenerateConfig", "pladis.runtime.commands:generate", "generate"),
     "parity": ("compare an engine with eager PyTorch, step by step (exit 1 on failure)",
                "pladis.runtime.commands:ParityConfig", "pladis.runtime.commands:parity", "parity"),
+    "lora": ("swap LoRAs onto an engine folder without a re-export (writes a new engine folder)",
+             "pladis.runtime.commands:LoraConfig", "pladis.runtime.commands:lora", "lora"),
     "cache": ("list, verify or clean the engine cache", "pladis.engine.cache:CacheConfig",
               "pladis.engine.cache:run_cache", "check"),
     "serve": ("serve an engine over HTTP (OpenAI images API shape); --ray for Ray Serve",
@@ -121,6 +123,9 @@ def _print_result(kind: str, result) -> int:
         print(f"wrote {', '.join(map(str, paths))} | {run.summary()}")
     elif kind == "parity":  # the table is printed before the files are written
         return 0 if result.ok else 1
+    elif kind == "lora":
+        names = ", ".join(f"{x['file']}:{x['scale']:g}" for x in result["loras"]) or "none (the base weights)"
+        print(f"wrote {result['out']} | LoRAs: {names}")
     elif kind == "print":
         print(result)
     return 0

@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 
 
 @functools.lru_cache(maxsize=2)
-def eager_components(folder: str, device: str) -> dict:
+def eager_components(folder: str, device: str, loras: tuple = ()) -> dict:
     """{component name: export contract component} of the export in ``folder``, each module on ``device`` in
-    the dtype it was exported in (same source, checked unchanged, same seed, LoRAs and PLADIS settings)."""
+    the dtype it was exported in (same source, checked unchanged, same seed, LoRAs and PLADIS settings).
+    ``loras``: ``(path, scale, sha256)`` of LoRAs swapped onto the engine (``pladis.runtime.lora``), fused after
+    the export's own by diffusers' loader on the real pipeline: the reference of a swap (``pladis parity
+    --lora``)."""
     import pladis
     from pladis import patch, provenance
     from pladis.export import contracts
@@ -20,7 +24,10 @@ def eager_components(folder: str, device: str) -> dict:
 
     m = read_manifest(folder, verify=False)
     # the same source, checked unchanged, with the same LoRAs fused (SourceChanged if moved or changed)
-    pipe = provenance.load_recorded(dict(m.model), seed=m.seed, dtype=torch_dtype(m.precision))
+    entry = dict(m.model)
+    entry["loras"] = [*entry.get("loras", []), *({"file": Path(p).name, "path": p, "scale": s, "sha256": h}
+                                                 for p, s, h in loras)]  # fmt: skip
+    pipe = provenance.load_recorded(entry, seed=m.seed, dtype=torch_dtype(m.precision))
     if m.pladis.patched:
         pladis.apply(pipe, lam=m.pladis.lam, alpha=m.pladis.alpha, layers=m.pladis.layer_selection)
     family = patch.family_of(patch.denoiser_of(pipe)).name

@@ -166,3 +166,58 @@ def fuse(pipe, loras) -> None:
     pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)  # each adapter's scale was set by set_adapters
     pipe.unload_lora_weights()  # removes the peft layers; the fused weights stay
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRAs on a built engine: the adapters' weight deltas, read with diffusers' loader on a weightless skeleton
+# --------------------------------------------------------------------------------------------------
+
+
+def has_loader(pipeline_class: str | None) -> bool:
+    """Whether diffusers gives ``pipeline_class`` (a pipeline class name) a LoRA loader."""
+    import diffusers
+
+    return hasattr(getattr(diffusers, pipeline_class or "", None), "load_lora_weights")
+
+
+def load_adapter(pipe, lora: Lora, name: str) -> dict[tuple[str, str], torch.nn.Module]:
+    """Load ``lora`` into the skeleton ``pipe`` as the peft adapter ``name`` with diffusers' own loader (every
+    format its ``lora_state_dict`` reads: peft / diffusers, kohya and the other non-diffusers layouts, network
+    alphas and saved adapter metadata). Returns {(component, module path): the peft layer holding it}.
+
+    ``pipe``: a pipeline whose LoRA-loadable components have real (uninitialised) storage (``skeleton``): the
+    base weights are never read, only the adapters' own ``lora_A`` / ``lora_B`` tensors and scalings.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    try:
+        pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=name,
+                               local_files_only=True)  # fmt: skip
+    except (ValueError, KeyError, RuntimeError) as err:  # diffusers' and peft's refusals of a foreign file
+        raise LoraError(f"LoRA {lora.path.name} cannot be loaded into {type(pipe).__name__} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:300] if str(err) else ''}); is it a LoRA for this model "
+                        "family?") from None  # fmt: skip
+    layers = {}
+    for comp in getattr(pipe, "_lora_loadable_modules", []):
+        module = getattr(pipe, comp, None)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for path, layer in module.named_modules():
+            if isinstance(layer, LoraLayer) and name in layer.lora_A:
+                if layer.use_dora.get(name):
+                    raise LoraError(f"LoRA {lora.path.name}: {comp}.{path} is a DoRA layer (a magnitude vector per "
+                                    "output); swapping supports plain LoRA layers: fuse it at export with "
+                                    "pladis export --lora")  # fmt: skip
+                layers[(comp, path)] = layer
+    if not layers:
+        raise LoraError(f"LoRA {lora.path.name}: {type(pipe).__name__}'s loader finds no LoRA layers in it; is it a "
+                        "LoRA, and one for this model family?")  # fmt: skip
+    return layers
+
+
+def delta(layer, name: str, scale: float) -> torch.Tensor:
+    """``scale · B·A · alpha/r`` of adapter ``name`` in the peft layer ``layer``, ``(out, in)``, as peft's own
+    merge computes it (``set_scale`` then ``get_delta_weight``, the path diffusers' ``fuse_lora`` takes)."""
+    layer.set_scale(name, scale)
+    with torch.no_grad():
+        return layer.get_delta_weight(name).detach()

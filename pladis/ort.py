@@ -50,13 +50,21 @@ def session_options(level: int = 3, threads: int = 0, optimized_path: Path | Non
 
 
 def session(path: str | Path, device: str = "cpu", level: int = 3, threads: int = 0,
-            optimized_path: Path | None = None):  # fmt: skip
-    """An ``onnxruntime.InferenceSession`` on ``path`` for ``device`` with ``session_options``."""
+            optimized_path: Path | None = None, initializers: dict | None = None):  # fmt: skip
+    """An ``onnxruntime.InferenceSession`` on ``path`` for ``device`` with ``session_options``.
+    ``initializers``: {name: numpy array} that replace those initializers of the file in this session
+    (``SessionOptions.add_initializer``; ONNX Runtime uses the arrays' memory, kept alive by the session)."""
     import onnxruntime as ort
 
+    opts = session_options(level, threads, optimized_path)
+    values = []
+    for name, array in (initializers or {}).items():
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+        opts.add_initializer(name, values[-1])
     try:
-        return ort.InferenceSession(str(path), session_options(level, threads, optimized_path),
-                                    providers=providers(device))  # fmt: skip
+        sess = ort.InferenceSession(str(path), opts, providers=providers(device))
+        sess._pladis_initializers = (values, initializers)  # ONNX Runtime reads them for the session's life
+        return sess
     except Exception as err:
         if not any(m in str(err) for m in _DAMAGED):  # not a damaged file: a bug, keep the traceback
             raise

@@ -129,3 +129,34 @@ def verify(entry: dict) -> Source:
 def load_recorded(entry: dict, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Rebuild the pipeline a manifest's ``model`` entry describes (checked first with ``verify``)."""
     return load(verify(entry), seed=seed, dtype=dtype, device=device)
+
+
+def skeleton(entry: dict):
+    """The pipeline a manifest's ``model`` entry describes, built without weights: the structure on the meta
+    device, its LoRA-loadable components (denoiser, text encoders) moved to uninitialised CPU storage, so
+    diffusers' LoRA loader can put adapters on it (``pladis.lora.load_adapter``). Reads configs only, no weight
+    file; memory is reserved, never written. The recorded LoRAs (fused at export) are not applied: a skeleton
+    has no weights to fuse them into."""
+    import diffusers
+
+    from pladis.model_files import meta_modules, quiet
+
+    kind, name = entry.get("kind"), entry["source"]
+    if kind in (None, "builtin") and name in models.BUILTINS:
+        pipe = models.load(name, device="meta")
+    else:
+        src = verify({**entry, "loras": []})
+        folder = src.config if src.kind == "single_file" else Path(src.name) if src.kind == "folder" else None
+        if folder is None:
+            raise SourceChanged(f"the model of this export ({name}) is a hub id: LoRA swapping reads its "
+                                "configs from a local folder; save it with pipe.save_pretrained(FOLDER) and "
+                                "re-export")  # fmt: skip
+        cls = getattr(diffusers, src.pipeline_class or "")
+        get = meta_modules(folder)
+        with quiet():
+            pipe = cls(**{n: get(n) for n in cls._get_signature_keys(cls)[0]})
+    for comp in getattr(pipe, "_lora_loadable_modules", []):
+        module = getattr(pipe, comp, None)
+        if isinstance(module, torch.nn.Module):
+            module.to_empty(device="cpu")
+    return pipe

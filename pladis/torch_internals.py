@@ -188,3 +188,11 @@ def trace_into(op, fused_form: Callable, traced_kernel: Optional[Callable], sett
 
 
 _warn_missing()
+
+
+def aoti_updates_constants() -> bool:
+    """Whether this torch's loaded AOTInductor packages can take new constants (``AOTICompiledModel``'s
+    ``load_constants`` / ``get_constant_fqns``, torch._inductor's package loader): LoRA swapping on
+    ``--backend aoti``. An optional feature, so not in ``PRIVATE``: without it the swap is refused by name."""
+    cls = lookup("torch._inductor.package.package.AOTICompiledModel")
+    return cls is not None and hasattr(cls, "load_constants") and hasattr(cls, "get_constant_fqns")

@@ -15,6 +15,13 @@ backend with ``reuses_outputs`` returns its own buffers, overwritten by its next
 - ``aoti``: a ``.pt2`` package from ``pladis build --backend aoti``.
 - ``trt``: TensorRT engines from ``pladis build --backend trt`` (TensorRT 10 tensor API on CUDA tensors,
   output buffers allocated once per input shapes; written against TensorRT's documented API, not run in CI).
+
+LoRAs (``pladis.runtime.lora``): ``set_lora_weights(fused, weight_map)`` hands a backend the fused weights of
+its linears (module path -> ``(out, in)`` tensor, the manifest's weight map beside them), or None for the base
+weights: ``ort`` overrides those initializers when it creates its next session (no re-export), ``torch`` puts them
+in the module's parameters for each run (the base tensors themselves are put back after it), ``aoti`` loads them
+as the package's constants (the base constants, from the export, on removal), ``trt`` refits the engine (built
+with ``--refit``; never run here).
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ class Backend(Protocol):
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
+    def set_lora_weights(self, fused: dict[str, torch.Tensor] | None, weight_map: dict) -> None: ...
+
 
 def check(engine: Engine, component: str, backend: str) -> registry.BackendRecord:
     """The registry record of ``backend``, refused (EngineError) when this folder cannot run it for
@@ -70,6 +79,28 @@ def create(engine: Engine, component: str, backend: str, device: str = "cpu") ->
     gives it for ``device``."""
     spec = check(engine, component, backend)
     return runner_class(spec)(engine, component, spec.run_device(device))
+
+
+def check_lora(engine: Engine, component: str, backend: str) -> None:
+    """Refuse (EngineError) a backend that cannot take swapped weights for ``component``: a TensorRT engine not
+    built refittable, an AOTInductor package on a torch without constant updates, a backend with no swap."""
+    artifact = engine.artifact(component)
+    if backend == "trt":
+        refit = bool((engine.built.data.get("flags") or {}).get("refit")) if engine.built else False
+        if not refit:
+            raise EngineError(f"the TensorRT engine of {component} was not built refittable: rebuild it with pladis "
+                              "build --backend trt --refit to swap LoRAs, or fuse them at export (pladis export "
+                              "--lora)")  # fmt: skip
+    elif backend == "aoti" and artifact is not None and artifact.kind == "aoti":
+        from pladis.torch_internals import aoti_updates_constants
+
+        if not aoti_updates_constants():
+            raise EngineError(f"this torch ({torch.__version__}) cannot update an AOTInductor package's constants "
+                              "(no AOTICompiledModel.load_constants): LoRAs cannot be swapped on --backend aoti; use "
+                              "--backend ort or torch, or fuse them at export (pladis export --lora)")  # fmt: skip
+    cls = runner_class(check(engine, component, backend))
+    if not hasattr(cls, "set_lora_weights"):
+        raise EngineError(f"the {backend} backend cannot swap LoRA weights; use --backend ort or torch")
 
 
 def runner_class(spec):
@@ -117,10 +148,19 @@ class TorchBackend:
         self.spec = engine.component(component)
         self.device = device
         self.component = None
+        self.lora: dict[str, torch.Tensor] = {}  # module path -> fused weight, swapped in for each run
+        self.eager_loras: tuple = ()  # (path, scale, sha256): LoRAs diffusers fuses into the rebuilt model
 
     def load(self) -> None:
         if self.component is None:
-            self.component = eager_components(self.folder, self.device)[self.component_name]
+            self.component = eager_components(self.folder, self.device, self.eager_loras)[self.component_name]
+
+    def set_lora_weights(self, fused: dict[str, torch.Tensor] | None, weight_map: dict) -> None:
+        """The module is shared (``eager_components`` caches it): the fused weights replace the parameters'
+        tensors only for the duration of each run, and the base tensors themselves are put back after it."""
+        self.load()
+        dtype = next(self.component.module.parameters()).dtype
+        self.lora = {p: w.to(self.device, dtype) for p, w in (fused or {}).items()}
 
     def warm_up(self, inputs: dict[str, torch.Tensor]) -> None:
         self.run(inputs)
@@ -129,8 +169,17 @@ class TorchBackend:
         self.load()
         dtypes = self.spec.input_dtypes
         args = {n: t.to(self.device, getattr(torch, dtypes[n])) for n, t in inputs.items()}
-        with torch.no_grad():
-            outs = self.component.forward(self.component.module, **args)
+        module = self.component.module
+        layers = {p: module.get_submodule(p) for p in self.lora}
+        base = {p: layer.weight.data for p, layer in layers.items()}
+        try:
+            for p, layer in layers.items():
+                layer.weight.data = self.lora[p]
+            with torch.no_grad():
+                outs = self.component.forward(module, **args)
+        finally:
+            for p, layer in layers.items():
+                layer.weight.data = base[p]
         return {o.name: t for o, t in zip(self.component.outputs, outs, strict=True)}
 
 
@@ -159,12 +208,24 @@ class OrtBackend:
         self.bound = device != "cpu"  # I/O binding; on the CPU only when asked (numpy in and out needs none)
         self.session = None
         self._outputs: dict[tuple, tuple] = {}  # input shapes -> (OrtValues, torch views of them)
+        self.initializers: dict[str, np.ndarray] = {}  # LoRA-fused initializers, by name
 
     def load(self) -> None:
         if self.session is None:
             from pladis import ort
 
-            self.session = ort.session(self.path, self.device, threads=self.threads)
+            self.session = ort.session(self.path, self.device, threads=self.threads,
+                                       initializers=self.initializers)  # fmt: skip
+
+    def set_lora_weights(self, fused: dict[str, torch.Tensor] | None, weight_map: dict) -> None:
+        """The fused weights as initializer overrides (``SessionOptions.add_initializer``) of the next session,
+        created now; the graph file is not touched, and None is the file's own initializers again."""
+        from pladis.runtime.lora import initializer_layout
+
+        self.initializers = initializer_layout(fused, weight_map) if fused else {}
+        self.session = None
+        self._outputs = {}
+        self.load()
 
     def warm_up(self, inputs: dict[str, torch.Tensor]) -> None:
         self.run(inputs)
@@ -224,6 +285,40 @@ class AotiBackend:
         self.outputs = spec.output_names
         self.device = device
         self.model = None
+        self.engine, self.component_name = engine, component
+        self.lora_paths: set[str] = set()  # module paths whose constants hold fused weights now
+
+    def set_lora_weights(self, fused: dict[str, torch.Tensor] | None, weight_map: dict) -> None:
+        """The fused weights as the package's constants (``load_constants``, the constant FQN ``module.<path>
+        .weight`` of the traced wrapper); the linears no longer fused get their base weights back, read from the
+        export's initializers. Refused by name when this torch's package has no constant update."""
+        self.load()
+        from pladis.torch_internals import aoti_updates_constants
+
+        if not aoti_updates_constants():
+            raise EngineError(f"this torch ({torch.__version__}) cannot update an AOTInductor package's constants "
+                              "(no load_constants): LoRAs cannot be swapped on --backend aoti; use --backend ort "
+                              "or torch, or fuse them at export (pladis export --lora)")  # fmt: skip
+        from pladis.runtime.lora import base_initializers
+
+        fused = dict(fused or {})
+        restore = sorted(self.lora_paths - set(fused))
+        if restore:
+            names = [weight_map[p]["initializer"] for p in restore]
+            arrays = base_initializers(self.engine, self.component_name, names)
+            for p in restore:
+                w = torch.from_numpy(arrays[weight_map[p]["initializer"]].copy())
+                fused[p] = w.t() if weight_map[p]["transposed"] else w
+        fqns = set(self.model.get_constant_fqns())
+        constants = {f"module.{p}.weight": w.contiguous().to(self.device) for p, w in fused.items()}
+        lost = sorted(set(constants) - fqns)
+        if lost:
+            raise EngineError(f"{self.path} has no constant {', '.join(lost[:3])} (AOTInductor folded it into "
+                              "another constant): LoRAs cannot be swapped on this package; use --backend ort or "
+                              "torch")  # fmt: skip
+        if constants:
+            self.model.load_constants(constants, check_full_update=False)
+        self.lora_paths = set(fused) - set(restore)
 
     def load(self) -> None:
         if self.model is None:
@@ -266,6 +361,41 @@ class TrtBackend:
         self.engine = self.context = None
         self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}  # input shapes -> output tensors
         self._shapes = None  # the input shapes the context is set to
+        self.folder_engine, self.component_name = engine, component
+        self.refittable = bool((engine.built.data.get("flags") or {}).get("refit")) if engine.built else False
+        self.lora_names: set[str] = set()  # initializer names refitted with fused weights now
+
+    def set_lora_weights(self, fused: dict[str, torch.Tensor] | None, weight_map: dict) -> None:
+        """Refit the engine (``trt.Refitter``, ``set_named_weights`` by ONNX initializer name, which is how the
+        ONNX parser names refittable weights) with the fused weights, and the base weights (read from the
+        export's initializers) for linears no longer fused. Needs an engine built with ``--refit``. Written
+        against TensorRT 10.x and 11.x; never run here."""
+        if not self.refittable:
+            raise EngineError(f"{self.path.name} was not built refittable: build it with pladis build --backend trt "
+                              "--refit to swap LoRAs, or fuse them at export (pladis export --lora)")  # fmt: skip
+        self.load()
+        import tensorrt as trt
+
+        from pladis.runtime.lora import base_initializers, initializer_layout
+
+        arrays = initializer_layout(fused, weight_map) if fused else {}
+        restore = sorted(self.lora_names - set(arrays))
+        if restore:
+            arrays.update(base_initializers(self.folder_engine, self.component_name, restore))
+        refitter = trt.Refitter(self.engine, trt.Logger(trt.Logger.WARNING))
+        kept = []  # trt.Weights point into these arrays until the refit is done
+        for name, array in arrays.items():
+            array = np.ascontiguousarray(array)
+            kept.append(array)
+            if not refitter.set_named_weights(name, trt.Weights(array)):
+                raise EngineError(f"TensorRT refused the weights {name} for {self.path.name} (not a refittable "
+                                  "weight of this engine, or of another shape)")  # fmt: skip
+        missing = refitter.get_missing_weights()
+        if missing:
+            raise EngineError(f"TensorRT's refit of {self.path.name} still misses {', '.join(missing[:3])}")
+        if not refitter.refit_cuda_engine():
+            raise EngineError(f"TensorRT could not refit {self.path.name}")
+        self.lora_names = set(arrays) - set(restore)
 
     def load(self) -> None:
         if self.engine is not None:

@@ -95,6 +95,10 @@ class ParityConfig:
     json: str = option("", "write the parity report as JSON to this file")
     plot: str = option("", "write a PNG plot of the error per step to this file")
     force: bool = option(False, "replace existing --json / --plot files")
+    lora: tuple[str, ...] = option(
+        (), "LoRA FILE[:SCALE] swapped onto the engine; the eager reference is rebuilt with the same adapters "
+        "(default: those `pladis lora` attached)", repeat=True
+    )  # fmt: skip
 
 
 def parity(cfg: ParityConfig):
@@ -105,7 +109,70 @@ def parity(cfg: ParityConfig):
     for path, suffixes in ((cfg.json, (".json",)), (cfg.plot, (".png",))):
         if path:
             check_output_file(path, suffixes, cfg.force)
-    report = harness.check(cfg.engine, cfg.backend or None, request_of(cfg), device=cfg.device, verify=cfg.verify)
+    report = harness.check(cfg.engine, cfg.backend or None, request_of(cfg), device=cfg.device, verify=cfg.verify,
+                           loras=cfg.lora or None)  # fmt: skip
     print(report.table(), flush=True)
     harness.save(report, cfg.json or None, cfg.plot or None)
     return report
+
+
+@dataclass
+class LoraConfig:
+    """Settings of ``pladis lora``: put LoRAs on a built engine (or export folder) without a re-export."""
+
+    engine: str = option(DEFAULT_ENGINE, ENGINE_HELP)
+    lora: tuple[str, ...] = option((), "LoRA FILE[:SCALE] to swap in (scale 1.0 by default); none: the base weights",
+                                   repeat=True)  # fmt: skip
+    out: str = option("", "engine folder to write: the engine's files (hard links where possible) + loras.json")
+    backend: str = option("", "the backend the LoRAs are checked for; default: as built (ort for an export folder)")
+    force: bool = option(False, "replace an existing engine/export folder written by pladis")
+    verify: bool = option(True, "check the sha256 of the engine files first")
+
+
+def lora(cfg: LoraConfig) -> dict:
+    """Write ``cfg.out``: the engine folder ``cfg.engine`` with ``cfg.lora`` attached (``loras.json``; a
+    ``Runtime`` on it swaps them in when it loads). Every check runs first (the output rule, the LoRA files and
+    scales, their fit to the engine's model and weight map, the backend's ability to swap), so a refusal writes
+    nothing; the folder is written beside ``out`` and renamed at the end. Returns the ``loras.json`` record."""
+    import json
+    import os
+    import shutil
+
+    from pladis.files import check_output_folder, folder_kind, replace_folder, temp_dir, write_text
+    from pladis.manifest import open_engine
+    from pladis.runtime import backends as runners
+    from pladis.runtime import lora as swap
+
+    if not cfg.out:
+        raise SettingError("out", "pass --out DIR: the engine folder to write with the LoRAs attached")
+    src = Path(cfg.engine)
+    kind = folder_kind(src)
+    if kind not in ("engine", "export"):
+        raise SettingError("engine", f"{src} is not an engine or export folder written by pladis")
+    out = check_output_folder(cfg.out, kind, cfg.force, inputs=(src,))
+    loras = swap.parse(cfg.lora)
+    engine = open_engine(src, verify=cfg.verify)
+    adapters = swap.Adapters(engine)
+    adapters.check(loras)
+    touched = {comp for lo in loras for comp, _ in adapters.layers(lo)}
+    for comp in sorted(touched):
+        artifact = engine.artifact(comp)
+        runners.check_lora(engine, comp, cfg.backend or (artifact.kind if artifact else "ort"))
+    tmp = temp_dir(out)
+    try:
+
+        def link(a, b):
+            try:
+                os.link(a, b)  # pladis never writes a file in place: sharing it is safe
+            except OSError:
+                shutil.copy2(a, b)
+
+        shutil.copytree(src, tmp, copy_function=link, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(swap.LORA_FILE))  # fmt: skip
+        record = swap.attached_record(loras)
+        if loras:
+            write_text(tmp / swap.LORA_FILE, json.dumps(record, indent=2) + "\n")
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**record, "out": str(out)}

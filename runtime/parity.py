@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pladis.files import atomic_path, write_text
+from pladis.files import atomic_path, sha256, write_text
 from pladis.options import DEFAULT_PROMPT
 from pladis.runtime.pipeline import Runtime, step_generators
 from pladis.runtime.request import PARITY_STEPS, Request
@@ -97,17 +97,20 @@ class ParityReport:
 
 
 def check(engine: str | Path, backend: str | None = None, request: Request | None = None, *, device: str = "cpu",
-          verify: bool = True, **fields) -> ParityReport:  # fmt: skip
+          verify: bool = True, loras=None, **fields) -> ParityReport:  # fmt: skip
     """Compare ``backend`` on ``engine`` with eager PyTorch through the request's steps, both ways (backend
     None: each component as built, or ONNX Runtime for an export folder). ``request``, or ``Request``
     keywords (default prompt ``DEFAULT_PROMPT``, ``PARITY_STEPS`` steps); its lam (a number or one per
-    prompt; None: the export's default) is the strength both sides run at."""
+    prompt; None: the export's default) is the strength both sides run at. ``loras``: LoRAs swapped onto the
+    engine (``Runtime(loras=)``; None: those ``pladis lora`` attached to the folder); the eager reference is
+    rebuilt with the same adapters loaded and fused by diffusers on the real pipeline."""
     if request is None:
         request = Request(**{"prompt": DEFAULT_PROMPT, "steps": PARITY_STEPS, **fields})
     elif fields:
         raise TypeError(f"pass a Request or keyword settings, not both (got {', '.join(fields)})")
-    eng = Runtime(engine, backend=backend, device=device, verify=verify)
-    ref = Runtime(eng.engine, backend="torch", device=device)
+    eng = Runtime(engine, backend=backend, device=device, verify=verify, loras=loras)
+    ref = Runtime(eng.engine, backend="torch", device=device, loras=())
+    ref.eager_loras = tuple((str(x.path), x.scale, sha256(x.path)) for x in eng.loras)
     s = eng.settings(request)
     precision = eng.engine.precision
     cond_r, sched_r, lat_r = ref.prepare(s)

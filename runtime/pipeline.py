@@ -80,8 +80,11 @@ class Runtime:
     """An engine folder with a backend per component (``backend`` for all, ``overrides`` per name)."""
 
     def __init__(self, engine: str | Path | Engine, backend: str | None = None,
-                 overrides: dict[str, str] | None = None, device: str = "cpu", verify: bool = True):  # fmt: skip
-        """backend None: each component as built (``engine.json``), or ``ort`` for an export folder."""
+                 overrides: dict[str, str] | None = None, device: str = "cpu", verify: bool = True,
+                 loras=None):  # fmt: skip
+        """backend None: each component as built (``engine.json``), or ``ort`` for an export folder.
+        ``loras``: LoRAs swapped into the built engine (``set_loras``), e.g. ``[("style.safetensors", 0.8)]``;
+        None: those ``pladis lora`` attached to the folder (``loras.json``), if any."""
         check_device(device)  # before any file is read
         self.engine = engine if isinstance(engine, Engine) else open_engine(engine, verify=verify)
         self.engine.check_complete()
@@ -113,6 +116,73 @@ class Runtime:
                                    vae.latent_channels, vae.scaling_factor, vae.shift_factor,
                                    self.engine.manifest.model.get("pipeline_class", ""), self.chat)  # fmt: skip
         self.scheduler_config = _scheduler_config(self.engine.folder)  # read once: the folder may move later
+        self.loras: tuple = ()  # the LoRAs swapped in now (pladis.lora.Lora, in order)
+        self._adapters = None  # pladis.runtime.lora.Adapters, made on the first swap
+        self._lora_weights: dict[str, dict] = {}  # component -> module path -> fused weight
+        self.eager_loras: tuple = ()  # torch backends: LoRAs fused into the eager model by diffusers (parity)
+        if loras is None:
+            from pladis.runtime.lora import read_attached
+
+            loras = read_attached(self.engine.folder)
+        if loras:
+            self.set_loras(loras)
+
+    # -- LoRAs -------------------------------------------------------------------------------------
+
+    def set_loras(self, loras) -> None:
+        """Swap ``loras`` in (``FILE[:SCALE]`` strings, ``(FILE, SCALE)`` pairs or ``Lora``s; empty: none), in
+        place of the ones in now, without a re-export: every check runs before any weight changes
+        (``pladis.runtime.lora``), then each component they touch gets ``W0 + Σ scale·B·A`` from its base
+        weights, and each component no longer touched gets its base weights back (bitwise)."""
+        loras, fused = self.lora_weights(loras)
+        self.use_lora_weights(loras, fused)
+
+    def lora_weights(self, loras) -> tuple[tuple, dict]:
+        """(the checked LoRAs, their fused weights {component: {module path: tensor}}): every check, nothing
+        swapped yet (the server keeps such sets in its cache)."""
+        from pladis.runtime import lora
+
+        loras = lora.parse(loras)
+        if loras and self._adapters is None:
+            self._adapters = lora.Adapters(self.engine)
+        fused = self._adapters.fused(loras) if loras else {}
+        for comp in sorted(set(fused) | set(self._lora_weights)):  # before any weight changes
+            if comp not in self.backend_names:
+                raise EngineError(f"the LoRAs touch {comp}, which this engine does not have")
+            backends.check_lora(self.engine, comp, self.backend_names[comp])
+        return loras, fused
+
+    @property
+    def lora_set(self) -> tuple[tuple, dict]:
+        """(the LoRAs swapped in now, their fused weights): what ``use_lora_weights`` takes back."""
+        return self.loras, self._lora_weights
+
+    def lora_check(self, loras) -> None:
+        """Every check of ``lora_weights`` on ``loras``, nothing computed or swapped (the server's 400s)."""
+        from pladis.runtime import lora
+
+        loras = lora.parse(loras)
+        if loras and self._adapters is None:
+            self._adapters = lora.Adapters(self.engine)
+        if loras:
+            self._adapters.check(loras)
+            for comp in sorted({c for x in loras for c, _ in self._adapters.layers(x)}):
+                if comp not in self.backend_names:
+                    raise EngineError(f"the LoRAs touch {comp}, which this engine does not have")
+                backends.check_lora(self.engine, comp, self.backend_names[comp])
+
+    def use_lora_weights(self, loras: tuple, fused: dict) -> None:
+        """Swap in the fused weights ``lora_weights`` made for ``loras``; components they leave get their base
+        weights back. A component whose weights are the very ones it holds now is left as it is."""
+        for comp in sorted(set(fused) | set(self._lora_weights)):
+            weights = fused.get(comp)
+            if weights is self._lora_weights.get(comp):
+                continue
+            if comp in self._backends:
+                self._backends[comp].set_lora_weights(weights, self._adapters.maps[comp])
+                self._warm = {k for k in self._warm if k[0] != comp}  # a new session runs its first call again
+        self._lora_weights = fused
+        self.loras = loras
 
     # -- components ----------------------------------------------------------------------------
 
@@ -120,7 +190,12 @@ class Runtime:
         """The loaded backend of ``component`` (created and loaded on first use)."""
         if component not in self._backends:
             b = backends.create(self.engine, component, self.backend_names[component], self.device)
-            b.load()
+            if self.eager_loras and hasattr(b, "eager_loras"):
+                b.eager_loras = self.eager_loras
+            if component in self._lora_weights:
+                b.set_lora_weights(self._lora_weights[component], self._adapters.maps[component])
+            else:
+                b.load()
             self._backends[component] = b
         return self._backends[component]
 

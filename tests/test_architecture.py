@@ -74,7 +74,8 @@ ALLOWED = {
         *STAGE_SHARED,
     },
     # the aoti backend registers pladis::attention (ops) before it loads a .pt2 that calls it
-    "runtime": {"eager", "families", "numerics", "ops", *STAGE_SHARED},
+    # LoRA swapping: pladis.lora's adapter loading, provenance's weightless skeleton, torch_internals' aoti check
+    "runtime": {"eager", "families", "numerics", "ops", "lora", "provenance", "torch_internals", *STAGE_SHARED},
     "serve": {"runtime", "numerics", *STAGE_SHARED},
 }
 # rooms that sit at the end of the path and may import anything: the CLI, the demo, the benchmarks

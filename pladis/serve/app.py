@@ -20,6 +20,7 @@ import logging
 import random
 import re
 import time
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 
-from pladis.errors import SettingError
+from pladis.errors import PladisError, SettingError
 from pladis.runtime.request import Request
 from pladis.serve.config import ServeConfig, api_key, validate
 from pladis.serve.worker import Expired, Job, QueueFull, ShuttingDown, Worker
@@ -41,6 +42,15 @@ log = logging.getLogger("pladis.serve")
 CLIENT_GONE = 499  # nginx's "client closed request": counted in /metrics, never sent (nobody is listening)
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF"}
 SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")
+
+
+class LoraItem(BaseModel):
+    """One adapter of a request: a file of the server's ``--lora-dir`` by name (without ``.safetensors``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    scale: float = 1.0
 
 
 class ImageRequest(BaseModel):
@@ -83,6 +93,7 @@ class ImageRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     lam: float | None = None
     alpha: float | None = None
+    loras: list[LoraItem] | None = Field(None, max_length=16)  # adapters from --lora-dir, applied in this order
 
 
 class ApiError(Exception):
@@ -126,6 +137,12 @@ class Metrics:
         self.images = Counter("pladis_images", "images generated", registry=self.registry)
         self.batch_size = Histogram("pladis_batch_size", "images per engine batch", registry=self.registry,
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16))  # fmt: skip
+        self.lora_swaps = Counter("pladis_lora_swaps", "times the engine's weights changed to another LoRA set",
+                                  registry=self.registry)  # fmt: skip
+        self.lora_cache_hits = Counter("pladis_lora_cache_hits", "LoRA sets whose fused weights were in the cache",
+                                       registry=self.registry)  # fmt: skip
+        self.lora_cache_misses = Counter("pladis_lora_cache_misses", "LoRA sets whose fused weights were computed",
+                                         registry=self.registry)  # fmt: skip
         self.restarts = Counter("pladis_worker_restarts", "times the worker thread died and was restarted",
                                 registry=self.registry)  # fmt: skip
 
@@ -191,6 +208,8 @@ class Service:
         validate(cfg)
         self.cfg, self.runtime, self.metrics = cfg, runtime, Metrics()
         self.worker: Worker | None = None
+        self.lora_sets: OrderedDict[tuple, tuple] = OrderedDict()  # LoRA set -> (Loras, fused weights), LRU
+        self.base_set: tuple = ((), {})  # what a request without LoRAs runs: the engine as opened
         self.ready = self.draining = False
         self.model, self.created = "", 0
 
@@ -202,6 +221,7 @@ class Service:
 
             self.runtime = await asyncio.to_thread(Runtime, cfg.engine, cfg.backend or None, device=cfg.device)
         await asyncio.to_thread(self.runtime.load)
+        self.base_set = self.runtime.lora_set
         await asyncio.to_thread(self.runtime.generate, "warm-up", progress=False, steps=1)
         self.model = cfg.model_name or Path(self.runtime.engine.folder).resolve().name
         self.created = int(time.time())
@@ -222,6 +242,7 @@ class Service:
         """The worker's batch: the jobs' checked settings (one key) as one request through ``Runtime.generate``,
         ``check`` after every step so abandoned work stops early. lam is a runtime input: requests with
         different strengths share a batch, one value per image."""
+        self.use_loras(jobs[0].key[-1])  # one key per batch: one LoRA set
         parts, first = [j.work for j in jobs], jobs[0].work
         request = Request(
             prompt=[p for s in parts for p in s.prompts],
@@ -231,6 +252,55 @@ class Service:
             width=first.width, lam=None if first.lam is None else [x for s in parts for x in s.lam],
         )  # fmt: skip
         return self.runtime.generate(request, on_step=lambda *_: check(), progress=False).images
+
+    def use_loras(self, named: tuple) -> None:
+        """Swap the LoRA set ``named`` (``((name, scale), ...)``) into the runtime, its fused weights from the LRU
+        cache (``--lora-cache`` sets) or computed now; nothing happens when it is in already. The empty set is
+        the engine as opened (with the LoRAs ``pladis lora`` attached to its folder, if any): never evicted."""
+        rt = self.runtime
+        if not named:
+            loras, fused = self.base_set
+        else:
+            if named in self.lora_sets:
+                self.metrics.lora_cache_hits.inc()
+            else:
+                self.metrics.lora_cache_misses.inc()
+                self.lora_sets[named] = rt.lora_weights(self.lora_files(named))
+                while len(self.lora_sets) > self.cfg.lora_cache:
+                    self.lora_sets.popitem(last=False)
+            self.lora_sets.move_to_end(named)
+            loras, fused = self.lora_sets[named]
+        if loras != rt.loras:
+            self.metrics.lora_swaps.inc()
+            rt.use_lora_weights(loras, fused)
+
+    def lora_files(self, named: tuple) -> list[tuple]:
+        """``((name, scale), ...)`` -> ``[(file, scale), ...]`` in ``--lora-dir``."""
+        folder = Path(self.cfg.lora_dir)
+        return [(folder / f"{name}.safetensors", scale) for name, scale in named]
+
+    def loras_of(self, body: ImageRequest) -> tuple:
+        """The request's LoRA set ``((name, scale), ...)``, checked: ApiError 400 naming an unknown adapter, a
+        server without ``--lora-dir``, or a LoRA that does not fit the engine."""
+        if not body.loras:
+            return ()
+        if not self.cfg.lora_dir:
+            raise _bad("loras", "this server serves no LoRAs; start it with --lora-dir FOLDER")
+        folder = Path(self.cfg.lora_dir)
+        named = []
+        for item in body.loras:
+            if not re.fullmatch(r"[\w.-]+", item.name) or not (folder / f"{item.name}.safetensors").is_file():
+                known = sorted(p.stem for p in folder.glob("*.safetensors"))[:10]
+                raise _bad("loras", f"unknown LoRA adapter {_short(item.name)}; this server has "
+                                    f"{', '.join(known) or 'none'} (files in --lora-dir)")  # fmt: skip
+            named.append((item.name, float(item.scale)))
+        named = tuple(named)
+        if named not in self.lora_sets:
+            try:  # the fit to the engine, before the request is queued (adapters are read once per file)
+                self.runtime.lora_check(self.lora_files(named))
+            except PladisError as err:
+                raise _bad("loras", str(err)) from None
+        return named
 
     def drain(self) -> None:
         """Shutdown began: readiness 503, queued work 503 now, new work 503; the running batch goes on."""
@@ -277,7 +347,9 @@ class Service:
             param = PARAMS.get(err.field, err.field)
             prefix = {"size": f"size {body.size}: ", "n": f"n = {n}: "}.get(param, "")
             raise _bad(param, prefix + str(err)) from None
-        key = (s.height, s.width, s.steps, s.scheduler, s.guidance, s.guidance_rescale, s.negatives and s.negatives[0])
+        loras = self.loras_of(body)  # last in the key: a batch runs one LoRA set
+        key = (s.height, s.width, s.steps, s.scheduler, s.guidance, s.guidance_rescale, s.negatives and s.negatives[0],
+               loras)  # fmt: skip
         return Job(key, s, len(s.seeds), deadline=time.monotonic() + self.cfg.timeout_s), fmt
 
     async def images(self, request: HttpRequest) -> JSONResponse:

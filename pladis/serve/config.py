@@ -44,6 +44,10 @@ class ServeConfig:
     api_key: str = _opt("", f"require 'Authorization: Bearer KEY' on /v1/ (visible in `ps`: prefer ${API_KEY_ENV} "
                         "or --api-key-file)")  # fmt: skip
     api_key_file: str = _opt("", f"read the API key from this file (first line); else ${API_KEY_ENV}, if set")
+    lora_dir: str = _opt("", "folder of LoRA files (.safetensors) requests may name in `loras`, by file name "
+                         "without the suffix; none: requests cannot ask for LoRAs")  # fmt: skip
+    lora_cache: int = _opt(4, "fused weight sets (one per LoRA set and scales) kept in memory, least recently used "
+                           "dropped first (>= 1)")  # fmt: skip
     ray: bool = _opt(False, "deploy on Ray Serve instead of one local process")
     replicas: int = _opt(1, "Ray Serve replicas (one per GPU on a GPU cluster)")
     num_gpus: float = _opt(0.0, "GPUs per Ray replica (1 on GPU clusters: one replica per GPU)")
@@ -59,7 +63,7 @@ def validate(cfg: ServeConfig) -> None:
 
     need(bool(cfg.host.strip()), "host", "give a bind address, e.g. 127.0.0.1")
     need(0 <= cfg.port <= 65535, "port", "must be in 1-65535 (0: any free port)")
-    for name in ("max_queue", "max_steps", "max_prompt_chars", "replicas"):
+    for name in ("max_queue", "max_steps", "max_prompt_chars", "replicas", "lora_cache"):
         need(getattr(cfg, name) >= 1, name, "must be at least 1")
     need(cfg.max_body_bytes >= 1024, "max_body_bytes", "must be at least 1024 (a request with a prompt needs room)")
     need(cfg.max_replicas >= 0, "max_replicas", "must be 0 (fixed replicas) or more")
@@ -69,6 +73,7 @@ def validate(cfg: ServeConfig) -> None:
     for name in ("batch_window_ms", "shutdown_s", "num_gpus"):
         value = getattr(cfg, name)
         need(math.isfinite(value) and value >= 0, name, "must be a finite number, 0 or more")
+    need(not cfg.lora_dir or Path(cfg.lora_dir).is_dir(), "lora_dir", "must be an existing folder of LoRA files")
     need(not (cfg.api_key and cfg.api_key_file), "api_key_file", "give the key once: --api-key or --api-key-file")
     api_key(cfg)  # a missing or empty key file is an option error too
 
