@@ -1,0 +1,120 @@
+"""The CUDA-graph cache (pladis.runtime.graphs): keys, bounds, eviction, static buffers, the eager fallback.
+
+No CUDA graph is captured here (no GPU in CI). Two capture functions drive the cache's real code path:
+- ``graphs.cuda_capture`` itself, which on a machine without a GPU raises: the fallback path;
+- ``Recorder`` below, which records each capture and returns a "replay" that calls the eager function again
+  on the cache's static input buffers and copies its results into the static outputs. It is NOT a CUDA graph;
+  it has a graph's contract (reads only the static inputs, writes only the static outputs), so a cache that
+  forgot to copy new inputs in, or returned something other than the static outputs, gives wrong numbers here.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from pladis.errors import SettingError
+from pladis.runtime import graphs
+
+
+class Recorder:
+    """A capture function with a CUDA graph's contract but none of its mechanics (see the module docstring)."""
+
+    def __init__(self, fail_for=()):
+        self.calls = []  # the static inputs of each capture
+        self.fail_for = fail_for  # shapes of "x" whose capture raises
+
+    def __call__(self, call):
+        first = call()  # the call closes over the cache's static input buffers
+        shape = tuple(next(iter(first.values())).shape)
+        self.calls.append(shape)
+        if shape in self.fail_for:
+            raise RuntimeError("operation not permitted when stream is capturing\nsecond line")
+        outputs = {k: v.clone() for k, v in first.items()}
+
+        def replay():
+            for k, v in call().items():
+                outputs[k].copy_(v)
+
+        return replay, outputs
+
+
+def model(inputs):
+    """A component: y = x * lam + t (lam, t: (B,) tensors broadcast over x's trailing dims)."""
+    x, lam, t = inputs["x"], inputs["lam"], inputs["t"]
+    return {"y": x * lam.view(-1, 1) + t.view(-1, 1)}
+
+
+def inputs(batch=2, n=3, lam=1.0, t=0.0, seed=0):
+    x = torch.randn(batch, n, generator=torch.Generator().manual_seed(seed))
+    return {"x": x, "lam": torch.full((batch,), lam), "t": torch.full((batch,), t)}
+
+
+def test_captures_once_per_key_after_warmup_and_serves_every_lam_and_timestep():
+    rec = Recorder()
+    cache = graphs.GraphCache(rec, size=4, warmup=1)
+    for step, lam in enumerate([0.0, 1.0, 2.5, 4.0]):  # lam and t vary per call: inputs, not part of the key
+        feed = inputs(lam=lam, t=float(step), seed=step)
+        got = cache.run("unet", model, feed)
+        assert torch.equal(got["y"], model(feed)["y"])  # atol=0: the same float32 ops on the same values
+    assert rec.calls == [(2, 3)] and cache.captures == 1  # call 1 eager (warm-up), call 2 captured, 3-4 replayed
+    key = graphs.key_of("unet", inputs())
+    assert key in cache and cache.settled("unet", inputs())
+
+
+def test_replay_returns_the_static_outputs_overwritten_by_the_next_call():
+    cache = graphs.GraphCache(Recorder(), warmup=0)
+    a = cache.run("unet", model, inputs(lam=1.0))
+    kept = a["y"].clone()
+    b = cache.run("unet", model, inputs(lam=3.0))
+    assert a["y"] is b["y"]  # the graph's own buffer: the caller copies what it keeps
+    assert not torch.equal(a["y"], kept)
+
+
+def test_a_new_shape_dtype_or_component_is_a_new_key_and_the_bound_drops_the_least_recent():
+    rec = Recorder()
+    cache = graphs.GraphCache(rec, size=2, warmup=0)
+    cache.run("unet", model, inputs(n=3))
+    cache.run("unet", model, inputs(n=4))
+    cache.run("unet", model, inputs(n=3))  # a hit: (2, 3) is now the most recent
+    cache.run("unet", model, inputs(n=5))  # a third key: (2, 4) goes
+    assert rec.calls == [(2, 3), (2, 4), (2, 5)]
+    assert [k[1][2][1] for k in cache.graphs] == [(2, 3), (2, 5)]  # the x entry's shape, oldest first
+    cache.run("unet", model, inputs(n=4))  # dropped before: captured again
+    assert rec.calls[-1] == (2, 4) and len(cache.graphs) == 2
+    half = {k: v.double() for k, v in inputs(n=3).items()}
+    assert graphs.key_of("unet", half) != graphs.key_of("unet", inputs(n=3))
+    assert graphs.key_of("transformer", inputs(n=3)) != graphs.key_of("unet", inputs(n=3))
+
+
+def test_a_failed_capture_warns_once_runs_eagerly_and_is_not_retried(caplog):
+    rec = Recorder(fail_for={(2, 3)})
+    cache = graphs.GraphCache(rec, warmup=0)
+    with caplog.at_level(logging.WARNING, logger="pladis.runtime.graphs"):
+        for lam in (1.0, 2.0, 3.0):
+            feed = inputs(lam=lam)
+            assert torch.equal(cache.run("unet", model, feed)["y"], model(feed)["y"])  # atol=0: eager itself
+    assert rec.calls == [(2, 3)]  # tried once
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "\n" not in lines[0] and "stream is capturing" in lines[0]
+    assert cache.captures == 0 and cache.settled("unet", inputs())
+    cache.run("unet", model, inputs(n=4))  # another shape is another try
+    assert rec.calls == [(2, 3), (2, 4)] and cache.captures == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the capture would succeed")
+def test_the_real_cuda_capture_refuses_without_a_gpu_and_the_cache_falls_back(caplog):
+    cache = graphs.GraphCache(warmup=1)  # graphs.cuda_capture, as the runtime uses it
+    assert cache.capture is graphs.cuda_capture
+    with caplog.at_level(logging.WARNING, logger="pladis.runtime.graphs"):
+        outs = [cache.run("unet", model, inputs(lam=lam)) for lam in (0.0, 2.0, 2.0)]
+    for lam, out in zip((0.0, 2.0, 2.0), outs, strict=True):
+        assert torch.equal(out["y"], model(inputs(lam=lam))["y"])  # atol=0: the eager function's own result
+    assert cache.captures == 0 and len(cache.failed) == 1 and len(caplog.records) == 1
+
+
+def test_bad_sizes_are_setting_errors():
+    with pytest.raises(SettingError, match="graph_cache_size must be a whole number >= 1"):
+        graphs.GraphCache(Recorder(), size=0)
+    with pytest.raises(SettingError, match="graph_warmup"):
+        graphs.GraphCache(Recorder(), warmup=-1)
