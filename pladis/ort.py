@@ -15,8 +15,10 @@ from pladis.manifest import EngineError
 OPT_LEVELS = {0: "ORT_DISABLE_ALL", 1: "ORT_ENABLE_BASIC", 2: "ORT_ENABLE_EXTENDED", 3: "ORT_ENABLE_ALL"}
 
 
-def providers(device: str) -> list[str]:
-    """Execution providers for ``device``: CPU, or CUDA (TensorRT first when that provider is present)."""
+def providers(device: str, cuda_graph: bool = False) -> list:
+    """Execution providers for ``device``: CPU, or CUDA (TensorRT first when that provider is present).
+    cuda_graph: the CUDA provider alone, with ONNX Runtime's CUDA graphs on (``enable_cuda_graph``; every node
+    must then run on it, else creating the session fails)."""
     import onnxruntime as ort
 
     if device == "cpu":
@@ -27,6 +29,8 @@ def providers(device: str) -> list[str]:
             f"device {device!r} needs onnxruntime-gpu (providers here: {', '.join(available)}); install the `gpu` "
             "extra instead of `cpu` (never both), or run on device cpu"
         )
+    if cuda_graph:
+        return [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
     wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     return [p for p in wanted if p in available]
 
@@ -50,13 +54,14 @@ def session_options(level: int = 3, threads: int = 0, optimized_path: Path | Non
 
 
 def session(path: str | Path, device: str = "cpu", level: int = 3, threads: int = 0,
-            optimized_path: Path | None = None):  # fmt: skip
-    """An ``onnxruntime.InferenceSession`` on ``path`` for ``device`` with ``session_options``."""
+            optimized_path: Path | None = None, cuda_graph: bool = False):  # fmt: skip
+    """An ``onnxruntime.InferenceSession`` on ``path`` for ``device`` with ``session_options`` (cuda_graph: see
+    ``providers``)."""
     import onnxruntime as ort
 
     try:
         return ort.InferenceSession(str(path), session_options(level, threads, optimized_path),
-                                    providers=providers(device))  # fmt: skip
+                                    providers=providers(device, cuda_graph))  # fmt: skip
     except Exception as err:
         if not any(m in str(err) for m in _DAMAGED):  # not a damaged file: a bug, keep the traceback
             raise

@@ -15,11 +15,20 @@ backend with ``reuses_outputs`` returns its own buffers, overwritten by its next
 - ``aoti``: a ``.pt2`` package from ``pladis build --backend aoti``.
 - ``trt``: TensorRT engines from ``pladis build --backend trt`` (TensorRT 10 tensor API on CUDA tensors,
   output buffers allocated once per input shapes; written against TensorRT's documented API, not run in CI).
+
+CUDA graphs (``Runtime(..., cuda_graphs=True)``): ``cuda_graphs`` says how a backend replays them. "capture":
+the runtime captures the backend's ``run`` (``pladis.runtime.graphs``), which therefore queues its work on
+torch's current stream without waiting for it (torch, aoti, and trt's ``execute_async_v3``, one graph per
+profile point the engine runs at). "session": ONNX Runtime replays its own graphs (CUDA execution provider
+option ``enable_cuda_graph``, inputs and outputs bound once per input shapes, one graph id each). Neither is
+run in CI (no GPU there): there only the cache's logic and its eager fallback are tested.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -30,6 +39,7 @@ from pladis.eager import eager_components  # noqa: F401  (the torch backend's mo
 from pladis.manifest import Engine, EngineError, check_function_body
 from pladis.precision import BY_DTYPE, numpy_type
 
+log = logging.getLogger(__name__)
 BACKENDS = registry.NAMES
 _NP = {name: numpy_type(name) for name, t in BY_DTYPE.items() if t.numpy}  # numpy has no bfloat16
 
@@ -40,6 +50,7 @@ class Backend(Protocol):
     name: str
     device: str
     reuses_outputs: bool
+    cuda_graphs: str  # "capture" | "session" (see the module docstring)
 
     def load(self) -> None: ...
 
@@ -111,6 +122,7 @@ def _shapes(inputs: dict[str, torch.Tensor]) -> tuple:
 class TorchBackend:
     name = "torch"
     reuses_outputs = False
+    cuda_graphs = "capture"
 
     def __init__(self, engine: Engine, component: str, device: str = "cpu"):
         self.folder, self.component_name = str(engine.folder.resolve()), component
@@ -141,6 +153,7 @@ class TorchBackend:
 
 class OrtBackend:
     name = "ort"
+    cuda_graphs = "session"
 
     @property
     def reuses_outputs(self) -> bool:  # bound outputs are the per-shape buffers
@@ -159,12 +172,35 @@ class OrtBackend:
         self.bound = device != "cpu"  # I/O binding; on the CPU only when asked (numpy in and out needs none)
         self.session = None
         self._outputs: dict[tuple, tuple] = {}  # input shapes -> (OrtValues, torch views of them)
+        self.graph_limit = 0  # > 0: ONNX Runtime's own CUDA graphs, at most this many input shapes
+        self._graphs: dict[tuple, _OrtGraph] = {}
+
+    def use_cuda_graphs(self, limit: int) -> None:
+        """Replay ONNX Runtime's CUDA graphs for up to ``limit`` input shapes (call before ``load``; CUDA only).
+        Never run in CI (no onnxruntime-gpu there)."""
+        if self.device != "cpu":
+            self.graph_limit = limit
 
     def load(self) -> None:
         if self.session is None:
             from pladis import ort
 
+            if self.graph_limit:
+                try:
+                    self.session = ort.session(self.path, self.device, threads=self.threads, cuda_graph=True)
+                    return
+                except Exception as err:  # noqa: BLE001 - e.g. a node ONNX Runtime places on the CPU: run eagerly
+                    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                    log.warning("ONNX Runtime refused CUDA graphs for %s (%s); running it eagerly", self.path.name,
+                                first)  # fmt: skip
+                    self.graph_limit = 0
             self.session = ort.session(self.path, self.device, threads=self.threads)
+
+    def warm_graph(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Run until ONNX Runtime has captured its graph for these shapes (one plain run that allocates the
+        outputs, one regular run, the capture): no capture inside the timed steps."""
+        for _ in range(3 if self.graph_limit else 0):
+            self.run(inputs)
 
     def warm_up(self, inputs: dict[str, torch.Tensor]) -> None:
         self.run(inputs)
@@ -177,12 +213,53 @@ class OrtBackend:
         outs = self.session.run(self.outputs, feeds)
         return {n: torch.from_numpy(np.ascontiguousarray(o)) for n, o in zip(self.outputs, outs, strict=True)}
 
+    def _run_graph(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """ONNX Runtime's CUDA graph for these input shapes: the inputs copied into buffers bound once, the
+        outputs read from buffers bound once, run under its own graph id; None when these shapes have no graph
+        (the first run of new shapes, shapes past ``graph_limit``, outputs numpy cannot type)."""
+        key = _shapes(inputs)
+        graph = self._graphs.get(key)
+        if graph is None:
+            return None
+        for name, buffer in graph.inputs.items():
+            buffer.copy_(inputs[name])
+        torch.cuda.current_stream(buffer.device).synchronize()  # ONNX Runtime runs on its own stream
+        self.session.run_with_iobinding(graph.binding, graph.options)
+        return dict(graph.views)
+
+    def _bind_graph(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """Static buffers for these shapes (from a plain run's ``outputs``) bound once, with a new graph id."""
+        import onnxruntime as ort
+
+        if len(self._graphs) >= self.graph_limit or any(self.output_dtypes[n] not in _NP for n in outputs):
+            return
+        device = torch.device(self.device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        binding = self.session.io_binding()
+        static = {n: torch.empty(tuple(t.shape), dtype=getattr(torch, self.inputs[n]), device=device)
+                  for n, t in inputs.items()}  # fmt: skip
+        for name, t in static.items():
+            binding.bind_input(name, "cuda", index, _NP[self.inputs[name]], tuple(t.shape), t.data_ptr())
+        values, views = [], {}
+        for name, out in outputs.items():
+            value = ort.OrtValue.ortvalue_from_shape_and_type(tuple(out.shape), _NP[self.output_dtypes[name]],
+                                                              "cuda", index)  # fmt: skip
+            binding.bind_ortvalue_output(name, value)
+            values.append(value)
+            views[name] = _view(value, self.output_dtypes[name], device)
+        graph_id = len(self._graphs)
+        self._graphs[_shapes(inputs)] = _OrtGraph(binding, static, values, views, _run_options(graph_id))
+
     def _run_bound(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """I/O binding: inputs bound in place; outputs written into buffers kept per input shapes (the first run
         of new shapes lets ONNX Runtime allocate them; later runs bind those same buffers again). The returned
         tensors are views of those buffers, on the backend's device: no copy, no ``.numpy()``."""
         device = torch.device(self.device)
         index = 0 if device.type == "cpu" else device.index if device.index is not None else torch.cuda.current_device()
+        if self.graph_limit:
+            replayed = self._run_graph(inputs)
+            if replayed is not None:
+                return replayed
         binding = self.session.io_binding()
         kept = []  # the contiguous, converted inputs stay alive until the run is over
         for name, t in inputs.items():
@@ -198,12 +275,34 @@ class OrtBackend:
                 binding.bind_ortvalue_output(name, value)
         if device.type == "cuda":  # ONNX Runtime reads the inputs on its own stream: torch's work must be done
             torch.cuda.current_stream(device).synchronize()
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, _run_options(-1) if self.graph_limit else None)  # -1: no graph
         if held is None:
             values = binding.get_outputs()
             views = {n: _view(v, self.output_dtypes[n], device) for n, v in zip(self.outputs, values, strict=True)}
             held = self._outputs[key] = (values, views)
+            if self.graph_limit:
+                self._bind_graph(inputs, held[1])
         return dict(held[1])
+
+
+@dataclass
+class _OrtGraph:
+    """ONNX Runtime's CUDA graph of one input shapes: its binding, static inputs, output values, views, id."""
+
+    binding: object
+    inputs: dict[str, torch.Tensor]
+    values: list  # the bound OrtValues (kept alive: the views point into them)
+    views: dict[str, torch.Tensor]
+    options: object  # onnxruntime.RunOptions with its gpu_graph_id
+
+
+def _run_options(graph_id: int):
+    """``onnxruntime.RunOptions`` naming the CUDA graph a run captures or replays (-1: none, a plain run)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,6 +315,7 @@ class AotiBackend:
 
     name = "aoti"
     reuses_outputs = False
+    cuda_graphs = "capture"
 
     def __init__(self, engine: Engine, component: str, device: str = "cpu"):
         spec = engine.component(component)
@@ -256,6 +356,7 @@ class TrtBackend:
 
     name = "trt"
     reuses_outputs = True
+    cuda_graphs = "capture"
 
     def __init__(self, engine: Engine, component: str, device: str = "cuda"):
         spec = engine.component(component)
@@ -306,5 +407,7 @@ class TrtBackend:
             self.context.set_tensor_address(name, buf.data_ptr())
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
-        stream.synchronize()
+        # no stream.synchronize(): the work is on torch's current stream, so whatever reads the outputs (or
+        # reuses the inputs' memory, freed to torch's allocator on this same stream) runs after it; a sync
+        # here would cost a host wait per step and cannot be captured in a CUDA graph
         return dict(buffers)

@@ -30,13 +30,14 @@ from dataclasses import dataclass
 import torch
 
 from pladis.errors import SettingError
+from pladis.options import DEFAULT_GRAPH_CACHE_SIZE
 
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
 Call = Callable[[], Tensors]  # the component called on the static input buffers
 Capture = Callable[[Call], tuple[Callable[[], object], Tensors]]  # call -> (replay, static outputs)
-DEFAULT_SIZE = 4  # graphs held: one per image size (and batch) in use; each holds its own memory pool
+DEFAULT_SIZE = DEFAULT_GRAPH_CACHE_SIZE  # graphs held: one per image size and batch in use, each with its memory pool
 DEFAULT_WARMUP = 1  # eager calls per key before the capture (first-call compilation, allocator warm-up)
 
 

@@ -118,3 +118,55 @@ def test_bad_sizes_are_setting_errors():
         graphs.GraphCache(Recorder(), size=0)
     with pytest.raises(SettingError, match="graph_warmup"):
         graphs.GraphCache(Recorder(), warmup=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The runtime's switch (Runtime(..., cuda_graphs=...)): on a CPU only the refusal and the cache's code path
+# with the Recorder or the real (refusing) capture run; parity with real CUDA graphs needs a GPU.
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from pladis.export import ExportConfig, export
+
+    folder = tmp_path_factory.mktemp("graphs") / "tiny-sd15"
+    export(ExportConfig(model="tiny-sd15", out=str(folder), validate=False))
+    return folder
+
+
+def test_cuda_graphs_on_a_cpu_device_is_a_setting_error_naming_the_fix(engine, capsys):
+    from pladis import cli
+    from pladis.runtime import Runtime
+
+    with pytest.raises(SettingError, match="CUDA graphs need a CUDA device .* --device cuda, or drop --cuda-graphs"):
+        Runtime(engine, "torch", cuda_graphs=True)
+    assert cli.main(["generate", "--engine", str(engine), "--cuda-graphs", "--out", "/nonexistent/x.png"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "drop --cuda-graphs" in err[0]
+
+
+def test_the_loop_through_the_cache_equals_the_eager_loop_at_every_lam_with_one_capture(engine):
+    from pladis.runtime import Runtime
+
+    rec = Recorder()
+    graphed = Runtime(engine, "torch", cuda_graphs=graphs.GraphCache(rec))
+    eager = Runtime(engine, "torch")
+    for lam in (0.0, 2.0):
+        a = graphed.generate("a cat", steps=3, seed=1, lam=lam, progress=False).latents
+        b = eager.generate("a cat", steps=3, seed=1, lam=lam, progress=False).latents
+        assert torch.equal(a, b)  # atol=0: the same float32 calls on the same values, through static buffers
+    assert len(rec.calls) == 1 and graphed.graphs.captures == 1  # captured in warm-up; both lams replayed it
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the capture would succeed")
+def test_the_loop_with_the_real_capture_falls_back_to_eager_on_a_cpu(engine, caplog):
+    from pladis.runtime import Runtime
+
+    graphed = Runtime(engine, "torch", cuda_graphs=graphs.GraphCache(graphs.cuda_capture))
+    with caplog.at_level(logging.WARNING, logger="pladis.runtime.graphs"):
+        a = graphed.generate("a cat", steps=2, seed=1, progress=False).latents
+        graphed.generate("a cat", steps=2, seed=1, progress=False)  # not retried
+    b = Runtime(engine, "torch").generate("a cat", steps=2, seed=1, progress=False).latents
+    assert torch.equal(a, b)  # atol=0: the fallback is the eager call itself
+    assert len(caplog.records) == 1 and len(graphed.graphs.failed) == 1
