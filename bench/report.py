@@ -282,6 +282,29 @@ def _gpu_section(data: dict) -> list[str]:
     return out
 
 
+def _host_loop_section(data: dict) -> list[str]:
+    """The runtime loop's host time per step with a denoiser that does nothing (``bench/host_loop.py``)."""
+    res = data["results"]
+    rows = []
+    for name, r in res.items():
+        h = r["host_ms_per_step"]
+        verdict = "met" if h["median"] <= r["goal_ms"] else f"missed by {h['median'] / r['goal_ms']:.1f}x"
+        rows.append([name, r["steps"], "yes" if r["cfg"] else "no", f"{h['median']:.3f}",
+                     f"{h['min']:.3f}–{h['max']:.3f}", f"≤ {r['goal_ms']:g}", verdict,
+                     r.get("load_avg_1min", "")])  # fmt: skip
+    first = next(iter(res.values()))
+    return ["## Host loop (`python -m pladis.bench.host_loop`)", "",
+            "`Runtime.generate` on tiny export folders whose denoiser does nothing (returns a preallocated zero "
+            "tensor): milliseconds per step spent outside the denoiser (CFG batch, input scaling, step inputs, "
+            "the output copy, guidance, the diffusers scheduler step), on the "
+            f"{first.get('device', 'cpu')}, {first['threads']} threads, {first['repeats']} runs per case after a "
+            "warm-up run. The latents are 4x4, so this is Python and dispatch overhead, the part of a step "
+            "CUDA graphs do not remove. Goal (issue 28): ≤ 0.2 ms per step.", "",
+            markdown_table(["case", "steps", "CFG", "median ms/step", "min–max", "goal", "verdict",
+                            "1-min load"], rows), "",
+            f"Machine: {_stamp(first)}. Reproduce: `{data['command']}`.", ""]  # fmt: skip
+
+
 def _aot_section(data: dict) -> list[str]:
     """The TensorRT plugin's PTX launched through the CUDA driver (tests/test_kernels.py, on a GPU)."""
     rows = [[r["case"], str(tuple(r["shape"])), r["dtype"], f"{r['aot_ms']:.3f}", f"{r['sdpa_ms']:.3f}",
@@ -315,6 +338,9 @@ def render(results: Path) -> str:
     aot = results / "aot_kernel.json"
     if aot.exists():
         lines += _aot_section(json.loads(aot.read_text()))
+    host_loop = results / "host_loop.json"
+    if host_loop.exists():
+        lines += _host_loop_section(json.loads(host_loop.read_text()))
     soak = results / "soak.json"
     if soak.exists():
         lines += _soak_section(json.loads(soak.read_text()))

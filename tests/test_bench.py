@@ -51,3 +51,26 @@ def test_smallest_suite_cases_run_end_to_end(tmp_path, monkeypatch):
     assert report.main(["--results", str(tmp_path), "--doc", str(tmp_path / "perf.md")]) == 0
     doc = (tmp_path / "perf.md").read_text()
     assert "### Operator" in doc and "### Joint attention operator" in doc and "### End to end" in doc
+
+
+def test_host_loop_arguments_line_and_report_section(tmp_path):
+    import pytest
+
+    from pladis.bench import host_loop
+
+    args = host_loop.parse(["--cases", "sdxl euler (CFG)", "--repeats", "2", "--steps", "3", "--out", str(tmp_path)])
+    assert args.cases == ["sdxl euler (CFG)"] and args.repeats == 2 and args.steps == 3 and args.device == "cpu"
+    for bad in (["--cases", "nope"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            host_loop.parse(bad)
+    # a recorded result's shape (made-up numbers: not a measurement)
+    r = {"model": "tiny-sdxl", "scheduler": "euler", "steps": 30, "cfg": True, "repeats": 2, "goal_ms": 0.2,
+         "host_ms_per_step": {"median": 0.5, "min": 0.25, "max": 0.75}, "step_ms_with_null_denoiser": 0.6,
+         "threads": 2, "device": "cpu", "load_avg_1min": 1.5}  # fmt: skip
+    assert host_loop.line("x", r) == ("x: 0.500 ms host per step (min 0.250, max 0.750; 30 steps x 2), goal <= 0.2 "
+                                      "ms: missed by 2.5x")  # fmt: skip
+    harness.save("host_loop", {"command": "python -m pladis.bench.host_loop", "results": {"sdxl euler (CFG)": r}},
+                 tmp_path)  # fmt: skip
+    text = report.render(tmp_path)
+    assert "## Host loop (`python -m pladis.bench.host_loop`)" in text
+    assert "| sdxl euler (CFG) | 30 | yes | 0.500 | 0.250–0.750 | ≤ 0.2 | missed by 2.5x | 1.5 |" in text

@@ -170,3 +170,15 @@ def test_the_loop_with_the_real_capture_falls_back_to_eager_on_a_cpu(engine, cap
     b = Runtime(engine, "torch").generate("a cat", steps=2, seed=1, progress=False).latents
     assert torch.equal(a, b)  # atol=0: the fallback is the eager call itself
     assert len(caplog.records) == 1 and len(graphed.graphs.failed) == 1
+
+
+def test_the_host_loop_benchmark_runs_the_real_loop_with_a_denoiser_that_does_nothing(engine):
+    from pladis import backends as registry
+    from pladis.bench import host_loop
+
+    r = host_loop.measure(engine, "euler", None, steps=2, repeats=1)
+    assert "null" not in registry.REGISTRY  # plugged in for the measurement only
+    assert r["cfg"] and r["steps"] == 2 and r["repeats"] == 1
+    h = r["host_ms_per_step"]
+    # no speed asserted (a shared CI machine); the host share cannot exceed the step it is part of
+    assert 0 < h["min"] <= h["median"] <= h["max"] <= r["step_ms_with_null_denoiser"]
