@@ -305,6 +305,19 @@ def _host_loop_section(data: dict) -> list[str]:
             f"Machine: {_stamp(first)}. Reproduce: `{data['command']}`.", ""]  # fmt: skip
 
 
+def _latency_section(data: dict) -> list[str]:
+    """``make gpu-check``'s end-to-end latency (``bench/latency_gpu.py``): SDXL and FLUX at 1024², stock vs
+    PLADIS, eager vs CUDA graphs."""
+    from pladis.bench.latency_gpu import table
+
+    return ["## End-to-end latency on a GPU (`python -m pladis.bench.latency_gpu`)", "",
+            "Random weights; per image = text encoding (SDXL only: FLUX's embeddings are random tensors) + the "
+            "denoising loop + VAE decode, host clock around a synchronised image (eager rows include Python launch "
+            "overhead); the CUDA-graph rows replay the denoiser through the runtime's graph cache. The published "
+            "TensorRT figure is NVIDIA's, on an H100.", "", table(data), f"Reproduce: `{data['command']}`.",
+            ""]  # fmt: skip
+
+
 def _aot_section(data: dict) -> list[str]:
     """The TensorRT plugin's PTX launched through the CUDA driver (tests/test_kernels.py, on a GPU)."""
     rows = [[r["case"], str(tuple(r["shape"])), r["dtype"], f"{r['aot_ms']:.3f}", f"{r['sdpa_ms']:.3f}",
@@ -338,6 +351,9 @@ def render(results: Path) -> str:
     aot = results / "aot_kernel.json"
     if aot.exists():
         lines += _aot_section(json.loads(aot.read_text()))
+    latency = results / "latency_gpu.json"
+    if latency.exists():
+        lines += _latency_section(json.loads(latency.read_text()))
     host_loop = results / "host_loop.json"
     if host_loop.exists():
         lines += _host_loop_section(json.loads(host_loop.read_text()))

@@ -182,3 +182,37 @@ def test_the_host_loop_benchmark_runs_the_real_loop_with_a_denoiser_that_does_no
     h = r["host_ms_per_step"]
     # no speed asserted (a shared CI machine); the host share cannot exceed the step it is part of
     assert 0 < h["min"] <= h["median"] <= h["max"] <= r["step_ms_with_null_denoiser"]
+
+
+# --------------------------------------------------------------------------------------------------
+# On a GPU (make gpu-check): real CUDA graphs
+# --------------------------------------------------------------------------------------------------
+
+NO_GPU = None if torch.cuda.is_available() else "no CUDA GPU"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU is not None, reason=str(NO_GPU))
+def test_cuda_capture_replays_new_inputs_on_a_gpu():
+    cache = graphs.GraphCache(graphs.cuda_capture, warmup=1)
+    for lam in (0.0, 1.0, 2.0, 3.0):
+        feed = {k: v.cuda() for k, v in inputs(lam=lam, t=lam).items()}
+        got = cache.run("unet", model, feed)["y"].clone()
+        assert torch.equal(got, model(feed)["y"])  # atol=0: the replayed kernels are the eager ones
+    assert cache.captures == 1 and not cache.failed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU is not None, reason=str(NO_GPU))
+def test_the_torch_backend_with_cuda_graphs_equals_eager_on_a_gpu(engine):
+    from pladis.runtime import Runtime
+
+    graphed = Runtime(engine, "torch", device="cuda", cuda_graphs=True)
+    eager = Runtime(engine, "torch", device="cuda")
+    for lam in (0.0, 2.0):
+        a = graphed.generate("a cat", steps=3, seed=1, lam=lam, progress=False).latents
+        b = eager.generate("a cat", steps=3, seed=1, lam=lam, progress=False).latents
+        # fp32: a replay runs the captured kernels on the same values; 1e-6 leaves room for a cuBLAS algorithm
+        # chosen differently under capture
+        assert ((a - b).norm() / b.norm()).item() <= 1e-6
+    assert graphed.graphs.captures == 1 and not graphed.graphs.failed
