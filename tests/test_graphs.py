@@ -144,6 +144,15 @@ def test_cuda_graphs_on_a_cpu_device_is_a_setting_error_naming_the_fix(engine, c
     assert cli.main(["generate", "--engine", str(engine), "--cuda-graphs", "--out", "/nonexistent/x.png"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "drop --cuda-graphs" in err[0]
+    assert cli.main(["parity", "--engine", str(engine), "--cuda-graphs"]) == 2
+    assert "drop --cuda-graphs" in capsys.readouterr().err
+    from pladis.serve.config import ServeConfig, validate
+
+    with pytest.raises(SettingError, match="--cuda-graphs True: CUDA graphs need a CUDA device") as err:
+        validate(ServeConfig(engine=str(engine), cuda_graphs=True))
+    assert err.value.field == "cuda_graphs"
+    with pytest.raises(SettingError, match="--graph-cache-size 0: must be at least 1"):
+        validate(ServeConfig(engine=str(engine), device="cuda", cuda_graphs=True, graph_cache_size=0))
 
 
 def test_the_loop_through_the_cache_equals_the_eager_loop_at_every_lam_with_one_capture(engine):
