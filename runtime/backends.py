@@ -174,6 +174,7 @@ class OrtBackend:
         self._outputs: dict[tuple, tuple] = {}  # input shapes -> (OrtValues, torch views of them)
         self.graph_limit = 0  # > 0: ONNX Runtime's own CUDA graphs, at most this many input shapes
         self._graphs: dict[tuple, _OrtGraph] = {}
+        self._plain = None  # run options of a plain run: with a CUDA-graph session, gpu_graph_id -1
 
     def use_cuda_graphs(self, limit: int) -> None:
         """Replay ONNX Runtime's CUDA graphs for up to ``limit`` input shapes (call before ``load``; CUDA only).
@@ -188,6 +189,7 @@ class OrtBackend:
             if self.graph_limit:
                 try:
                     self.session = ort.session(self.path, self.device, threads=self.threads, cuda_graph=True)
+                    self._plain = _run_options(-1)
                     return
                 except Exception as err:  # noqa: BLE001 - e.g. a node ONNX Runtime places on the CPU: run eagerly
                     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
@@ -224,7 +226,14 @@ class OrtBackend:
         for name, buffer in graph.inputs.items():
             buffer.copy_(inputs[name])
         torch.cuda.current_stream(buffer.device).synchronize()  # ONNX Runtime runs on its own stream
-        self.session.run_with_iobinding(graph.binding, graph.options)
+        try:
+            self.session.run_with_iobinding(graph.binding, graph.options)
+        except Exception as err:  # noqa: BLE001 - a capture ONNX Runtime cannot make: plain runs from now on
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            log.warning("ONNX Runtime's CUDA graph of %s failed (%s); running it eagerly", self.path.name, first)
+            self.graph_limit = 0
+            self._graphs.clear()
+            return None
         return dict(graph.views)
 
     def _bind_graph(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
@@ -275,7 +284,7 @@ class OrtBackend:
                 binding.bind_ortvalue_output(name, value)
         if device.type == "cuda":  # ONNX Runtime reads the inputs on its own stream: torch's work must be done
             torch.cuda.current_stream(device).synchronize()
-        self.session.run_with_iobinding(binding, _run_options(-1) if self.graph_limit else None)  # -1: no graph
+        self.session.run_with_iobinding(binding, self._plain)
         if held is None:
             values = binding.get_outputs()
             views = {n: _view(v, self.output_dtypes[n], device) for n, v in zip(self.outputs, values, strict=True)}
@@ -352,7 +361,13 @@ class AotiBackend:
 class TrtBackend:
     """A serialized TensorRT engine (``.plan``), run with the TensorRT 10 name-based tensor API on torch CUDA
     tensors on the current stream; output buffers are allocated once per input shapes and reused. Not
-    exercised in CI (no TensorRT there)."""
+    exercised in CI (no TensorRT there).
+
+    CUDA graphs: the runtime captures ``run`` (``execute_async_v3`` on the capture stream, the context's input
+    shapes and tensor addresses set to the graph's static buffers during the capture), one graph per profile
+    point the engine runs at, after an eager run at those shapes (TensorRT wants one enqueue before a capture).
+    A graph replays with the context state of its capture; TensorRT documents re-capturing when shapes change,
+    which a new key does. Never run (no TensorRT here)."""
 
     name = "trt"
     reuses_outputs = True
