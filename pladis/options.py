@@ -20,6 +20,13 @@ def option(default, help: str, *, repeat: bool = False, positional: bool = False
     return dataclasses.field(default=default, metadata={"help": help, "positional": positional})
 
 
+CUDA_GRAPHS_HELP = (
+    "replay the denoiser from CUDA graphs, captured once per input shapes after warm-up (device cuda; "
+    "torch, aoti, trt, ort); a capture that fails runs eagerly with a warning"
+)
+GRAPH_CACHE_HELP = "CUDA graphs held at most (one per image size and batch in use), least recently used dropped"
+DEFAULT_GRAPH_CACHE_SIZE = 4  # pladis.runtime.graphs.DEFAULT_SIZE reads it
+
 DEFAULT_PROMPT = "a photo of a red cube on a wooden table"
 # The default folders, one each for every command and the Makefile (`make engine` with its defaults writes
 # DEFAULT_ENGINE from DEFAULT_EXPORT): `pladis export` writes an export, `pladis build` an engine from it, and

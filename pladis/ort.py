@@ -15,8 +15,10 @@ from pladis.manifest import EngineError
 OPT_LEVELS = {0: "ORT_DISABLE_ALL", 1: "ORT_ENABLE_BASIC", 2: "ORT_ENABLE_EXTENDED", 3: "ORT_ENABLE_ALL"}
 
 
-def providers(device: str) -> list[str]:
-    """Execution providers for ``device``: CPU, or CUDA (TensorRT first when that provider is present)."""
+def providers(device: str, cuda_graph: bool = False) -> list:
+    """Execution providers for ``device``: CPU, or CUDA (TensorRT first when that provider is present).
+    cuda_graph: the CUDA provider alone, with ONNX Runtime's CUDA graphs on (``enable_cuda_graph``; every node
+    must then run on it, else creating the session fails)."""
     import onnxruntime as ort
 
     if device == "cpu":
@@ -27,6 +29,8 @@ def providers(device: str) -> list[str]:
             f"device {device!r} needs onnxruntime-gpu (providers here: {', '.join(available)}); install the `gpu` "
             "extra instead of `cpu` (never both), or run on device cpu"
         )
+    if cuda_graph:
+        return [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
     wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     return [p for p in wanted if p in available]
 
@@ -50,10 +54,11 @@ def session_options(level: int = 3, threads: int = 0, optimized_path: Path | Non
 
 
 def session(path: str | Path, device: str = "cpu", level: int = 3, threads: int = 0,
-            optimized_path: Path | None = None, initializers: dict | None = None):  # fmt: skip
-    """An ``onnxruntime.InferenceSession`` on ``path`` for ``device`` with ``session_options``.
-    ``initializers``: {name: numpy array} that replace those initializers of the file in this session
-    (``SessionOptions.add_initializer``; ONNX Runtime uses the arrays' memory, kept alive by the session)."""
+            optimized_path: Path | None = None, initializers: dict | None = None,
+            cuda_graph: bool = False):  # fmt: skip
+    """An ``onnxruntime.InferenceSession`` on ``path`` for ``device`` with ``session_options`` (cuda_graph: see
+    ``providers``). ``initializers``: {name: numpy array} that replace those initializers of the file in this
+    session (``SessionOptions.add_initializer``; ONNX Runtime uses the arrays' memory, kept alive by the session)."""
     import onnxruntime as ort
 
     opts = session_options(level, threads, optimized_path)
@@ -62,7 +67,7 @@ def session(path: str | Path, device: str = "cpu", level: int = 3, threads: int 
         values.append(ort.OrtValue.ortvalue_from_numpy(array))
         opts.add_initializer(name, values[-1])
     try:
-        sess = ort.InferenceSession(str(path), opts, providers=providers(device))
+        sess = ort.InferenceSession(str(path), opts, providers=providers(device, cuda_graph))
         sess._pladis_initializers = (values, initializers)  # ONNX Runtime reads them for the session's life
         return sess
     except Exception as err:

@@ -22,11 +22,20 @@ weights: ``ort`` overrides those initializers when it creates its next session (
 in the module's parameters for each run (the base tensors themselves are put back after it), ``aoti`` loads them
 as the package's constants (the base constants, from the export, on removal), ``trt`` refits the engine (built
 with ``--refit``; never run here).
+
+CUDA graphs (``Runtime(..., cuda_graphs=True)``): ``cuda_graphs`` says how a backend replays them. "capture":
+the runtime captures the backend's ``run`` (``pladis.runtime.graphs``), which therefore queues its work on
+torch's current stream without waiting for it (torch, aoti, and trt's ``execute_async_v3``, one graph per
+profile point the engine runs at). "session": ONNX Runtime replays its own graphs (CUDA execution provider
+option ``enable_cuda_graph``, inputs and outputs bound once per input shapes, one graph id each). Neither is
+run in CI (no GPU there): there only the cache's logic and its eager fallback are tested.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -37,6 +46,7 @@ from pladis.eager import eager_components  # noqa: F401  (the torch backend's mo
 from pladis.manifest import Engine, EngineError, check_function_body
 from pladis.precision import BY_DTYPE, numpy_type
 
+log = logging.getLogger(__name__)
 BACKENDS = registry.NAMES
 _NP = {name: numpy_type(name) for name, t in BY_DTYPE.items() if t.numpy}  # numpy has no bfloat16
 
@@ -47,6 +57,7 @@ class Backend(Protocol):
     name: str
     device: str
     reuses_outputs: bool
+    cuda_graphs: str  # "capture" | "session" (see the module docstring)
 
     def load(self) -> None: ...
 
@@ -142,6 +153,7 @@ def _shapes(inputs: dict[str, torch.Tensor]) -> tuple:
 class TorchBackend:
     name = "torch"
     reuses_outputs = False
+    cuda_graphs = "capture"
 
     def __init__(self, engine: Engine, component: str, device: str = "cpu"):
         self.folder, self.component_name = str(engine.folder.resolve()), component
@@ -190,6 +202,7 @@ class TorchBackend:
 
 class OrtBackend:
     name = "ort"
+    cuda_graphs = "session"
 
     @property
     def reuses_outputs(self) -> bool:  # bound outputs are the per-shape buffers
@@ -209,11 +222,31 @@ class OrtBackend:
         self.session = None
         self._outputs: dict[tuple, tuple] = {}  # input shapes -> (OrtValues, torch views of them)
         self.initializers: dict[str, np.ndarray] = {}  # LoRA-fused initializers, by name
+        self.graph_limit = 0  # > 0: ONNX Runtime's own CUDA graphs, at most this many input shapes
+        self._graphs: dict[tuple, _OrtGraph] = {}
+        self._plain = None  # run options of a plain run: with a CUDA-graph session, gpu_graph_id -1
+
+    def use_cuda_graphs(self, limit: int) -> None:
+        """Replay ONNX Runtime's CUDA graphs for up to ``limit`` input shapes (call before ``load``; CUDA only).
+        Never run in CI (no onnxruntime-gpu there)."""
+        if self.device != "cpu":
+            self.graph_limit = limit
 
     def load(self) -> None:
         if self.session is None:
             from pladis import ort
 
+            if self.graph_limit:
+                try:
+                    self.session = ort.session(self.path, self.device, threads=self.threads,
+                                               initializers=self.initializers, cuda_graph=True)  # fmt: skip
+                    self._plain = _run_options(-1)
+                    return
+                except Exception as err:  # noqa: BLE001 - e.g. a node ONNX Runtime places on the CPU: run eagerly
+                    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                    log.warning("ONNX Runtime refused CUDA graphs for %s (%s); running it eagerly", self.path.name,
+                                first)  # fmt: skip
+                    self.graph_limit = 0
             self.session = ort.session(self.path, self.device, threads=self.threads,
                                        initializers=self.initializers)  # fmt: skip
 
@@ -225,7 +258,14 @@ class OrtBackend:
         self.initializers = initializer_layout(fused, weight_map) if fused else {}
         self.session = None
         self._outputs = {}
+        self._graphs = {}  # captured on the old session
         self.load()
+
+    def warm_graph(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Run until ONNX Runtime has captured its graph for these shapes (one plain run that allocates the
+        outputs, one regular run, the capture): no capture inside the timed steps."""
+        for _ in range(3 if self.graph_limit else 0):
+            self.run(inputs)
 
     def warm_up(self, inputs: dict[str, torch.Tensor]) -> None:
         self.run(inputs)
@@ -238,12 +278,60 @@ class OrtBackend:
         outs = self.session.run(self.outputs, feeds)
         return {n: torch.from_numpy(np.ascontiguousarray(o)) for n, o in zip(self.outputs, outs, strict=True)}
 
+    def _run_graph(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """ONNX Runtime's CUDA graph for these input shapes: the inputs copied into buffers bound once, the
+        outputs read from buffers bound once, run under its own graph id; None when these shapes have no graph
+        (the first run of new shapes, shapes past ``graph_limit``, outputs numpy cannot type)."""
+        key = _shapes(inputs)
+        graph = self._graphs.get(key)
+        if graph is None:
+            return None
+        for name, buffer in graph.inputs.items():
+            buffer.copy_(inputs[name])
+        torch.cuda.current_stream(buffer.device).synchronize()  # ONNX Runtime runs on its own stream
+        try:
+            self.session.run_with_iobinding(graph.binding, graph.options)
+        except Exception as err:  # noqa: BLE001 - a capture ONNX Runtime cannot make: plain runs from now on
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            log.warning("ONNX Runtime's CUDA graph of %s failed (%s); running it eagerly", self.path.name, first)
+            self.graph_limit = 0
+            self._graphs.clear()
+            return None
+        return dict(graph.views)
+
+    def _bind_graph(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """Static buffers for these shapes (from a plain run's ``outputs``) bound once, with a new graph id."""
+        import onnxruntime as ort
+
+        if len(self._graphs) >= self.graph_limit or any(self.output_dtypes[n] not in _NP for n in outputs):
+            return
+        device = torch.device(self.device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        binding = self.session.io_binding()
+        static = {n: torch.empty(tuple(t.shape), dtype=getattr(torch, self.inputs[n]), device=device)
+                  for n, t in inputs.items()}  # fmt: skip
+        for name, t in static.items():
+            binding.bind_input(name, "cuda", index, _NP[self.inputs[name]], tuple(t.shape), t.data_ptr())
+        values, views = [], {}
+        for name, out in outputs.items():
+            value = ort.OrtValue.ortvalue_from_shape_and_type(tuple(out.shape), _NP[self.output_dtypes[name]],
+                                                              "cuda", index)  # fmt: skip
+            binding.bind_ortvalue_output(name, value)
+            values.append(value)
+            views[name] = _view(value, self.output_dtypes[name], device)
+        graph_id = len(self._graphs)
+        self._graphs[_shapes(inputs)] = _OrtGraph(binding, static, values, views, _run_options(graph_id))
+
     def _run_bound(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """I/O binding: inputs bound in place; outputs written into buffers kept per input shapes (the first run
         of new shapes lets ONNX Runtime allocate them; later runs bind those same buffers again). The returned
         tensors are views of those buffers, on the backend's device: no copy, no ``.numpy()``."""
         device = torch.device(self.device)
         index = 0 if device.type == "cpu" else device.index if device.index is not None else torch.cuda.current_device()
+        if self.graph_limit:
+            replayed = self._run_graph(inputs)
+            if replayed is not None:
+                return replayed
         binding = self.session.io_binding()
         kept = []  # the contiguous, converted inputs stay alive until the run is over
         for name, t in inputs.items():
@@ -259,12 +347,34 @@ class OrtBackend:
                 binding.bind_ortvalue_output(name, value)
         if device.type == "cuda":  # ONNX Runtime reads the inputs on its own stream: torch's work must be done
             torch.cuda.current_stream(device).synchronize()
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._plain)
         if held is None:
             values = binding.get_outputs()
             views = {n: _view(v, self.output_dtypes[n], device) for n, v in zip(self.outputs, values, strict=True)}
             held = self._outputs[key] = (values, views)
+            if self.graph_limit:
+                self._bind_graph(inputs, held[1])
         return dict(held[1])
+
+
+@dataclass
+class _OrtGraph:
+    """ONNX Runtime's CUDA graph of one input shapes: its binding, static inputs, output values, views, id."""
+
+    binding: object
+    inputs: dict[str, torch.Tensor]
+    values: list  # the bound OrtValues (kept alive: the views point into them)
+    views: dict[str, torch.Tensor]
+    options: object  # onnxruntime.RunOptions with its gpu_graph_id
+
+
+def _run_options(graph_id: int):
+    """``onnxruntime.RunOptions`` naming the CUDA graph a run captures or replays (-1: none, a plain run)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,6 +387,7 @@ class AotiBackend:
 
     name = "aoti"
     reuses_outputs = False
+    cuda_graphs = "capture"
 
     def __init__(self, engine: Engine, component: str, device: str = "cpu"):
         spec = engine.component(component)
@@ -347,10 +458,17 @@ class AotiBackend:
 class TrtBackend:
     """A serialized TensorRT engine (``.plan``), run with the TensorRT 10 name-based tensor API on torch CUDA
     tensors on the current stream; output buffers are allocated once per input shapes and reused. Not
-    exercised in CI (no TensorRT there)."""
+    exercised in CI (no TensorRT there).
+
+    CUDA graphs: the runtime captures ``run`` (``execute_async_v3`` on the capture stream, the context's input
+    shapes and tensor addresses set to the graph's static buffers during the capture), one graph per profile
+    point the engine runs at, after an eager run at those shapes (TensorRT wants one enqueue before a capture).
+    A graph replays with the context state of its capture; TensorRT documents re-capturing when shapes change,
+    which a new key does. Never run (no TensorRT here)."""
 
     name = "trt"
     reuses_outputs = True
+    cuda_graphs = "capture"
 
     def __init__(self, engine: Engine, component: str, device: str = "cuda"):
         spec = engine.component(component)
@@ -436,5 +554,7 @@ class TrtBackend:
             self.context.set_tensor_address(name, buf.data_ptr())
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
-        stream.synchronize()
+        # no stream.synchronize(): the work is on torch's current stream, so whatever reads the outputs (or
+        # reuses the inputs' memory, freed to torch's allocator on this same stream) runs after it; a sync
+        # here would cost a host wait per step and cannot be captured in a CUDA graph
         return dict(buffers)

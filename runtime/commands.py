@@ -8,7 +8,14 @@ from pathlib import Path
 from pladis import backends
 from pladis.errors import SettingError
 from pladis.files import atomic_path, check_output_file
-from pladis.options import DEFAULT_ENGINE, DEFAULT_PROMPT, option
+from pladis.options import (
+    CUDA_GRAPHS_HELP,
+    DEFAULT_ENGINE,
+    DEFAULT_GRAPH_CACHE_SIZE,
+    DEFAULT_PROMPT,
+    GRAPH_CACHE_HELP,
+    option,
+)
 from pladis.runtime.request import DEFAULT_STEPS, PARITY_STEPS, request_of
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # by file suffix
@@ -39,6 +46,8 @@ class GenerateConfig:
     backend: str = option("", BACKEND_HELP)
     component_backends: str = option("", "per-component backends, e.g. vae_decoder=torch,text_encoder=torch")
     device: str = option("cpu", "cpu, or cuda (onnxruntime-gpu, TensorRT)")
+    cuda_graphs: bool = option(False, CUDA_GRAPHS_HELP)
+    graph_cache_size: int = option(DEFAULT_GRAPH_CACHE_SIZE, GRAPH_CACHE_HELP)
     verify: bool = option(True, "check the sha256 of the engine files before loading")
     out: str = option(
         "out/image.png", "image file to write: .png, .jpg or .webp (-<i> before the suffix when batch > 1)"
@@ -68,7 +77,7 @@ def generate(cfg: GenerateConfig):
     for path in paths:  # before any work: a bad output path loses nothing
         check_output_file(path, tuple(IMAGE_FORMATS), cfg.force)
     rt = Runtime(cfg.engine, cfg.backend or None, parse_component_backends(cfg.component_backends), cfg.device,
-                 cfg.verify)  # fmt: skip
+                 cfg.verify, cuda_graphs=cfg.cuda_graphs, graph_cache_size=cfg.graph_cache_size)  # fmt: skip
     result = rt.generate(request_of(cfg))
     for image, path in zip(result.images, paths, strict=True):
         with atomic_path(path) as tmp:
@@ -91,6 +100,7 @@ class ParityConfig:
     height: int | None = option(None, "image height in pixels (default: the engine's optimal size)")
     width: int | None = option(None, "image width in pixels (default: the engine's optimal size)")
     device: str = option("cpu", "cpu, or cuda (onnxruntime-gpu, TensorRT)")
+    cuda_graphs: bool = option(False, CUDA_GRAPHS_HELP + " (the engine side; the eager reference never)")
     verify: bool = option(True, "check the sha256 of the engine files before loading")
     json: str = option("", "write the parity report as JSON to this file")
     plot: str = option("", "write a PNG plot of the error per step to this file")
@@ -110,7 +120,7 @@ def parity(cfg: ParityConfig):
         if path:
             check_output_file(path, suffixes, cfg.force)
     report = harness.check(cfg.engine, cfg.backend or None, request_of(cfg), device=cfg.device, verify=cfg.verify,
-                           loras=cfg.lora or None)  # fmt: skip
+                           loras=cfg.lora or None, cuda_graphs=cfg.cuda_graphs)  # fmt: skip
     print(report.table(), flush=True)
     harness.save(report, cfg.json or None, cfg.plot or None)
     return report

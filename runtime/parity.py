@@ -97,18 +97,19 @@ class ParityReport:
 
 
 def check(engine: str | Path, backend: str | None = None, request: Request | None = None, *, device: str = "cpu",
-          verify: bool = True, loras=None, **fields) -> ParityReport:  # fmt: skip
+          verify: bool = True, loras=None, cuda_graphs=False, **fields) -> ParityReport:  # fmt: skip
     """Compare ``backend`` on ``engine`` with eager PyTorch through the request's steps, both ways (backend
     None: each component as built, or ONNX Runtime for an export folder). ``request``, or ``Request``
     keywords (default prompt ``DEFAULT_PROMPT``, ``PARITY_STEPS`` steps); its lam (a number or one per
     prompt; None: the export's default) is the strength both sides run at. ``loras``: LoRAs swapped onto the
     engine (``Runtime(loras=)``; None: those ``pladis lora`` attached to the folder); the eager reference is
-    rebuilt with the same adapters loaded and fused by diffusers on the real pipeline."""
+    rebuilt with the same adapters loaded and fused by diffusers on the real pipeline. ``cuda_graphs``
+    (``Runtime``'s): the engine side replays its denoiser from CUDA graphs; the eager reference never does."""
     if request is None:
         request = Request(**{"prompt": DEFAULT_PROMPT, "steps": PARITY_STEPS, **fields})
     elif fields:
         raise TypeError(f"pass a Request or keyword settings, not both (got {', '.join(fields)})")
-    eng = Runtime(engine, backend=backend, device=device, verify=verify, loras=loras)
+    eng = Runtime(engine, backend=backend, device=device, verify=verify, loras=loras, cuda_graphs=cuda_graphs)
     ref = Runtime(eng.engine, backend="torch", device=device, loras=())
     ref.eager_loras = tuple((str(x.path), x.scale, sha256(x.path)) for x in eng.loras)
     s = eng.settings(request)

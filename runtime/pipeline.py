@@ -16,6 +16,18 @@ conditioning is moved once after encoding; in the loop backends take and return 
 through I/O binding, TensorRT on CUDA buffers), so nothing round-trips through ``.numpy()`` until decoding
 hands the final image to PIL. A backend that runs elsewhere (TensorRT: CUDA only) gets its inputs moved in
 and its outputs moved back to ``device``.
+
+CUDA graphs (``cuda_graphs=True``, CUDA devices only): the denoiser, the one component called every step, is
+replayed from a graph captured once per input shapes after warm-up (``graphs.GraphCache``; ``warm_loop``
+captures before the clocks start). Backends that capture through the runtime (``cuda_graphs = "capture"``:
+torch, aoti, trt) get their inputs on their device first, since a graph cannot copy from host memory; ONNX
+Runtime replays its own graphs (``cuda_graphs = "session"``: its CUDA-graph provider option with I/O binding).
+The text encoders and the VAE run once per image and stay eager (a capture would cost more than it saves and
+hold a memory pool per shape). A capture that fails falls back to eager with one warning.
+
+Host work per step: the denoiser's timesteps go to ``device`` once per request (a host-to-device copy per step
+would wait for the GPU); the scheduler's tables stay on the CPU as diffusers keeps them, so its arithmetic
+reads host scalars and never waits for the device.
 """
 
 from __future__ import annotations
@@ -36,7 +48,7 @@ from pladis.errors import SettingError
 from pladis.families import Denoising
 from pladis.families import get as family_record
 from pladis.manifest import Engine, EngineError, open_engine
-from pladis.runtime import backends
+from pladis.runtime import backends, graphs
 from pladis.runtime.request import SCHEDULERS, Request, Settings, check
 
 __all__ = ["SCHEDULERS", "Request", "Result", "Runtime", "Settings", "step_generators"]
@@ -81,11 +93,15 @@ class Runtime:
 
     def __init__(self, engine: str | Path | Engine, backend: str | None = None,
                  overrides: dict[str, str] | None = None, device: str = "cpu", verify: bool = True,
-                 loras=None):  # fmt: skip
+                 loras=None, cuda_graphs: bool | graphs.GraphCache = False,
+                 graph_cache_size: int = graphs.DEFAULT_SIZE):  # fmt: skip
         """backend None: each component as built (``engine.json``), or ``ort`` for an export folder.
         ``loras``: LoRAs swapped into the built engine (``set_loras``), e.g. ``[("style.safetensors", 0.8)]``;
-        None: those ``pladis lora`` attached to the folder (``loras.json``), if any."""
+        None: those ``pladis lora`` attached to the folder (``loras.json``), if any. cuda_graphs: replay the
+        denoiser from CUDA graphs (True: CUDA devices only, at most ``graph_cache_size`` graphs held); a
+        ``GraphCache`` of your own is used as given, on any device (its capture function decides)."""
         check_device(device)  # before any file is read
+        self.graphs = _graph_cache(cuda_graphs, graph_cache_size, device)
         self.engine = engine if isinstance(engine, Engine) else open_engine(engine, verify=verify)
         self.engine.check_complete()
         overrides = overrides or {}
@@ -181,6 +197,8 @@ class Runtime:
             if comp in self._backends:
                 self._backends[comp].set_lora_weights(weights, self._adapters.maps[comp])
                 self._warm = {k for k in self._warm if k[0] != comp}  # a new session runs its first call again
+                if self.graphs is not None:
+                    self.graphs.drop(comp)  # captured graphs replay the old weights' memory
         self._lora_weights = fused
         self.loras = loras
 
@@ -192,6 +210,10 @@ class Runtime:
             b = backends.create(self.engine, component, self.backend_names[component], self.device)
             if self.eager_loras and hasattr(b, "eager_loras"):
                 b.eager_loras = self.eager_loras
+            if self.graphs is not None and component == self.engine.denoiser:
+                _graph_mode(b)  # warns once when this backend cannot replay graphs
+                if getattr(b, "cuda_graphs", None) == "session":
+                    b.use_cuda_graphs(self.graphs.size)
             if component in self._lora_weights:
                 b.set_lora_weights(self._lora_weights[component], self._adapters.maps[component])
             else:
@@ -219,6 +241,10 @@ class Runtime:
     def run(self, component: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``component``'s outputs as float32 tensors on the runtime's device, owned by the caller."""
         b = self.backend(component)
+        if self.graphs is not None and component == self.engine.denoiser and _graph_mode(b) == "capture":
+            inputs = {n: t.to(b.device) for n, t in inputs.items()}  # a graph reads device memory only
+            outs = self.graphs.run(component, b.run, inputs)  # the graph's static outputs: copied below
+            return {k: v.to(self.device, torch.float32, copy=True) for k, v in outs.items()}
         return {k: v.to(self.device, torch.float32, copy=b.reuses_outputs) for k, v in b.run(inputs).items()}
 
     def tokenizer(self, encoder: str):
@@ -296,13 +322,16 @@ class Runtime:
         noise = noise.to(self.device)
         return cond, sched, self.family.pack(noise) * getattr(sched, "init_noise_sigma", 1.0)  # flow: none
 
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: dict, sched, s: Settings) -> torch.Tensor:
-        """The guided noise prediction for ``latents`` at timestep ``t``."""
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: dict, sched, s: Settings,
+                t_device: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The guided noise prediction for ``latents`` at timestep ``t`` (the scheduler's, on its CPU table);
+        ``t_device``: the same timestep already on the runtime's device (None: moved here)."""
         use_cfg = s.negatives is not None
         x = torch.cat([latents] * 2) if use_cfg else latents
         if hasattr(sched, "scale_model_input"):  # flow-matching schedulers have no input scaling
             x = sched.scale_model_input(x, t)
-        out = self.run(self.engine.denoiser, self.family.step_inputs(x, t, cond))
+        t_device = t.to(self.device) if t_device is None else t_device
+        out = self.run(self.engine.denoiser, self.family.step_inputs(x, t_device, cond))
         noise = self.family.noise_prediction(self.denoising, next(iter(out.values())))
         if not use_cfg:
             return noise
@@ -340,8 +369,10 @@ class Runtime:
         t1 = time.perf_counter()
         g = step_generators(s)
         bar = log.isEnabledFor(logging.INFO) if progress is None else progress
+        on_device = sched.timesteps.to(self.device)  # once: a copy per step would wait for the GPU
         for i, t in enumerate(tqdm(sched.timesteps, desc="denoise", unit="step", disable=not bar)):
-            latents = sched.step(self.predict(latents, t, cond, sched, s), t, latents, generator=g).prev_sample
+            noise = self.predict(latents, t, cond, sched, s, on_device[i])
+            latents = sched.step(noise, t, latents, generator=g).prev_sample
             if on_step is not None:
                 on_step(i, t, latents)
         t2 = time.perf_counter()
@@ -355,9 +386,53 @@ class Runtime:
     def warm_loop(self, latents: torch.Tensor, cond: dict, sched, s: Settings) -> None:
         """Warm the denoiser and the VAE decoder up on this call's shapes (a no-op for shapes already run)."""
         x = torch.cat([latents] * 2) if s.negatives is not None else latents
-        self.warm_up(self.engine.denoiser, self.family.step_inputs(x, sched.timesteps[0], cond))
+        inputs = self.family.step_inputs(x, sched.timesteps[0].to(self.device), cond)
+        self.warm_up(self.engine.denoiser, inputs)
+        self.warm_graph(inputs)
         decoder_input = self.family.decoder_input(self.denoising, latents, s.height, s.width)
         self.warm_up("vae_decoder", {"latent_sample": decoder_input})
+
+    def warm_graph(self, inputs: dict[str, torch.Tensor]) -> None:
+        """With CUDA graphs: run the denoiser on ``inputs`` until its graph for these shapes is captured (or its
+        capture failed), so no capture happens inside the timed steps; the backend's own warm-up runs before."""
+        if self.graphs is None:
+            return
+        b = self.backend(self.engine.denoiser)
+        mode = _graph_mode(b)
+        if mode == "capture":
+            for _ in range(self.graphs.warmup + 1):
+                on_device = {n: t.to(b.device) for n, t in inputs.items()}
+                if self.graphs.settled(self.engine.denoiser, on_device):
+                    break
+                self.run(self.engine.denoiser, inputs)
+        elif mode == "session":
+            b.warm_graph(inputs)
+
+
+_REFUSED: set = set()  # backend classes already warned about (one warning per process)
+
+
+def _graph_cache(cuda_graphs, size: int, device: str) -> graphs.GraphCache | None:
+    """The runtime's graph cache: None (off), the one given, or a new one with the CUDA capture (CUDA only)."""
+    if isinstance(cuda_graphs, graphs.GraphCache):
+        return cuda_graphs
+    if not cuda_graphs:
+        return None
+    if torch.device(device).type != "cuda":
+        raise SettingError("cuda_graphs", f"CUDA graphs need a CUDA device (device is {device!r}): run with "
+                                          "--device cuda, or drop --cuda-graphs")  # fmt: skip
+    return graphs.GraphCache(graphs.cuda_capture, size)
+
+
+def _graph_mode(backend) -> str | None:
+    """How ``backend`` replays CUDA graphs: "capture" (the runtime captures its ``run``), "session" (it
+    replays its own), or None (it cannot: it runs eagerly, with one warning per backend class)."""
+    mode = getattr(backend, "cuda_graphs", None)
+    if mode not in ("capture", "session") and type(backend) not in _REFUSED:
+        _REFUSED.add(type(backend))
+        log.warning("the %s backend cannot replay CUDA graphs; its denoiser runs eagerly",
+                    getattr(backend, "name", type(backend).__name__))  # fmt: skip
+    return mode if mode in ("capture", "session") else None
 
 
 def _scheduler_config(folder: Path) -> dict:

@@ -1,6 +1,7 @@
 """The benchmark harness (statistics, interleaving, merge, report): fake clocks are fine here."""
 
 import json
+from pathlib import Path
 
 from pladis.bench import harness, report
 
@@ -51,3 +52,107 @@ def test_smallest_suite_cases_run_end_to_end(tmp_path, monkeypatch):
     assert report.main(["--results", str(tmp_path), "--doc", str(tmp_path / "perf.md")]) == 0
     doc = (tmp_path / "perf.md").read_text()
     assert "### Operator" in doc and "### Joint attention operator" in doc and "### End to end" in doc
+
+
+def test_host_loop_arguments_line_and_report_section(tmp_path):
+    import pytest
+
+    from pladis.bench import host_loop
+
+    args = host_loop.parse(["--cases", "sdxl euler (CFG)", "--repeats", "2", "--steps", "3", "--out", str(tmp_path)])
+    assert args.cases == ["sdxl euler (CFG)"] and args.repeats == 2 and args.steps == 3 and args.device == "cpu"
+    for bad in (["--cases", "nope"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            host_loop.parse(bad)
+    # a recorded result's shape (made-up numbers: not a measurement)
+    r = {"model": "tiny-sdxl", "scheduler": "euler", "steps": 30, "cfg": True, "repeats": 2, "goal_ms": 0.2,
+         "host_ms_per_step": {"median": 0.5, "min": 0.25, "max": 0.75}, "step_ms_with_null_denoiser": 0.6,
+         "threads": 2, "device": "cpu", "load_avg_1min": 1.5}  # fmt: skip
+    assert host_loop.line("x", r) == ("x: 0.500 ms host per step (min 0.250, max 0.750; 30 steps x 2), goal <= 0.2 "
+                                      "ms: missed by 2.5x")  # fmt: skip
+    harness.save("host_loop", {"command": "python -m pladis.bench.host_loop", "results": {"sdxl euler (CFG)": r}},
+                 tmp_path)  # fmt: skip
+    text = report.render(tmp_path)
+    assert "## Host loop (`python -m pladis.bench.host_loop`)" in text
+    assert "| sdxl euler (CFG) | 30 | yes | 0.500 | 0.250–0.750 | ≤ 0.2 | missed by 2.5x | 1.5 |" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# The end-to-end GPU latency script (bench/latency_gpu.py, run by make gpu-check): its CPU-side parts
+# --------------------------------------------------------------------------------------------------
+
+SAMPLE = Path(__file__).parent / "samples" / "latency_gpu.sample.json"  # made-up numbers: not a measurement
+
+
+def test_latency_gpu_arguments_and_the_issue_settings():
+    import pytest
+
+    from pladis.bench import latency_gpu as L
+
+    args = L.parse([])
+    assert (args.models, args.steps_sdxl, args.steps_flux, args.images) == (["sdxl", "flux"], 30, 28, 2)
+    assert L.SIZE == 1024 and L.FLUX_CONFIG["num_layers"] == 19 and L.FLUX_CONFIG["num_single_layers"] == 38
+    assert L.TARGETS == {"pladis_over_stock_image": 1.03, "flux_step": 1.05, "sdxl_vs_published": 1.2}
+    args = L.parse(["--models", "flux", "--steps-flux", "4", "--images", "1", "--budget-s", "60"])
+    assert (args.models, args.steps_flux, args.images, args.budget_s) == (["flux"], 4, 1, 60.0)
+    for bad in (["--models", "sd3"], ["--images", "0"], ["--budget-s", "0"], ["--models", ","]):
+        with pytest.raises(SystemExit):
+            L.parse(bad)
+
+
+def test_latency_gpu_measures_nothing_without_a_gpu(tmp_path):
+    import pytest
+    import torch
+
+    from pladis.bench import latency_gpu as L
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: make gpu-check runs the script")
+    assert L.main(["--out", str(tmp_path / "never")]) == 2 and not (tmp_path / "never").exists()
+
+
+def test_latency_gpu_report_from_the_recorded_sample_says_it_is_a_sample(tmp_path):
+    from pladis.bench import latency_gpu as L
+
+    data = json.loads(SAMPLE.read_text())
+    assert "nothing here was measured" in data["sample"]
+    (tmp_path / "latency_gpu.json").write_text(SAMPLE.read_text())
+    text = report.render(tmp_path)
+    assert "## End-to-end latency on a GPU (`python -m pladis.bench.latency_gpu`)" in text
+    assert "**SAMPLE, not a measurement:**" in text
+    assert "| PLADIS, CUDA graph | 1.400 | 10.0 | 43.00 | 100.0 | 12.5 | 2 | yes |" in text
+    assert "- sdxl: PLADIS / stock per image, CUDA graphs: 1.022 (target ≤ 1.03): met" in text
+    assert "- flux: not measured (OutOfMemoryError" in text
+    assert L.failures(data) == ["flux: " + data["models"]["flux"]["error"]]
+    # the verdicts are recomputed from the rows, not copied: a slower PLADIS graph misses the 3%
+    data["models"]["sdxl"]["variants"]["PLADIS, CUDA graph"]["image_s"] = 1.5
+    missed = L.verdicts("sdxl", data["models"]["sdxl"])[0]
+    assert not missed["met"] and abs(missed["value"] - 1.5 / 1.37) < 1e-9
+
+
+def test_latency_gpu_loop_runs_on_a_cpu_with_tiny_models_and_the_graphs_falling_back(monkeypatch, tmp_path):
+    # The script's own loop and measurement on tiny random models (CPU): every variant runs; the CUDA-graph
+    # variants fall back to eager (cuda_capture refuses without a GPU) and the result says so. No speed asserted.
+    import time
+
+    import torch
+
+    from pladis.bench import latency_gpu as L
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("a GPU is here: the graphs would be captured")
+    monkeypatch.setattr(L, "DEVICE", "cpu")
+    tiny = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+                guidance_embeds=True)  # fmt: skip
+    flux = L.measure(L.Flux(tiny, size=32, vae_channels=(8, 8, 8, 8), text_tokens=8), 1, 1, time.monotonic() + 60)
+    assert set(flux["variants"]) == set(L.VARIANTS) and flux["graphs_captured"] == 0 and flux["layers"] == 1
+    assert set(flux["graph_failures"]) == {"flux stock, CUDA graph", "flux PLADIS, CUDA graph"}
+    assert all(v["n"] == 1 and v["finite"] and v["image_s"] >= v["steps_s"] > 0 for v in flux["variants"].values())
+    flux.update(peak_gib=0.0, targets=L.verdicts("flux", flux))
+    assert [t["target"] for t in flux["targets"]] == ["flux: PLADIS / stock per image, CUDA graphs",
+                                                      "flux: PLADIS / stock per step, CUDA graphs"]  # fmt: skip
+    result = {**json.loads(SAMPLE.read_text()), "models": {"flux": flux}}
+    assert "Graph captures that failed (ran eagerly): flux stock, CUDA graph:" in L.table(result)

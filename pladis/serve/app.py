@@ -219,7 +219,14 @@ class Service:
         if self.runtime is None:
             from pladis.runtime import Runtime
 
-            self.runtime = await asyncio.to_thread(Runtime, cfg.engine, cfg.backend or None, device=cfg.device)
+            self.runtime = await asyncio.to_thread(
+                Runtime,
+                cfg.engine,
+                cfg.backend or None,
+                device=cfg.device,
+                cuda_graphs=cfg.cuda_graphs,
+                graph_cache_size=cfg.graph_cache_size,
+            )
         await asyncio.to_thread(self.runtime.load)
         self.base_set = self.runtime.lora_set
         await asyncio.to_thread(self.runtime.generate, "warm-up", progress=False, steps=1)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pladis.errors import SettingError
-from pladis.options import DEFAULT_ENGINE
+from pladis.options import CUDA_GRAPHS_HELP, DEFAULT_ENGINE, DEFAULT_GRAPH_CACHE_SIZE, GRAPH_CACHE_HELP
 
 API_KEY_ENV = "PLADIS_API_KEY"
 
@@ -28,6 +28,8 @@ class ServeConfig:
     port: int = _opt(8000, "TCP port, 1-65535 (0: any free port)")
     backend: str = _opt("", "backend for every component (default: as built)")
     device: str = _opt("cpu", "cpu or cuda")
+    cuda_graphs: bool = _opt(False, CUDA_GRAPHS_HELP)
+    graph_cache_size: int = _opt(DEFAULT_GRAPH_CACHE_SIZE, GRAPH_CACHE_HELP)
     model_name: str = _opt("", "name under which /v1/models lists the engine (default: the engine folder's name)")
     max_queue: int = _opt(64, "requests waiting at most (>= 1); beyond it 429 with Retry-After")
     max_steps: int = _opt(50, "largest `steps` a request may ask for")
@@ -63,9 +65,14 @@ def validate(cfg: ServeConfig) -> None:
 
     need(bool(cfg.host.strip()), "host", "give a bind address, e.g. 127.0.0.1")
     need(0 <= cfg.port <= 65535, "port", "must be in 1-65535 (0: any free port)")
-    for name in ("max_queue", "max_steps", "max_prompt_chars", "replicas", "lora_cache"):
+    for name in ("max_queue", "max_steps", "max_prompt_chars", "replicas", "lora_cache", "graph_cache_size"):
         need(getattr(cfg, name) >= 1, name, "must be at least 1")
     need(cfg.max_body_bytes >= 1024, "max_body_bytes", "must be at least 1024 (a request with a prompt needs room)")
+    need(
+        not cfg.cuda_graphs or cfg.device.startswith("cuda"),
+        "cuda_graphs",
+        "CUDA graphs need a CUDA device: add --device cuda, or drop --cuda-graphs",
+    )
     need(cfg.max_replicas >= 0, "max_replicas", "must be 0 (fixed replicas) or more")
     for name in ("timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
         value = getattr(cfg, name)

@@ -146,7 +146,13 @@ def serve(cfg: ServeConfig) -> None:
         from pladis.runtime import Runtime
         from pladis.serve.app import create_app
 
-        runtime = Runtime(cfg.engine, cfg.backend or None, device=cfg.device)  # EngineError is a PladisError
+        runtime = Runtime(
+            cfg.engine,
+            cfg.backend or None,
+            device=cfg.device,
+            cuda_graphs=cfg.cuda_graphs,
+            graph_cache_size=cfg.graph_cache_size,
+        )  # EngineError is a PladisError
         app = create_app(cfg, runtime)
         server = uvicorn_server(app, cfg)  # configures uvicorn's loggers: the line below shows at its level
         logging.getLogger("uvicorn.error").info("pladis serve: listening on %s (engine %s; /healthz is 503 until "
