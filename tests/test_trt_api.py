@@ -60,7 +60,7 @@ def test_the_scan_sees_the_tensorrt_code():
     assert {"trt.py", "plugin.py", "backends.py", "__init__.py"} <= {f.name for f in FILES}
     assert {"build_serialized_network", "parse", "set_shape", "builder_optimization_level", "create_timing_cache",
             "set_flag", "PLUGIN_V3", "KernelLaunchParams", "SymInt32", "execute_async_v3",
-            "Refitter", "set_named_weights", "refit_cuda_engine"} <= names  # fmt: skip  (LoRA refit too)
+            "Refitter", "set_named_weights", "refit_cuda_engine"} <= names  # fmt: skip
 
 
 def test_every_tensorrt_name_the_project_reaches_exists(wheel):
