@@ -219,16 +219,18 @@ def test_engine_metadata_names_the_kernel_and_the_driver_it_needs():
 
 @pytest.fixture(scope="module")
 def mmdit_onnx(tmp_path_factory):
-    """Tiny SD3 (text last, 333 tokens), FLUX and Qwen-Image (text first, 512 tokens; Qwen-Image's nodes with a
-    text padding mask) exports."""
+    """Tiny SD3 (text last, 333 tokens), FLUX, FLUX.2 and Qwen-Image (text first, 512 tokens; Qwen-Image's nodes
+    with a text padding mask) exports."""
     root = tmp_path_factory.mktemp("mmdit")
-    for name in ("tiny-sd3", "tiny-flux", "tiny-qwenimage"):
+    for name in ("tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-qwenimage"):
         export(ExportConfig(model=name, out=str(root / name), validate=False))
     return root
 
 
-@pytest.mark.parametrize("name, text_len, text_first", [("tiny-sd3", 333, 0), ("tiny-flux", 512, 1),
-                                                        ("tiny-qwenimage", 512, 1)])  # fmt: skip
+JOINT_EXPORTS = [("tiny-sd3", 333, 0), ("tiny-flux", 512, 1), ("tiny-flux2", 512, 1), ("tiny-qwenimage", 512, 1)]
+
+
+@pytest.mark.parametrize("name, text_len, text_first", JOINT_EXPORTS)
 def test_joint_exports_pass_every_pre_build_check_of_the_trt_backend(mmdit_onnx, tmp_path, name, text_len,
                                                                      text_first):  # fmt: skip
     # Every check `pladis build --backend trt` makes before TensorRT is needed: the build's own (settings, the
