@@ -6,8 +6,8 @@ CUDA graphs, one script for ``make gpu-check``.
 
 - ``sdxl``: the full SDXL base pipeline's layout (``pladis.models``: both CLIP text encoders, the 2.6 B U-Net,
   the VAE) in fp16, 1024², ``STEPS["sdxl"]`` Euler steps with classifier-free guidance (batch 2 per step);
-- ``flux``: a ``FluxTransformer2DModel`` from FLUX.1-dev's full-size config (``FLUX_CONFIG``, 12 B parameters)
-  in bf16, 1024² (4096 image tokens, 512 text tokens), ``STEPS["flux"]`` flow-matching Euler steps with the
+- ``dit``: a ``FluxTransformer2DModel`` from FLUX.1-dev's full-size config (``FLUX_CONFIG``, 12 B parameters)
+  in bf16, 1024² (4096 image tokens, 512 text tokens), ``STEPS["dit"]`` flow-matching Euler steps with the
   guidance embedded (guidance-distilled: one pass per step), and the 16-channel VAE. Its text encoders (CLIP-L,
   T5-XXL) are not built: the text embeddings are random tensors of their shapes, so FLUX's per-image time has
   no text encoding.
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from pladis.files import write_text
 
-STEPS = {"sdxl": 30, "flux": 28}
+STEPS = {"sdxl": 30, "dit": 28}
 SIZE = 1024
 FLUX_CONFIG = dict(  # FLUX.1-dev's transformer/config.json
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
@@ -54,19 +54,19 @@ VARIANTS = ("stock, eager", "PLADIS, eager", "stock, CUDA graph", "PLADIS, CUDA 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pladis.bench.latency_gpu", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench/results", help="folder for latency_gpu.json")
-    parser.add_argument("--models", default="sdxl,flux", help="comma-separated subset of sdxl, flux")
+    parser.add_argument("--models", default="sdxl,dit", help="comma-separated subset of sdxl, dit")
     parser.add_argument("--images", type=int, default=2, help="timed images per variant (after one warm-up image)")
     parser.add_argument("--steps-sdxl", type=int, default=STEPS["sdxl"], help="SDXL denoising steps")
-    parser.add_argument("--steps-flux", type=int, default=STEPS["flux"], help="FLUX denoising steps")
+    parser.add_argument("--steps-dit", type=int, default=STEPS["dit"], help="denoising steps of the FLUX-layout DiT")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="wall-clock budget of the whole script (timed images stop before passing it)")  # fmt: skip
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(args.models) - set(STEPS)
     if unknown or not args.models:
-        parser.error(f"unknown model(s) {', '.join(sorted(unknown)) or '(none given)'}; choose from sdxl, flux")
-    if args.images < 1 or args.steps_sdxl < 1 or args.steps_flux < 1 or not args.budget_s > 0:
-        parser.error("--images, --steps-sdxl and --steps-flux must be at least 1, --budget-s positive")
+        parser.error(f"unknown model(s) {', '.join(sorted(unknown)) or '(none given)'}; choose from sdxl, dit")
+    if args.images < 1 or args.steps_sdxl < 1 or args.steps_dit < 1 or not args.budget_s > 0:
+        parser.error("--images, --steps-sdxl and --steps-dit must be at least 1, --budget-s positive")
     return args
 
 
@@ -176,7 +176,7 @@ class Sdxl:
 class Flux:
     """A FLUX.1-dev-sized transformer and the FLUX VAE, bf16; random text embeddings (no T5-XXL, no CLIP)."""
 
-    name, dtype_name, cfg = "flux", "bfloat16", False
+    name, dtype_name, cfg = "dit", "bfloat16", False
 
     def __init__(self, config: dict = FLUX_CONFIG, size: int = SIZE, vae_channels=(128, 256, 512, 512),
                  text_tokens: int = FLUX_TEXT_TOKENS):  # fmt: skip
@@ -344,8 +344,8 @@ def verdicts(model: str, result: dict) -> list[dict]:
     per_image = ratio("image_s", "PLADIS, CUDA graph", "stock, CUDA graph")
     out.append({"target": f"{model}: PLADIS / stock per image, CUDA graphs", "value": per_image,
                 "bound": TARGETS["pladis_over_stock_image"]})  # fmt: skip
-    if model == "flux":
-        out.append({"target": "flux: PLADIS / stock per step, CUDA graphs", "bound": TARGETS["flux_step"],
+    if model == "dit":
+        out.append({"target": "dit: PLADIS / stock per step, CUDA graphs", "bound": TARGETS["flux_step"],
                     "value": ratio("step_ms", "PLADIS, CUDA graph", "stock, CUDA graph")})  # fmt: skip
     if model == "sdxl":
         for variant in ("stock, CUDA graph", "PLADIS, CUDA graph"):
@@ -374,7 +374,7 @@ def run(args) -> dict:
         try:
             model = Sdxl() if name == "sdxl" else Flux()
             build_s = time.monotonic() - t0
-            result = measure(model, args.steps_sdxl if name == "sdxl" else args.steps_flux, args.images, deadline)
+            result = measure(model, args.steps_sdxl if name == "sdxl" else args.steps_dit, args.images, deadline)
             result["build_s"] = build_s
             result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             result["targets"] = verdicts(name, result)

@@ -34,12 +34,12 @@ def make_lora(model: str, rank: int, path: Path) -> Path:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from pladis import models
+    from pladis import families, models
 
     torch.manual_seed(0)
     pipe = models.load(model)
-    denoiser, keyword = (pipe.unet, "unet_lora_layers") if hasattr(pipe, "unet") else \
-        (pipe.transformer, "transformer_lora_layers")  # fmt: skip
+    component = next(c for c in families.denoiser_components() if hasattr(pipe, c))  # the record's name for it
+    denoiser, keyword = getattr(pipe, component), f"{component}_lora_layers"
     denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False))
     type(pipe).save_lora_weights(str(path.parent), weight_name=path.name,
                                  **{keyword: get_peft_model_state_dict(denoiser)})  # fmt: skip

@@ -90,11 +90,11 @@ def test_latency_gpu_arguments_and_the_issue_settings():
     from pladis.bench import latency_gpu as L
 
     args = L.parse([])
-    assert (args.models, args.steps_sdxl, args.steps_flux, args.images) == (["sdxl", "flux"], 30, 28, 2)
+    assert (args.models, args.steps_sdxl, args.steps_dit, args.images) == (["sdxl", "dit"], 30, 28, 2)
     assert L.SIZE == 1024 and L.FLUX_CONFIG["num_layers"] == 19 and L.FLUX_CONFIG["num_single_layers"] == 38
     assert L.TARGETS == {"pladis_over_stock_image": 1.03, "flux_step": 1.05, "sdxl_vs_published": 1.2}
-    args = L.parse(["--models", "flux", "--steps-flux", "4", "--images", "1", "--budget-s", "60"])
-    assert (args.models, args.steps_flux, args.images, args.budget_s) == (["flux"], 4, 1, 60.0)
+    args = L.parse(["--models", "dit", "--steps-dit", "4", "--images", "1", "--budget-s", "60"])
+    assert (args.models, args.steps_dit, args.images, args.budget_s) == (["dit"], 4, 1, 60.0)
     for bad in (["--models", "sd3"], ["--images", "0"], ["--budget-s", "0"], ["--models", ","]):
         with pytest.raises(SystemExit):
             L.parse(bad)
@@ -122,8 +122,8 @@ def test_latency_gpu_report_from_the_recorded_sample_says_it_is_a_sample(tmp_pat
     assert "**SAMPLE, not a measurement:**" in text
     assert "| PLADIS, CUDA graph | 1.400 | 10.0 | 43.00 | 100.0 | 12.5 | 2 | yes |" in text
     assert "- sdxl: PLADIS / stock per image, CUDA graphs: 1.022 (target ≤ 1.03): met" in text
-    assert "- flux: not measured (OutOfMemoryError" in text
-    assert L.failures(data) == ["flux: " + data["models"]["flux"]["error"]]
+    assert "- dit: not measured (OutOfMemoryError" in text
+    assert L.failures(data) == ["dit: " + data["models"]["dit"]["error"]]
     # the verdicts are recomputed from the rows, not copied: a slower PLADIS graph misses the 3%
     data["models"]["sdxl"]["variants"]["PLADIS, CUDA graph"]["image_s"] = 1.5
     missed = L.verdicts("sdxl", data["models"]["sdxl"])[0]
@@ -149,10 +149,10 @@ def test_latency_gpu_loop_runs_on_a_cpu_with_tiny_models_and_the_graphs_falling_
                 guidance_embeds=True)  # fmt: skip
     flux = L.measure(L.Flux(tiny, size=32, vae_channels=(8, 8, 8, 8), text_tokens=8), 1, 1, time.monotonic() + 60)
     assert set(flux["variants"]) == set(L.VARIANTS) and flux["graphs_captured"] == 0 and flux["layers"] == 1
-    assert set(flux["graph_failures"]) == {"flux stock, CUDA graph", "flux PLADIS, CUDA graph"}
+    assert set(flux["graph_failures"]) == {"dit stock, CUDA graph", "dit PLADIS, CUDA graph"}
     assert all(v["n"] == 1 and v["finite"] and v["image_s"] >= v["steps_s"] > 0 for v in flux["variants"].values())
-    flux.update(peak_gib=0.0, targets=L.verdicts("flux", flux))
-    assert [t["target"] for t in flux["targets"]] == ["flux: PLADIS / stock per image, CUDA graphs",
-                                                      "flux: PLADIS / stock per step, CUDA graphs"]  # fmt: skip
-    result = {**json.loads(SAMPLE.read_text()), "models": {"flux": flux}}
-    assert "Graph captures that failed (ran eagerly): flux stock, CUDA graph:" in L.table(result)
+    flux.update(peak_gib=0.0, targets=L.verdicts("dit", flux))
+    assert [t["target"] for t in flux["targets"]] == ["dit: PLADIS / stock per image, CUDA graphs",
+                                                      "dit: PLADIS / stock per step, CUDA graphs"]  # fmt: skip
+    result = {**json.loads(SAMPLE.read_text()), "models": {"dit": flux}}
+    assert "Graph captures that failed (ran eagerly): dit stock, CUDA graph:" in L.table(result)
