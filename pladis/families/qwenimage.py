@@ -32,6 +32,7 @@ import torch
 
 from pladis.contracts import Component, Port
 from pladis.errors import PladisError
+from pladis.families.flux import pack, unpack  # the same 2x2 patch packing (QwenImagePipeline._pack_latents)
 from pladis.families.record import Denoising, Family, Layout
 
 COMPONENT = "transformer"
@@ -260,19 +261,6 @@ def encode(d: Denoising, prompts, negatives, height, width, guidance) -> dict:
     h, w = lh // 2, lw // 2
     return {"encoder_hidden_states": emb, "encoder_hidden_states_mask": mask, "img_ids": image_ids(h, w),
             "txt_ids": text_ids(emb.shape[1], h, w)}  # fmt: skip
-
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2 * W/2, 4C) tokens (QwenImagePipeline._pack_latents)."""
-    b, c, h, w = latents.shape
-    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(latents: torch.Tensor, lh: int, lw: int) -> torch.Tensor:
-    """(B, lh/2 * lw/2, 4C) tokens -> (B, C, lh, lw) (QwenImagePipeline._unpack_latents without the frame axis)."""
-    b, _, d = latents.shape
-    c = d // 4
-    return latents.view(b, lh // 2, lw // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, lh, lw)
 
 
 def set_timesteps(scheduler, steps: int, lh: int, lw: int) -> None:
