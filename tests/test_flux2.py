@@ -1,6 +1,7 @@
 """FLUX.2 ([klein] layout ``tiny-flux2``, [dev] layout ``tiny-flux2-dev``): its record against the pipelines' own
 code, patching against the stock processors, export against eager, and the runtime through parity."""
 
+import family_checks
 import pytest
 import torch
 
@@ -76,34 +77,9 @@ def exported(tmp_path_factory):
 
 
 def test_every_component_matches_eager_at_another_size(exported):
-    import numpy as np
-    import onnxruntime as ort
-
-    from pladis import patch
-    from pladis.export import contracts
-
-    manifest, out = exported
-    dims = {k: tuple(v) for k, v in manifest["dims"].items()}
     run_at = dict(batch=3, cfg_batch=3, latent_height=24, latent_width=16)  # export: batch 1, 16 x 16 latents
     run_at.update(patch_height=12, patch_width=8, image_tokens=12 * 8, height=48, width=32)
-    d = {k: (v[0], run_at.get(k, v[1]), v[2]) for k, v in dims.items()}
-    pipe = models.load(NAME)
-    pladis.apply(pipe)
-    comps = contracts.components(pipe, "flux2")
-    assert [c.name for c in comps] == ["text_encoder", "transformer", "vae_decoder"] == list(manifest["components"])
-    for comp in comps:
-        inputs = contracts.sample_inputs(comp, d, torch.float32, seed=3)
-        with torch.no_grad():
-            expected = contracts.Traced(comp)(*inputs)[0].numpy()
-        sess = ort.InferenceSession(str(out / manifest["components"][comp.name]["file"]),
-                                    providers=["CPUExecutionProvider"])  # fmt: skip
-        got = sess.run(None, {i.name: t.numpy() for i, t in zip(comp.inputs, inputs, strict=True)})[0]
-        assert got.shape == expected.shape and got.shape[0] == 3
-        rel = np.linalg.norm(got - expected) / np.linalg.norm(expected)
-        assert rel <= 1e-4, f"{comp.name}: rel-L2 {rel:.3g}"  # the fp32 export contract
-    assert manifest["components"]["transformer"]["pladis_nodes"] == len(manifest["pladis"]["layers"]) == 2
-    assert manifest["components"]["text_encoder"]["pladis_nodes"] == 0
-    patch.remove(pipe)
+    family_checks.components_match_eager(*exported, NAME, "flux2", run_at)
 
 
 @pytest.fixture(scope="module")
@@ -156,44 +132,15 @@ def test_dev_parity_through_the_loop(exported_dev, lam):
 
 @pytest.mark.parametrize("lam", [0.0, 3.0])
 def test_parity_through_the_loop(exported, lam):
-    from pladis.runtime import parity
-
-    _, out = exported
-    report = parity.check(out, "ort", steps=3, lam=lam)  # guidance 4 (the family's default): CFG, as klein
-    assert report.ok, report.table()  # fp32: rel-L2 <= 1e-4 per teacher-forced step (parity.TOLERANCE)
-    assert len(report.teacher_forced) == len(report.free_running) == 3
-    for row in report.free_running:
-        assert row["latent"]["rel_l2"] < 1e-3, report.table()
-    assert report.image_psnr_db > 40
+    family_checks.parity_through_the_loop(exported[1], lam)  # guidance 4 (the family's default): CFG, as klein
 
 
 def test_one_export_serves_a_lam_per_sample(exported):
-    # four prompts at lam 0, 1, 2, 3 in one CFG batch (the lam input routes per sample, both halves alike)
-    from pladis.runtime import parity
-
-    lams = [0.0, 1.0, 2.0, 3.0]
-    report = parity.check(exported[1], "ort", steps=2, lam=lams, prompt=["a red cube", "a ball", "a cone", "a cup"])
-    assert report.lam == lams
-    assert report.ok, report.table()  # fp32: rel-L2 <= 1e-4 per teacher-forced step (parity.TOLERANCE)
+    family_checks.lam_per_sample(exported[1], [0.0, 1.0, 2.0, 3.0], ["a red cube", "a ball", "a cone", "a cup"])
 
 
 def test_generate_and_parity_commands(exported, tmp_path, capsys):
-    import numpy as np
-    from PIL import Image
-
-    from pladis import cli
-
-    _, out = exported
-    images = {}
-    for lam in ("0", "3"):
-        path = tmp_path / f"img{lam}.png"
-        args = ["generate", "--engine", str(out), "--prompt", "a cat", "--steps", "3", "--lam", lam]
-        assert cli.main([*args, "--out", str(path)]) == 0
-        images[lam] = np.asarray(Image.open(path), dtype=float)
-        assert cli.main(["parity", "--engine", str(out), "--steps", "3", "--lam", lam]) == 0
-        assert "PASS" in capsys.readouterr().out
-    assert images["0"].shape == (32, 32, 3)
-    assert np.abs(images["3"] - images["0"]).max() > 0, "lam did not change the image: the test would prove nothing"
+    family_checks.generate_and_parity_commands(exported[1], tmp_path, capsys)
 
 
 def test_layers_command_lists_the_double_stream_blocks(capsys):
@@ -233,25 +180,4 @@ def test_an_unknown_text_encoder_is_refused_by_name():
 
 
 def test_a_transformer_lora_is_fused_as_peft_runs_it(tmp_path):
-    # --lora goes through diffusers' Flux2KleinPipeline loader; the reference is peft's unfused adapter itself
-    pytest.importorskip("peft")
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    from tiny_cases import denoiser_case, forward
-
-    from pladis import sources
-
-    _, kwargs = denoiser_case(NAME)
-    pipe = models.load(NAME)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(7)
-        targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-        pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
-    reference = forward(pipe.transformer, kwargs)
-    path = tmp_path / "lora.safetensors"
-    type(pipe).save_lora_weights(str(tmp_path), transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
-                                 weight_name=path.name)  # fmt: skip
-    fused = sources.load(sources.resolve(NAME, "", [str(path)])).transformer
-    got = forward(fused, kwargs)
-    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)  # fused W + BA vs W x + B(A x): fp32 rounding
-    assert (got - forward(models.load(NAME).transformer, kwargs)).abs().max() > 1e-3  # the LoRA does something
+    family_checks.transformer_lora_fused_as_peft(NAME, tmp_path)  # through diffusers' Flux2KleinPipeline loader
