@@ -314,7 +314,7 @@ def _latency_section(data: dict) -> list[str]:
     from pladis.bench.latency_gpu import table
 
     return ["## End-to-end latency on a GPU (`python -m pladis.bench.latency_gpu`)", "",
-            "Random weights; per image = text encoding (SDXL only: FLUX's embeddings are random tensors) + the "
+            "Random weights; per image = text encoding (each model's line names its encoders) + the "
             "denoising loop + VAE decode, host clock around a synchronised image (eager rows include Python launch "
             "overhead); the CUDA-graph rows replay the denoiser through the runtime's graph cache. The published "
             "TensorRT figure is NVIDIA's, on an H100.", "", table(data), f"Reproduce: `{data['command']}`.",
