@@ -25,15 +25,15 @@ Runtime replays its own graphs (``cuda_graphs = "session"``: its CUDA-graph prov
 The text encoders and the VAE run once per image and stay eager (a capture would cost more than it saves and
 hold a memory pool per shape). A capture that fails falls back to eager with one warning.
 
-Host work per step: nothing in the loop waits for the device. The denoiser's timesteps go to ``device`` once per
-request (a host-to-device copy per step would wait for the GPU); the scheduler's tables stay on the CPU as
-diffusers keeps them, so its arithmetic reads host scalars. Ancestral samplers (euler_a, lcm) draw their step noise
-from CPU generators and diffusers moves it to the device inside each step, a copy that waits for the GPU: on CUDA
-(``draw_ahead``) the same draws are made once before the loop and handed to the scheduler on the device
-(``pladis.runtime.noise``), bitwise the same numbers. The CFG batch is written into one buffer per request, and
-its denoiser outputs are read in place (the split and the guidance read them once, before the next call) rather
-than copied first. What remains is ONNX Runtime's: on CUDA it runs on its own stream, so torch's queued work is
-waited for before each run (and ONNX Runtime waits for its own at the end of a run).
+Host work per step: apart from ONNX Runtime's (below), nothing in the loop waits for the device. The denoiser's
+timesteps go to ``device`` once per request (a host-to-device copy per step would wait for the GPU); the
+scheduler's tables stay on the CPU as diffusers keeps them, so its arithmetic reads host scalars. Ancestral
+samplers (euler_a, lcm) draw their step noise from CPU generators and diffusers moves it to the device inside
+each step, a copy that waits for the GPU: on CUDA (``draw_ahead``) the same draws are made once before the loop
+and handed to the scheduler on the device (``pladis.runtime.noise``), bitwise the same numbers. The CFG batch is
+written into one buffer per request, and its denoiser outputs are read in place (the split and the guidance read
+them once, before the next call) rather than copied first. ONNX Runtime on CUDA runs on its own stream, so
+torch's queued work is waited for before each of its runs (and ONNX Runtime waits for its own at the end of one).
 """
 
 from __future__ import annotations
@@ -343,8 +343,12 @@ class Runtime:
         a new one). The buffer is overwritten by the next call: every backend has read it by then (the work is
         queued in order on one stream, or done when ``run`` returns)."""
         use_cfg = s.negatives is not None
-        x = (torch.cat([latents, latents], out=batch) if batch is not None else torch.cat([latents] * 2)) \
-            if use_cfg else latents  # fmt: skip
+        if not use_cfg:
+            x = latents
+        elif batch is None:
+            x = torch.cat([latents] * 2)
+        else:
+            x = torch.cat([latents, latents], out=batch)
         if hasattr(sched, "scale_model_input"):  # flow-matching schedulers have no input scaling
             x = sched.scale_model_input(x, t)
         t_device = t.to(self.device) if t_device is None else t_device
