@@ -3,9 +3,9 @@
 diffusers' ancestral schedulers (``DRAWS_PER_STEP``) draw their noise inside ``step`` with
 ``diffusers.utils.torch_utils.randn_tensor``. Given the runtime's list of CPU generators (one per image), that is
 one ``torch.randn((1, *shape[1:]), generator=g_i, device="cpu", dtype=model_output.dtype)`` per image, in image
-order, then ``torch.cat(...).to(device)``. On a CUDA device that last copy reads pageable host memory, and such a
-copy first waits for the GPU to finish what is queued: a host-device sync every step, so the host cannot queue the
-next step while the GPU runs this one.
+order, then ``torch.cat(...).to(device)``. On a CUDA device that last copy is a blocking host-to-device copy (torch
+synchronises the stream after it): the host waits for the GPU every step, so it cannot queue the next step while
+the GPU runs this one.
 
 ``StepNoise`` makes those same calls (the same generators, the same per-image shape and dtype, in the same order,
 so the same numbers bitwise) for every step before the loop, moves them to the device in one copy, and ``with
