@@ -29,12 +29,14 @@ from pladis import backends as registry
 from pladis.bench import harness
 
 GOAL_MS = 0.2  # host milliseconds per step outside the denoiser (issue 28)
-# name: (tiny model, scheduler, guidance (None: the family's default; SDXL: CFG), steps as deployed)
+# name: (tiny model, scheduler, guidance (None: the family's default; SDXL: CFG), steps as deployed, draw_ahead
+# (None: the device's default, Runtime.draw_ahead; True: ancestral step noise drawn before the loop, as on CUDA))
 CASES = {
-    "sdxl euler (CFG)": ("tiny-sdxl", "euler", None, 30),
-    "sdxl dpmpp_2m (CFG)": ("tiny-sdxl", "dpmpp_2m", None, 30),
-    "sdxl euler_a (CFG)": ("tiny-sdxl", "euler_a", None, 30),
-    "flux flow_euler (guidance-distilled)": ("tiny-flux", "flow_euler", None, 28),
+    "sdxl euler (CFG)": ("tiny-sdxl", "euler", None, 30, None),
+    "sdxl dpmpp_2m (CFG)": ("tiny-sdxl", "dpmpp_2m", None, 30, None),
+    "sdxl euler_a (CFG)": ("tiny-sdxl", "euler_a", None, 30, None),
+    "sdxl euler_a (CFG; noise drawn ahead as on CUDA)": ("tiny-sdxl", "euler_a", None, 30, True),
+    "flux flow_euler (guidance-distilled)": ("tiny-flux", "flow_euler", None, 28, None),
 }
 
 
@@ -84,8 +86,10 @@ def null_backend():
         registry.REGISTRY.pop("null", None)
 
 
-def measure(engine: str | Path, scheduler: str, guidance, steps: int, repeats: int, device: str = "cpu") -> dict:
-    """Host ms per step outside the denoiser over ``repeats`` runs of ``steps`` steps (after one warm-up run)."""
+def measure(engine: str | Path, scheduler: str, guidance, steps: int, repeats: int, device: str = "cpu",
+            draw_ahead: bool | None = None) -> dict:  # fmt: skip
+    """Host ms per step outside the denoiser over ``repeats`` runs of ``steps`` steps (after one warm-up run);
+    ``draw_ahead``: ``Runtime.draw_ahead`` (None: the device's default)."""
     from pladis.manifest import open_engine
     from pladis.runtime import Runtime
 
@@ -93,6 +97,7 @@ def measure(engine: str | Path, scheduler: str, guidance, steps: int, repeats: i
         opened = open_engine(engine)
         rt = Runtime(opened, "torch", {opened.denoiser: "null"}, device=device)
         null = rt.backend(rt.engine.denoiser)
+        rt.draw_ahead = rt.draw_ahead if draw_ahead is None else draw_ahead
         rt.generate("a cat", steps=steps, scheduler=scheduler, guidance=guidance, progress=False)  # warm-up
         host, total = [], []
         for _ in range(repeats):
@@ -107,7 +112,7 @@ def measure(engine: str | Path, scheduler: str, guidance, steps: int, repeats: i
             "repeats": repeats, "host_ms_per_step": {"median": statistics.median(host), "min": min(host),
                                                      "max": max(host)},
             "step_ms_with_null_denoiser": statistics.median(total), "goal_ms": GOAL_MS,
-            "threads": torch.get_num_threads(), "device": device,
+            "threads": torch.get_num_threads(), "device": device, "draw_ahead": rt.draw_ahead,
             "load_avg_1min": round(os.getloadavg()[0], 2)}  # fmt: skip
 
 
@@ -119,12 +124,12 @@ def run(cases: list[str], repeats: int, device: str, steps: int | None = None, e
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(engines or tmp)
         for name in cases:
-            model, scheduler, guidance, default_steps = CASES[name]
+            model, scheduler, guidance, default_steps, draw_ahead = CASES[name]
             folder = root / model
             if not (folder / "manifest.json").exists():
                 export(ExportConfig(model=model, out=str(folder), validate=False))
             results[name] = {"model": model, **measure(folder, scheduler, guidance, steps or default_steps, repeats,
-                                                       device)}  # fmt: skip
+                                                       device, draw_ahead)}  # fmt: skip
     return results
 
 

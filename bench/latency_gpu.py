@@ -8,18 +8,19 @@ CUDA graphs, one script for ``make gpu-check``.
   the VAE) in fp16, 1024², ``STEPS["sdxl"]`` Euler steps with classifier-free guidance (batch 2 per step);
 - ``dit``: a ``FluxTransformer2DModel`` from FLUX.1-dev's full-size config (``FLUX_CONFIG``, 12 B parameters)
   in bf16, 1024² (4096 image tokens, 512 text tokens), ``STEPS["dit"]`` flow-matching Euler steps with the
-  guidance embedded (guidance-distilled: one pass per step), and the 16-channel VAE. Its text encoders (CLIP-L,
-  T5-XXL) are not built: the text embeddings are random tensors of their shapes, so FLUX's per-image time has
-  no text encoding.
+  guidance embedded (guidance-distilled: one pass per step), the 16-channel VAE, and FLUX.1's two text encoders
+  at their sizes (``FLUX_TEXT``: CLIP-L, and a T5-v1.1-XXL encoder of 4.8 B parameters) in bf16, which encode
+  the prompt once per image as ``FluxPipeline`` does (CLIP's pooled output; T5's hidden states of 512 tokens,
+  no attention mask), tokenized by pladis' character-level stand-ins of their tokenizers.
 
 Variants, interleaved image by image on the same inputs: stock attention and PLADIS (``pladis.apply``: the
 fused kernels), each eager and with the denoiser replayed from CUDA graphs through the runtime's own cache
 (``pladis.runtime.graphs``, captured once per variant during the warm-up image). The loop per step is the
 runtime's (CFG batch, input scaling, the denoiser, guidance, the diffusers scheduler's step); per image it adds
-the text encoding (SDXL) and the VAE decode. Timed with host clocks around a synchronised image, so eager rows
-include Python launch overhead, which is the point. ``--budget-s`` bounds the whole script: timed images stop
-once another would pass it (at least one per variant), and FLUX is skipped (and said so) when the budget is
-spent before it starts.
+the text encoding (tokenizers and text encoders) and the VAE decode. Timed with host clocks around a synchronised
+image, so eager rows include Python launch overhead, which is the point. ``--budget-s`` bounds the whole script:
+timed images stop once another would pass it (at least one per variant), and FLUX is skipped (and said so) when
+the budget is spent before it starts.
 
 Targets (``TARGETS``): PLADIS / stock per image with graphs ≤ 1.03 (SDXL; FLUX too), the FLUX step with
 graphs ≤ +5% (issue 25), and SDXL with graphs within 1.2x of the published stock TensorRT figure (1.47 s on an
@@ -45,6 +46,12 @@ FLUX_CONFIG = dict(  # FLUX.1-dev's transformer/config.json
     joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
 )  # fmt: skip
 FLUX_TEXT_TOKENS = 512
+FLUX_TEXT = {  # FLUX.1's text encoders: openai/clip-vit-large-patch14's text model, google/t5-v1_1-xxl's encoder
+    "clip": dict(hidden=768, layers=12, heads=12, inter=3072, proj=768, vocab=49408, act="quick_gelu"),
+    "t5": dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               feed_forward_proj="gated-gelu"),
+}  # fmt: skip
+PROMPT = "a photo of a red cube"
 PUBLISHED_SDXL_S = 1.47  # NVIDIA's TensorRT demo, SDXL 1024², 30 steps, H100 (their figure, not ours)
 TARGETS = {"pladis_over_stock_image": 1.03, "flux_step": 1.05, "sdxl_vs_published": 1.2}
 DEVICE = "cuda"  # the CPU test of this script sets "cpu" (tiny models; graph captures then fall back to eager)
@@ -124,6 +131,8 @@ class Sdxl:
         self.denoiser = self.pipe.unet.eval()
         self.scheduler_config = dict(self.pipe.scheduler.config)
         self.vae = self.pipe.vae.eval()
+        self.text_encoders = ("the pipeline's two CLIP text encoders (random weights), the prompt and the empty "
+                              "negative prompt, once per image")  # fmt: skip
 
     def encode(self):
         """Conditioning of one prompt and the empty negative prompt: (text (2, 77, 2048), pooled, time ids)."""
@@ -131,7 +140,7 @@ class Sdxl:
 
         with torch.no_grad():
             emb, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-                prompt="a photo of a red cube", device=DEVICE, num_images_per_prompt=1,
+                prompt=PROMPT, device=DEVICE, num_images_per_prompt=1,
                 do_classifier_free_guidance=True, negative_prompt="")  # fmt: skip
         n = self.size
         ids = torch.tensor([[n, n, 0, 0, n, n]] * 2, device=DEVICE, dtype=self.dtype)
@@ -174,17 +183,29 @@ class Sdxl:
 
 
 class Flux:
-    """A FLUX.1-dev-sized transformer and the FLUX VAE, bf16; random text embeddings (no T5-XXL, no CLIP)."""
+    """A FLUX.1-dev-sized transformer, the FLUX VAE and FLUX.1's two text encoders at their sizes, bf16."""
 
     name, dtype_name, cfg = "dit", "bfloat16", False
 
     def __init__(self, config: dict = FLUX_CONFIG, size: int = SIZE, vae_channels=(128, 256, 512, 512),
-                 text_tokens: int = FLUX_TEXT_TOKENS):  # fmt: skip
-        """config: the transformer's (FLUX.1-dev's; tests pass a tiny one with small VAE channels)."""
+                 text_tokens: int = FLUX_TEXT_TOKENS, text: dict = FLUX_TEXT):  # fmt: skip
+        """config: the transformer's (FLUX.1-dev's); text: the encoders' (``FLUX_TEXT``; the CLIP model's hidden
+        size must be the transformer's pooled_projection_dim, T5's d_model its joint_attention_dim). Tests pass
+        tiny ones with small VAE channels."""
         import torch
         from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from transformers import T5Config, T5EncoderModel
+
+        from pladis import models
 
         self.dtype, self.size, self.config, self.text_tokens = torch.bfloat16, size, config, text_tokens
+        self.clip, self.clip_tokenizer = _on_gpu(lambda: models._clip(**text["clip"], with_proj=False), self.dtype)
+        self.t5 = _on_gpu(lambda: T5EncoderModel(T5Config(**text["t5"], is_encoder_decoder=False)), self.dtype)
+        self.clip, self.t5 = self.clip.eval(), self.t5.eval()
+        self.t5_tokenizer = models.char_tokenizer("t5", text_tokens)
+        self.text_encoders = (f"CLIP text model ({text['clip']['layers']} layers, hidden {text['clip']['hidden']}) "
+                              f"+ T5 encoder ({text['t5']['num_layers']} layers, d_model {text['t5']['d_model']}, "
+                              f"{text_tokens} tokens), random weights, once per image")  # fmt: skip
         self.channels = config["in_channels"] // 4  # the VAE's latent channels, packed 2x2 into each token
         self.denoiser = _on_gpu(lambda: FluxTransformer2DModel(**config), self.dtype).eval()
         self.vae = _on_gpu(lambda: AutoencoderKL(
@@ -196,14 +217,18 @@ class Flux:
         self.tokens = self.side**2
 
     def encode(self):
+        """The transformer's conditioning for ``PROMPT``, as FluxPipeline.encode_prompt makes it: CLIP's pooled
+        output (1, 768) and T5's last hidden states (1, 512, 4096), T5 without an attention mask."""
         import torch
 
-        g = torch.Generator(device=DEVICE).manual_seed(1)
-        c, n = self.config, self.text_tokens
-        return {"encoder_hidden_states": torch.randn(1, n, c["joint_attention_dim"], generator=g, device=DEVICE,
-                                                     dtype=self.dtype),
-                "pooled_projections": torch.randn(1, c["pooled_projection_dim"], generator=g, device=DEVICE,
-                                                  dtype=self.dtype),
+        n = self.text_tokens
+        tokens = {"padding": "max_length", "truncation": True, "return_tensors": "pt"}
+        with torch.no_grad():
+            ids = self.clip_tokenizer([PROMPT], max_length=77, **tokens).input_ids.to(DEVICE)
+            pooled = self.clip(ids, output_hidden_states=False).pooler_output.to(self.dtype)
+            ids = self.t5_tokenizer([PROMPT], max_length=n, **tokens).input_ids.to(DEVICE)
+            text = self.t5(ids, output_hidden_states=False)[0].to(self.dtype)
+        return {"encoder_hidden_states": text, "pooled_projections": pooled,
                 "guidance": torch.full((1,), 3.5, device=DEVICE),
                 "img_ids": _flux_image_ids(self.side).to(DEVICE),
                 "txt_ids": torch.zeros(n, 3, device=DEVICE)}  # fmt: skip
@@ -322,7 +347,7 @@ def measure(model, steps: int, images: int, deadline: float) -> dict:
     for row in rows.values():
         row.update(_medians(row.pop("images"), steps))
     return {"steps": steps, "size": model.size, "dtype": model.dtype_name, "cfg": model.cfg,
-            "layers": len(report.layers),
+            "layers": len(report.layers), "text_encoders": model.text_encoders,
             "graphs_captured": cache.captures, "graph_failures": {k[0]: e for k, e in cache.failed.items()},
             "variants": rows}  # fmt: skip
 
@@ -406,7 +431,8 @@ def table(result: dict) -> str:
             continue
         what = "CFG, batch 2 per step" if m["cfg"] else "guidance-distilled, batch 1"
         lines += [f"{name}, {m['size']}², {m['steps']} steps, {m['dtype']}, {what}, {m['layers']} PLADIS layers; "
-                  f"graphs captured {m['graphs_captured']}; peak memory {m['peak_gib']:.1f} GiB:", "",
+                  f"graphs captured {m['graphs_captured']}; peak memory {m['peak_gib']:.1f} GiB; text encoding: "
+                  f"{m.get('text_encoders', 'not recorded')}:", "",
                   "| variant | per image s | encode ms | per step ms | decode ms | peak GiB | images | finite |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for variant, r in m["variants"].items():

@@ -296,10 +296,13 @@ def _host_loop_section(data: dict) -> list[str]:
     return ["## Host loop (`python -m pladis.bench.host_loop`)", "",
             "`Runtime.generate` on tiny export folders whose denoiser does nothing (returns a preallocated zero "
             "tensor): milliseconds per step spent outside the denoiser (CFG batch, input scaling, step inputs, "
-            "the output copy, guidance, the diffusers scheduler step), on the "
+            "the output copy (without CFG), guidance, the diffusers scheduler step), on the "
             f"{first.get('device', 'cpu')}, {first['threads']} threads, {first['repeats']} runs per case after a "
             "warm-up run. The latents are 4x4, so this is Python and dispatch overhead, the part of a step "
-            "CUDA graphs do not remove. Goal (issue 28): ≤ 0.2 ms per step.", "",
+            "CUDA graphs do not remove. Goal (issue 28): ≤ 0.2 ms per step."
+            + (" The row with the noise drawn ahead runs euler_a as it runs on CUDA (`Runtime.draw_ahead`): its "
+               "step noise drawn before the loop, so no step waits for the GPU, for a torch function mode over "
+               "each step's ops." if any(r.get("draw_ahead") for r in res.values()) else ""), "",
             markdown_table(["case", "steps", "CFG", "median ms/step", "min–max", "goal", "verdict",
                             "1-min load"], rows), "",
             f"Machine: {_stamp(first)}. Reproduce: `{data['command']}`.", ""]  # fmt: skip
@@ -311,7 +314,7 @@ def _latency_section(data: dict) -> list[str]:
     from pladis.bench.latency_gpu import table
 
     return ["## End-to-end latency on a GPU (`python -m pladis.bench.latency_gpu`)", "",
-            "Random weights; per image = text encoding (SDXL only: FLUX's embeddings are random tensors) + the "
+            "Random weights; per image = text encoding (each model's line names its encoders) + the "
             "denoising loop + VAE decode, host clock around a synchronised image (eager rows include Python launch "
             "overhead); the CUDA-graph rows replay the denoiser through the runtime's graph cache. The published "
             "TensorRT figure is NVIDIA's, on an H100.", "", table(data), f"Reproduce: `{data['command']}`.",

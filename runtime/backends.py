@@ -161,6 +161,7 @@ class TorchBackend:
         self.device = device
         self.component = None
         self.lora: dict[str, torch.Tensor] = {}  # module path -> fused weight, swapped in for each run
+        self.layers: dict[str, torch.nn.Module] = {}  # module path -> the linear whose weight it replaces
         self.eager_loras: tuple = ()  # (path, scale, sha256): LoRAs diffusers fuses into the rebuilt model
 
     def load(self) -> None:
@@ -173,6 +174,7 @@ class TorchBackend:
         self.load()
         dtype = next(self.component.module.parameters()).dtype
         self.lora = {p: w.to(self.device, dtype) for p, w in (fused or {}).items()}
+        self.layers = {p: self.component.module.get_submodule(p) for p in self.lora}  # looked up once, not per run
 
     def warm_up(self, inputs: dict[str, torch.Tensor]) -> None:
         self.run(inputs)
@@ -181,8 +183,7 @@ class TorchBackend:
         self.load()
         dtypes = self.spec.input_dtypes
         args = {n: t.to(self.device, getattr(torch, dtypes[n])) for n, t in inputs.items()}
-        module = self.component.module
-        layers = {p: module.get_submodule(p) for p in self.lora}
+        module, layers = self.component.module, self.layers
         base = {p: layer.weight.data for p, layer in layers.items()}
         try:
             for p, layer in layers.items():

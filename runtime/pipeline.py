@@ -25,13 +25,20 @@ Runtime replays its own graphs (``cuda_graphs = "session"``: its CUDA-graph prov
 The text encoders and the VAE run once per image and stay eager (a capture would cost more than it saves and
 hold a memory pool per shape). A capture that fails falls back to eager with one warning.
 
-Host work per step: the denoiser's timesteps go to ``device`` once per request (a host-to-device copy per step
-would wait for the GPU); the scheduler's tables stay on the CPU as diffusers keeps them, so its arithmetic
-reads host scalars and never waits for the device.
+Host work per step: apart from ONNX Runtime's (below), nothing in the loop waits for the device. The denoiser's
+timesteps go to ``device`` once per request (a host-to-device copy per step would wait for the GPU); the
+scheduler's tables stay on the CPU as diffusers keeps them, so its arithmetic reads host scalars. Ancestral
+samplers (euler_a, lcm) draw their step noise from CPU generators and diffusers moves it to the device inside
+each step, a copy that waits for the GPU: on CUDA (``draw_ahead``) the same draws are made once before the loop
+and handed to the scheduler on the device (``pladis.runtime.noise``), bitwise the same numbers. The CFG batch is
+written into one buffer per request, and its denoiser outputs are read in place (the split and the guidance read
+them once, before the next call) rather than copied first. ONNX Runtime on CUDA runs on its own stream, so
+torch's queued work is waited for before each of its runs (and ONNX Runtime waits for its own at the end of one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -49,6 +56,7 @@ from pladis.families import Denoising
 from pladis.families import get as family_record
 from pladis.manifest import Engine, EngineError, open_engine
 from pladis.runtime import backends, graphs
+from pladis.runtime import noise as step_noise
 from pladis.runtime.request import SCHEDULERS, Request, Settings, check
 
 __all__ = ["SCHEDULERS", "Request", "Result", "Runtime", "Settings", "step_generators"]
@@ -99,7 +107,9 @@ class Runtime:
         ``loras``: LoRAs swapped into the built engine (``set_loras``), e.g. ``[("style.safetensors", 0.8)]``;
         None: those ``pladis lora`` attached to the folder (``loras.json``), if any. cuda_graphs: replay the
         denoiser from CUDA graphs (True: CUDA devices only, at most ``graph_cache_size`` graphs held); a
-        ``GraphCache`` of your own is used as given, on any device (its capture function decides)."""
+        ``GraphCache`` of your own is used as given, on any device (its capture function decides).
+        ``draw_ahead`` (an attribute, True on CUDA devices): ancestral samplers' step noise drawn before the loop
+        (``pladis.runtime.noise``); on the CPU there is no copy to save, and the draws are the same either way."""
         check_device(device)  # before any file is read
         self.graphs = _graph_cache(cuda_graphs, graph_cache_size, device)
         self.engine = engine if isinstance(engine, Engine) else open_engine(engine, verify=verify)
@@ -122,6 +132,7 @@ class Runtime:
         for name, b in self.backend_names.items():  # before any work: aoti/trt need their built artifacts
             backends.check(self.engine, name, b)
         self.device = device
+        self.draw_ahead = torch.device(device).type == "cuda"  # ancestral step noise drawn before the loop
         self._backends: dict[str, backends.Backend] = {}
         self._warm: set = set()  # (component, input shapes) already run once
         self._tokenizers: dict = {}
@@ -238,14 +249,16 @@ class Runtime:
             self.backend(component).warm_up(inputs)
             self._warm.add(key)
 
-    def run(self, component: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``component``'s outputs as float32 tensors on the runtime's device, owned by the caller."""
+    def run(self, component: str, inputs: dict[str, torch.Tensor], owned: bool = True) -> dict[str, torch.Tensor]:
+        """``component``'s outputs as float32 tensors on the runtime's device, owned by the caller; ``owned``
+        False: they may be the backend's or the graph's own buffers (no copy), overwritten by its next call."""
         b = self.backend(component)
         if self.graphs is not None and component == self.engine.denoiser and _graph_mode(b) == "capture":
             inputs = {n: t.to(b.device) for n, t in inputs.items()}  # a graph reads device memory only
-            outs = self.graphs.run(component, b.run, inputs)  # the graph's static outputs: copied below
-            return {k: v.to(self.device, torch.float32, copy=True) for k, v in outs.items()}
-        return {k: v.to(self.device, torch.float32, copy=b.reuses_outputs) for k, v in b.run(inputs).items()}
+            outs = self.graphs.run(component, b.run, inputs)  # the graph's static outputs: copied below if owned
+            return {k: v.to(self.device, torch.float32, copy=owned) for k, v in outs.items()}
+        copy = owned and b.reuses_outputs
+        return {k: v.to(self.device, torch.float32, copy=copy) for k, v in b.run(inputs).items()}
 
     def tokenizer(self, encoder: str):
         name = encoder.replace("text_encoder", "tokenizer")
@@ -323,15 +336,26 @@ class Runtime:
         return cond, sched, self.family.pack(noise) * getattr(sched, "init_noise_sigma", 1.0)  # flow: none
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: dict, sched, s: Settings,
-                t_device: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """The guided noise prediction for ``latents`` at timestep ``t`` (the scheduler's, on its CPU table);
-        ``t_device``: the same timestep already on the runtime's device (None: moved here)."""
+                t_device: torch.Tensor | None = None, batch: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The guided noise prediction for ``latents`` (B, ...) at timestep ``t`` (the scheduler's, on its CPU
+        table); ``t_device``: the same timestep already on the runtime's device (None: moved here); ``batch``:
+        with CFG, a (2B, ...) buffer of the latents' dtype the doubled batch is written into (``cfg_batch``; None:
+        a new one). The buffer is overwritten by the next call: every backend has read it by then (the work is
+        queued in order on one stream, or done when ``run`` returns)."""
         use_cfg = s.negatives is not None
-        x = torch.cat([latents] * 2) if use_cfg else latents
+        if not use_cfg:
+            x = latents
+        elif batch is None:
+            x = torch.cat([latents] * 2)
+        else:
+            x = torch.cat([latents, latents], out=batch)
         if hasattr(sched, "scale_model_input"):  # flow-matching schedulers have no input scaling
             x = sched.scale_model_input(x, t)
         t_device = t.to(self.device) if t_device is None else t_device
-        out = self.run(self.engine.denoiser, self.family.step_inputs(x, t_device, cond))
+        # with CFG the outputs are read once, by the split and the guidance, into a new tensor before the next
+        # call: no copy of them first. Without, the prediction goes to the scheduler, which may keep it (a
+        # multistep scheduler keeps its model outputs between steps): owned by the caller.
+        out = self.run(self.engine.denoiser, self.family.step_inputs(x, t_device, cond), owned=not use_cfg)
         noise = self.family.noise_prediction(self.denoising, next(iter(out.values())))
         if not use_cfg:
             return noise
@@ -342,6 +366,12 @@ class Runtime:
 
             guided = rescale_noise_cfg(guided, text, guidance_rescale=s.guidance_rescale)
         return guided
+
+    def cfg_batch(self, latents: torch.Tensor, s: Settings) -> torch.Tensor | None:
+        """With CFG: an empty (2B, ...) buffer for ``predict``'s doubled batch, one per request; else None."""
+        if s.negatives is None:
+            return None
+        return torch.empty((2 * latents.shape[0], *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
 
     def decode(self, latents: torch.Tensor, s: Settings) -> list:
         from PIL import Image
@@ -370,9 +400,12 @@ class Runtime:
         g = step_generators(s)
         bar = log.isEnabledFor(logging.INFO) if progress is None else progress
         on_device = sched.timesteps.to(self.device)  # once: a copy per step would wait for the GPU
+        ahead = step_noise.for_loop(sched, g, latents, self.device) if self.draw_ahead else None
+        batch = self.cfg_batch(latents, s)
         for i, t in enumerate(tqdm(sched.timesteps, desc="denoise", unit="step", disable=not bar)):
-            noise = self.predict(latents, t, cond, sched, s, on_device[i])
-            latents = sched.step(noise, t, latents, generator=g).prev_sample
+            noise = self.predict(latents, t, cond, sched, s, on_device[i], batch)
+            with ahead.step() if ahead is not None else contextlib.nullcontext():
+                latents = sched.step(noise, t, latents, generator=g).prev_sample
             if on_step is not None:
                 on_step(i, t, latents)
         t2 = time.perf_counter()

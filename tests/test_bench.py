@@ -147,8 +147,20 @@ def test_latency_gpu_loop_runs_on_a_cpu_with_tiny_models_and_the_graphs_falling_
     tiny = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
                 guidance_embeds=True)  # fmt: skip
-    flux = L.measure(L.Flux(tiny, size=32, vae_channels=(8, 8, 8, 8), text_tokens=8), 1, 1, time.monotonic() + 60)
+    text = {"clip": dict(hidden=32, layers=1, heads=2, inter=37, proj=32, vocab=1000, act="quick_gelu"),
+            "t5": dict(vocab_size=256, d_model=32, d_kv=16, d_ff=37, num_layers=1, num_heads=2,
+                       feed_forward_proj="gated-gelu")}  # fmt: skip
+    model = L.Flux(tiny, size=32, vae_channels=(8, 8, 8, 8), text_tokens=8, text=text)
+    cond = model.encode()  # the text encoders' outputs in the transformer's conditioning, as FluxPipeline's
+    with torch.no_grad():
+        ids = model.t5_tokenizer([L.PROMPT], padding="max_length", max_length=8, truncation=True,
+                                 return_tensors="pt").input_ids  # fmt: skip
+        assert torch.equal(cond["encoder_hidden_states"], model.t5(ids)[0].to(torch.bfloat16))
+    assert cond["encoder_hidden_states"].shape == (1, 8, 32) and cond["pooled_projections"].shape == (1, 32)
+    flux = L.measure(model, 1, 1, time.monotonic() + 60)
     assert set(flux["variants"]) == set(L.VARIANTS) and flux["graphs_captured"] == 0 and flux["layers"] == 1
+    assert "T5 encoder (1 layers, d_model 32, 8 tokens)" in flux["text_encoders"]
+    assert all(v["encode_s"] > 0 for v in flux["variants"].values())  # the text encoders run inside each image
     assert set(flux["graph_failures"]) == {"dit stock, CUDA graph", "dit PLADIS, CUDA graph"}
     assert all(v["n"] == 1 and v["finite"] and v["image_s"] >= v["steps_s"] > 0 for v in flux["variants"].values())
     flux.update(peak_gib=0.0, targets=L.verdicts("dit", flux))
@@ -156,3 +168,4 @@ def test_latency_gpu_loop_runs_on_a_cpu_with_tiny_models_and_the_graphs_falling_
                                                       "dit: PLADIS / stock per step, CUDA graphs"]  # fmt: skip
     result = {**json.loads(SAMPLE.read_text()), "models": {"dit": flux}}
     assert "Graph captures that failed (ran eagerly): dit stock, CUDA graph:" in L.table(result)
+    assert "text encoding: CLIP text model (1 layers, hidden 32)" in L.table(result)

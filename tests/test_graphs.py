@@ -181,6 +181,29 @@ def test_the_loop_with_the_real_capture_falls_back_to_eager_on_a_cpu(engine, cap
     assert len(caplog.records) == 1 and len(graphed.graphs.failed) == 1
 
 
+@pytest.mark.parametrize("graphed", [False, True])
+def test_the_cfg_batch_is_one_buffer_per_request_and_changes_nothing(engine, monkeypatch, graphed):
+    """DDIM scales no input, so the denoiser gets the CFG batch itself: the same buffer every step of a request
+    (written in place), and the latents equal those of a loop that makes a new batch each step (cfg_batch None),
+    eagerly and through the cache (Recorder: the outputs then are its static buffers, read in place)."""
+    from pladis.runtime import Runtime
+
+    rt = Runtime(engine, "torch", cuda_graphs=graphs.GraphCache(Recorder()) if graphed else False)
+    b = rt.backend(rt.engine.denoiser)
+    run, seen, buffers = b.run, [], []
+    monkeypatch.setattr(b, "run", lambda inputs: seen.append(inputs["sample"].data_ptr()) or run(inputs))
+    make = rt.cfg_batch
+    monkeypatch.setattr(rt, "cfg_batch", lambda latents, s: buffers.append(make(latents, s)) or buffers[-1])
+    request = {"prompt": "a cat", "steps": 3, "seed": 2, "scheduler": "ddim", "progress": False}
+    got = rt.generate(**request)
+    assert rt.settings("a cat").negatives is not None and buffers[0].shape[0] == 2  # CFG: the batch of two
+    if not graphed:  # the warm-up's own batch, then the three steps in the request's buffer (kept alive here)
+        assert seen[1:] == [buffers[0].data_ptr()] * 3
+    monkeypatch.setattr(rt, "cfg_batch", lambda latents, s: None)
+    want = rt.generate(**request)
+    assert torch.equal(got.latents, want.latents)  # atol=0: the same float32 values, only where they are written
+
+
 def test_the_host_loop_benchmark_runs_the_real_loop_with_a_denoiser_that_does_nothing(engine):
     from pladis import backends as registry
     from pladis.bench import host_loop

@@ -229,6 +229,94 @@ def test_torch_backend_swaps_the_same_weights_and_restores_the_base(family):
         np.testing.assert_array_equal(value, base[key])  # the base tensors themselves are back
 
 
+class FrozenCapture:
+    """A capture function whose replay is stale the way a CUDA graph is: NOT a CUDA graph (no GPU here).
+
+    A real graph replays the kernels it recorded on the memory they read at capture time; a weight swap done
+    after it (the torch backend rebinds ``lora`` to new fused tensors, ORT creates a new session, TensorRT
+    refits) never reaches it. This stand-in keeps a shallow copy of the denoiser backend's attributes when it
+    captures (``backend``: set by the test once the runtime made it) and its replay puts them back for the call,
+    so it re-runs the captured call on the backend as it was then (the LoRA weights of capture time) and copies
+    the result into the static outputs. A runtime that kept a graph across a swap therefore gets the old weights'
+    outputs here, as it would on a GPU; one that dropped it captures again with the new weights."""
+
+    def __init__(self):
+        self.backend = None
+        self.captures = 0
+
+    def __call__(self, call):
+        frozen = dict(vars(self.backend))  # the tensors it reads now, as a graph keeps its addresses
+        outputs = {k: v.clone() for k, v in call().items()}
+        self.captures += 1
+
+        def replay():
+            now = dict(vars(self.backend))
+            vars(self.backend).update(frozen)
+            try:
+                result = call()
+            finally:
+                vars(self.backend).clear()
+                vars(self.backend).update(now)
+            for k, v in result.items():
+                outputs[k].copy_(v)
+
+        return replay, outputs
+
+
+def test_a_lora_swap_drops_the_denoisers_captured_graphs(family, monkeypatch):
+    """Runtime(cuda_graphs=GraphCache(FrozenCapture)) on the cpu: generate (the denoiser's graph captured in the
+    warm-up), swap LoRA a in, generate, swap back to none, generate. Each swap drops the denoiser's graph and the
+    next generate captures it again, and every result equals a graphs-off runtime with the same LoRAs bitwise.
+    It can fail: the replay is stale like a real graph's (FrozenCapture), so without ``graphs.drop`` in
+    ``use_lora_weights`` the swapped runtime replays the base U-Net; the last part runs exactly that (drop made
+    a no-op) and checks it gives other latents than a's."""
+    from pladis.runtime import Runtime, graphs
+
+    f = _sdxl(family)
+    run = {"prompt": "a red cube", "steps": 3, "seed": 1, "progress": False}
+
+    def graphed():
+        rec = FrozenCapture()
+        rt = Runtime(f["base"], "torch", cuda_graphs=graphs.GraphCache(rec))
+        rec.backend = rt.backend(rt.engine.denoiser)
+        return rt, rec
+
+    def keys(rt):
+        return [k for k in rt.graphs.graphs if k[0] == rt.engine.denoiser]
+
+    def same(got, want):
+        # atol=0: the same torch backend and fp32 ops on the same values, through the cache's static buffers
+        assert torch.equal(got.latents, want.latents)
+        assert all(np.array_equal(np.asarray(g), np.asarray(w)) for g, w in zip(got.images, want.images, strict=True))
+
+    eager = Runtime(f["base"], "torch")
+    want_base = eager.generate(**run)
+    eager.set_loras([(f["a"], 1.0)])
+    want_a = eager.generate(**run)
+    assert not torch.equal(want_a.latents, want_base.latents)  # a changes the latents: a stale graph would show
+
+    rt, rec = graphed()
+    same(rt.generate(**run), want_base)
+    captured = keys(rt)
+    assert len(captured) == 1 and rec.captures == 1 and rt.graphs.captures == 1
+    rt.set_loras([(f["a"], 1.0)])
+    assert not keys(rt)  # dropped with the swap
+    same(rt.generate(**run), want_a)
+    assert keys(rt) == captured and rec.captures == 2  # captured again, on a's weights
+    rt.set_loras([])
+    assert not keys(rt)
+    same(rt.generate(**run), want_base)
+    assert keys(rt) == captured and rec.captures == 3
+
+    stale, stale_rec = graphed()  # the same swap with drop made a no-op: what the test above guards against
+    stale.generate(**run)
+    monkeypatch.setattr(stale.graphs, "drop", lambda component: None)
+    stale.set_loras([(f["a"], 1.0)])
+    kept = stale.generate(**run)
+    # the base U-Net replayed on a's text conditioning (a also touches both text encoders): neither result
+    assert stale_rec.captures == 1 and rel_l2(kept.latents, want_a.latents) > 1e-3
+
+
 def test_a_kohya_named_lora_swaps_in_the_same(family, tmp_path):
     if family["name"] != "tiny-sdxl":
         pytest.skip("kohya's sd-scripts names: written for the SDXL U-Net and text encoders")
