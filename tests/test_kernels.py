@@ -18,6 +18,7 @@ import torch
 
 from pladis import ops
 from pladis.errors import PladisError
+from pladis.numerics import newton_steps
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (dev extra)")
 
@@ -334,6 +335,173 @@ def test_kernel_in_triton_interpreter_matches_float64_operator():
         expect = [math.ceil(lq / block_m), min(b * h, grid_max), -(-b * h // grid_max)]
         assert r["grid"] == expect
     assert results[-1]["grid"][2] == 2  # the grid-limit case really split batch x head over y and z
+
+
+# The key-tiled variant (KEY_TILED): key rows of any length in tiles of BLOCK_N, several passes, through the same
+# launch contract; the float64 formula with the `entmax` package's map as the reference
+
+_TILED_SCRIPT = """
+import json, sys, torch
+import torch.nn.functional as F
+from entmax import entmax15, sparsemax
+from pladis.kernels import attention as K
+
+calls = []
+jit = K.pladis_fwd
+
+class Recorder:  # what the launcher passes: grid and positional arguments, in order
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            calls.append({"grid": list(grid), "args": [("tensor", str(a.dtype), list(a.shape))
+                          if isinstance(a, torch.Tensor) else ("int", a) for a in args], "kw": kw})
+            return jit[grid](*args, **kw)
+        return run
+
+def oracle(q, k, v, keep, lam, alpha, scale):
+    # PLADIS attention from the formula in float64, the entmax package's map; keep: bool, True = attend
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~keep, -1e30)
+    dense = torch.softmax(s, -1)
+    sparse = (entmax15 if alpha == 1.5 else sparsemax)(s, dim=-1)
+    return (dense + lam * (sparse - dense)) @ v
+
+K.pladis_fwd = Recorder()
+out = []
+for shape, alpha, dtype, mask, lam, tiles, layout in json.loads(sys.argv[1]):
+    b, h, lq, lk, d, dv = shape
+    g = torch.Generator().manual_seed(lk + lq)
+    q, k = ((torch.randn(b, h, n, d, generator=g, dtype=torch.float64) * 2.5).to(getattr(torch, dtype))
+            for n in (lq, lk))
+    v = torch.randn(b, h, lk, dv, generator=g, dtype=torch.float64).to(getattr(torch, dtype))
+    keep = torch.ones(b, 1, 1, lk, dtype=torch.bool)
+    if mask in ("padding", "empty"):  # key padding, a different count per sample; "empty": the last sample none
+        for i in range(b):
+            keep[i, ..., lk - lk // (i + 3):] = False
+        if mask == "empty":
+            keep[-1] = False
+    elif mask == "row":  # a full (B, 1, Lq, Lk) mask: random holes, query row 3 sees no key
+        keep = torch.rand(b, 1, lq, lk, generator=g) > 0.3
+        keep[..., 3, :] = False
+    additive = torch.zeros(keep.shape).masked_fill(~keep, float("-inf")).to(getattr(torch, dtype))
+    if mask is None:
+        additive = torch.zeros(1, 1, 1, 1)
+    if layout == "blhd":  # the same values, laid out as diffusers' projections: (B, L, H, D) memory
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    mask4 = K._mask4(additive, b, h, lq, lk, q.device)
+    lam_t = torch.tensor(lam, dtype=torch.float32)
+    args = (K._TORCH_DTYPES[q.dtype], K._TORCH_DTYPES[mask4.dtype], d, dv, lk, alpha, d ** -0.5,
+            K.mask_mode(mask4.shape), layout == "blhd")
+    if tiles is None:
+        cfg = K.kernel_config(*args, tiled=True)
+    else:
+        cfg = K.tiled_config(*args, *tiles)
+    got = K.launch_kernel(cfg, q, k, v, mask4, lam_t)
+    err, zero_max, lam0_err = 0.0, 0.0, None
+    for i in range(b):  # each sample against the float64 formula on that sample alone, with its own lam
+        li = lam[i] if len(lam) > 1 else lam[0]
+        qi, ki, vi = (t[i : i + 1].double() for t in (q, k, v))
+        ki_keep = (keep[i : i + 1] if keep.shape[0] == b else keep).expand(1, h, lq, lk)
+        seen = ki_keep.any(-1)  # (1, H, Lq): query rows that see at least one key
+        zero_max = max(zero_max, got[i : i + 1][~seen].double().abs().max().item() if (~seen).any() else 0.0)
+        if not seen.any():
+            continue
+        ref = oracle(qi, ki, vi, ki_keep, li, alpha, d ** -0.5)
+        gi = got[i : i + 1].double()
+        err = max(err, ((gi[seen] - ref[seen]).norm() / ref[seen].norm()).item())
+        if li == 0.0:  # lam 0: plain softmax attention, float64 SDPA as the reference
+            sdpa = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=ki_keep, scale=d ** -0.5)
+            lam0_err = ((gi - sdpa).norm() / sdpa.norm()).item()
+    call = calls[-1]
+    kw = call["kw"]
+    out.append({"err": err, "zero_max": zero_max, "lam0_err": lam0_err, "finite": bool(got.isfinite().all()),
+                "dtype": str(got.dtype), "shape": list(got.shape), "grid": call["grid"], "args": call["args"],
+                "key_tiled": kw["KEY_TILED"], "block_m": kw["BLOCK_M"], "block_n": kw["BLOCK_N"],
+                "steps": kw["STEPS"], "num_warps": kw["num_warps"], "blhd": kw["BLHD"]})
+print(json.dumps(out))
+"""
+
+# (B, H, Lq, Lk, D, Dv), alpha, dtype, mask, lam per sample, (BLOCK_M, BLOCK_N, warps) or None for the
+# variant's default tiles (kernel_config(..., tiled=True)), memory layout. Key rows 257 (one key in the last
+# tile), 300 (PixArt's T5), 512, 190 (no multiple of the tile), 77 (SDXL's CLIP) through the tiled path; query
+# lengths no multiple of BLOCK_M; value dims over one value chunk (fp32: 64 columns) and under the head dim.
+TILED_CASES = [
+    ((1, 2, 20, 257, 32, 32), 1.5, "float32", "padding", [2.0], None, None),
+    ((2, 2, 16, 300, 64, 80), 2.0, "float32", "padding", [2.0, 0.0], None, None),
+    ((1, 2, 16, 512, 40, 40), 1.5, "float16", None, [3.0], None, None),
+    ((2, 2, 23, 190, 64, 32), 2.0, "float16", "empty", [1.5, 2.0], (16, 32, 4), None),
+    ((1, 2, 17, 77, 40, 40), 1.5, "float32", None, [2.0], (16, 32, 4), "blhd"),
+    ((2, 2, 24, 300, 72, 72), 1.5, "float16", "row", [0.0, 2.0], (16, 64, 4), None),
+    ((2, 1, 40, 300, 72, 72), 1.5, "float16", "padding", [2.0, 0.0], None, None),
+]
+# rel-L2 against the float64 formula: float32 logits and threshold (tolerances.FP32: a few float32 ulps of O(1)
+# scores, amplified by lam and by the row sums); fp16 also rounds the mixed map to 2^-11 relative before P·V
+# (tolerances.HALF). The tiled sums only change the order of float32 additions, so the bounds are the
+# single-tile kernel's.
+TILED_TOL = {"float32": tolerances.FP32, "float16": tolerances.HALF[torch.float16]}
+
+
+def test_key_tiled_kernel_in_triton_interpreter_matches_float64_formula():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # a child process: the interpreter is chosen at import
+    proc = subprocess.run([sys.executable, "-c", _TILED_SCRIPT, json.dumps(TILED_CASES)], capture_output=True,
+                          text=True, env=env, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for case, r in zip(TILED_CASES, results, strict=True):
+        (b, h, lq, lk, d, dv), alpha, dtype, mask, lam, tiles, layout = case
+        assert r["finite"] and r["dtype"] == f"torch.{dtype}" and r["shape"] == [b, h, lq, dv], case
+        assert r["err"] <= TILED_TOL[dtype], (case, r["err"])
+        # rows (or samples) that see no key give zeros, exactly: the map is zeroed before P·V
+        assert r["zero_max"] == 0.0, (case, r["zero_max"])
+        if 0.0 in lam:  # lam 0 is softmax attention: float64 SDPA, the same bound
+            assert r["lam0_err"] is not None and r["lam0_err"] <= TILED_TOL[dtype], (case, r["lam0_err"])
+        # the launch contract is the single-tile kernel's: 5 tensors, the 11 int32 sizes, the output
+        assert [a[0] for a in r["args"]] == ["tensor"] * 5 + ["int"] * 11 + ["tensor"]
+        mask_shape, lam_len = r["args"][3][2], r["args"][4][2][0]
+        assert [a[1] for a in r["args"][5:16]] == [b, h, lq, lk, d, dv, *mask_shape, lam_len]
+        block_m, block_n, warps = tiles or K.TILED_TILES[dtype == "float32"]
+        assert r["key_tiled"] and (r["block_m"], r["block_n"], r["num_warps"]) == (block_m, block_n, warps)
+        assert r["blhd"] == (layout == "blhd")
+        assert block_n < lk  # several key tiles per row
+        # Newton steps for the real key count, not a tile (numerics.NEWTON_STEPS counts keys)
+        assert r["steps"] == newton_steps(alpha, lk)
+        assert r["grid"] == [math.ceil(lq / block_m), b * h, 1]
+    padded = [r for c, r in zip(TILED_CASES, results, strict=True) if c[3] in ("empty", "row")]
+    assert padded and all(r["zero_max"] == 0.0 for r in padded)
+
+
+def test_key_tiled_config_and_sweep():
+    cfg = K.kernel_config("fp16", "fp16", 72, 72, 300, 1.5, 72**-0.5, K.MASK_KEYS, tiled=True)
+    assert cfg.key_tiled and cfg.constexprs()["KEY_TILED"] and not cfg.pv_columns
+    assert cfg.steps == newton_steps(1.5, 300) == 3  # the real key count (the single tile's 512 would give 4)
+    assert (cfg.block_m, cfg.block_n, cfg.num_warps) == K.TILED_TILES[False] and cfg.block_dv == 128 >= 72
+    default = K.kernel_config("fp16", "fp16", 72, 72, 300, 1.5, 72**-0.5, K.MASK_KEYS)
+    # every existing call site keeps the measured single-tile kernel
+    assert not default.key_tiled and not default.constexprs()["KEY_TILED"] and default.block_n == 512
+    sweep = K.sweep_configs("fp16", "fp16", 72, 72, 300, 1.5, 72**-0.5, K.MASK_KEYS)
+    assert list(sweep.values())[0] == default and len(sweep) == 1 + len(K.TILED_SWEEP)
+    assert [n for n, c in sweep.items() if c == cfg] == [n for n in sweep if n.endswith("(tiled default)")]
+    assert all(c.key_tiled for c in list(sweep.values())[1:])
+    with pytest.raises(PladisError, match="at most 512 keys"):  # the same coverage as the single tile
+        K.kernel_config("fp16", "fp32", 64, 64, 600, 1.5, 0.125, K.MASK_NONE, tiled=True)
+
+
+TILED_HEAD_DIMS = [64, 72, 128]
+
+
+@needs_aot
+@pytest.mark.parametrize("arch", ARCHS)
+def test_key_tiled_kernel_compiles_for_every_arch_dtype_and_head_dim(arch):
+    """The tiled variant ahead of time, as the plugin would embed it: sm_80-sm_90 x fp16/bf16/fp32 x head dims
+    64/72/128 (PixArt's T5 300 keys, padding mask): PTX + cubin, the launch contract's parameters, no scratch,
+    shared memory within the 48 KiB launch default."""
+    for dtype in DTYPES:
+        for d in TILED_HEAD_DIMS:
+            cfg = K.kernel_config(dtype, dtype, d, d, 300, 1.5, d**-0.5, K.MASK_KEYS, tiled=True)
+            ck = aot.compile_kernel(cfg, arch)
+            assert cfg.key_tiled and ck.name.startswith("pladis_fwd")
+            _check_compiled(ck, arch)
+    # sparsemax and the full mask, the other specialisations of the passes
+    cfg = K.kernel_config("fp16", "fp32", 64, 64, 512, 2.0, 0.125, K.MASK_FULL, tiled=True)
+    _check_compiled(aot.compile_kernel(cfg, arch), arch)
 
 
 def test_supported_covers_cross_attention_only():
