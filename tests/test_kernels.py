@@ -990,3 +990,44 @@ def test_joint_gpu_script_measures_nothing_without_a_gpu():
     from pladis.bench import joint_gpu as G
 
     assert G.main(["--out", "/nonexistent/never-written"]) == 2
+
+
+def test_joint_gpu_script_reports_the_tile_sweep_and_its_verdict():
+    from pladis.bench import joint_gpu as G
+
+    assert G.TILE_CASES["pixart 1024² cross, 300 keys"] == (*G.PIXART, True)
+    assert G.TILE_CASES["sdxl 1024² cross, 77 keys"][3] == 77  # the short row whose speed must not suffer
+
+    def row(case, variant, ms, sdpa, err, tiled):
+        ratio = ms / sdpa
+        return {"check": "tiles", "case": f"{case} / {variant}", "dtype": "float16", "variant": variant,
+                "tiled": tiled, "rel_l2": err, "bound": 4e-3, "nan": False, "kernel_ms": ms, "sdpa_ms": sdpa,
+                "ratio": ratio, "goal": 2.0, "ok": ratio <= 2.0 and err <= 4e-3}  # fmt: skip
+
+    pix, sdxl = "pixart 1024² cross, 300 keys", "sdxl 1024² cross, 77 keys"
+    rows = [
+        row(pix, "single tile 32x512, 8 warps (default)", 0.66, 0.09, 2.9e-4, False),
+        row(pix, "tiled 64x64, 4 warps (tiled default)", 0.15, 0.09, 3.0e-4, True),
+        row(pix, "tiled 32x64, 4 warps", 0.12, 0.09, 9e-3, True),  # fastest, but wrong: not chosen, a failure
+        {"check": "tiles", "case": f"{pix} / tiled 64x128, 8 warps", "variant": "tiled 64x128, 8 warps", "ok": False,
+         "error": "OutOfResources: shared memory"},
+        row(sdxl, "single tile 64x128, 4 warps (default)", 0.040, 0.02, 2e-4, False),
+        row(sdxl, "tiled 64x64, 4 warps (tiled default)", 0.050, 0.02, 2e-4, True),
+    ]  # fmt: skip
+    result = {"device": "card", "capability": "9.0", "torch": "t", "triton": "tr", "date": "d", "rows": rows}
+    result = json.loads(json.dumps(result))
+    # over the error bound or raised: failures; over the time goal only (the single tile's 7.3x): reported
+    assert G.failures(result) == [f"tiles {pix} / tiled 32x64, 4 warps float16: rel-L2 9.00e-03 > 4e-03",
+                                  f"tiles {pix} / tiled 64x128, 8 warps : OutOfResources: shared memory"]  # fmt: skip
+    assert G.verdict(result) == [
+        f"{pix}: fastest tiled 64x64, 4 warps (tiled default) at 1.67x SDPA (meets <= 2.0x); best key-tiled: tiled "
+        "64x64, 4 warps (tiled default) 0.150 ms vs single tile 0.660 ms (0.23x)",
+        f"{sdxl}: fastest single tile 64x128, 4 warps (default) at 2.00x SDPA (meets <= 2.0x); best key-tiled: tiled "
+        "64x64, 4 warps (tiled default) 0.050 ms vs single tile 0.040 ms (1.25x)",
+    ]  # fmt: skip
+    table = G.table(result)
+    assert f"| tiles | {pix} / tiled 64x64, 4 warps (tiled default) | float16 | 0.150 ms vs SDPA 0.090 ms = 1.67x, " \
+           "rel-L2 3.00e-04 | <= 2.0x, <= 4e-03 | yes |" in table  # fmt: skip
+    assert table.endswith("\n".join(G.verdict(result)))
+    if not torch.cuda.is_available():  # the tile sweep alone measures nothing without a GPU either
+        assert G.main(["--out", "/nonexistent/never-written", "--only", "tiles"]) == 2
