@@ -1,10 +1,20 @@
 """The fused PLADIS cross-attention kernel (Triton), forward only: one source for every backend.
 
-One program per (batch x head, block of queries), the whole key row in one tile (Lk <= 512: CLIP 77, T5
-120-512): ``S = Q K^T * scale`` with float32 accumulation (the head dim in chunks, so shared memory does not
-grow with it), the additive mask, row max, softmax, the alpha-entmax threshold in float32 registers (the same
-sort-free Newton + closed form as the ONNX body), ``P = softmax + lam[b] (entmax - softmax)``, then ``P V``
-in the value dtype (value columns in chunks).
+One program per (batch x head, block of queries), in one of two forms chosen by the ``KEY_TILED`` constexpr:
+
+- single tile (the default of every call site, ``kernel_config``): the whole key row in one tile (Lk <= 512:
+  CLIP 77, T5 120-512): ``S = Q K^T * scale`` with float32 accumulation (the head dim in chunks, so shared
+  memory does not grow with it), the additive mask, row max, softmax, the alpha-entmax threshold in float32
+  registers (the same sort-free Newton + closed form as the ONNX body), ``P = softmax + lam[b] (entmax -
+  softmax)``, then ``P V`` in the value dtype (value columns in chunks);
+- key-tiled (``kernel_config(..., tiled=True)``, ``tiled_config``): the key row in tiles of ``BLOCK_N`` keys,
+  ``S`` recomputed tile by tile in each pass, so no register tile grows with the row: one pass for the row
+  max; one per Newton step of the threshold, adding up the row sums the step needs (sum r, sum r^2, the
+  support size; the first pass also the softmax denominator), entmax15's closed form one more; a last pass
+  forms ``P`` tile by tile and accumulates ``P V`` in float32 from ``P`` in the value dtype. The threshold
+  steps are the single tile's functions (``threshold_start``, ``newton_update``, ``closed_form``), so both
+  forms compute the same formula and differ only in the order of float32 additions. Newton steps are chosen
+  for the real key count (padding keys add nothing to the sums).
 
 The argument order is the one TensorRT uses to launch an ahead-of-time compiled plugin kernel, so the
 PyTorch launcher (``attention``) and the TensorRT plugin (``pladis.plugins_trt``) launch the same function:
@@ -17,7 +27,8 @@ PyTorch launcher (``attention``) and the TensorRT plugin (``pladis.plugins_trt``
     out                                     output pointer
     SCALE, SPARSEMAX, STEPS, MASK_MODE,     tl.constexpr: logit scale, alpha (2: sparsemax), Newton steps,
     BLOCK_*, PV_COLUMNS, DOT_PRECISION,     mask specialisation, tiles, how P V is formed, float32 products,
-    BLHD                                    q/k/v memory layout (False for TensorRT: its tensors are linear)
+    BLHD, KEY_TILED                         q/k/v memory layout (False for TensorRT: its tensors are linear),
+                                            single tile or key-tiled
 
 Strides are derived from the sizes (a mask dim of size 1 broadcasts), so no stride is an argument. The grid
 (``launch``) is ``(cdiv(LQ, BLOCK_M), min(B*H, 65535), cdiv(B*H, 65535))``; programs past ``B*H`` do nothing.
@@ -58,14 +69,6 @@ def threshold_start(smax, SPARSEMAX: tl.constexpr):
 
 
 @triton.jit
-def row_sums(s, t):
-    """Of r = max(s - t, 0) for logits s (BLOCK_M, BLOCK_N) and thresholds t (BLOCK_M,): each row's sum r, sum
-    r^2 and support size |{s > t}| (float32 (BLOCK_M,) each). Sums over key tiles add up to the whole row's."""
-    r = tl.maximum(s - t[:, None], 0.0)
-    return tl.sum(r, 1), tl.sum(r * r, 1), tl.sum(tl.where(s > t[:, None], 1.0, 0.0), 1)
-
-
-@triton.jit
 def newton_update(t, s1, count, norm, SPARSEMAX: tl.constexpr):
     """One Newton step of the threshold t (BLOCK_M,) from the row sums at t: s1 = sum r, count = the support
     size (sparsemax), norm = sqrt(sum r^2) (entmax15). Sparsemax (Michelot): tau += (sum r - 1) / |support|;
@@ -90,7 +93,7 @@ def entmax_threshold(s, smax, SPARSEMAX: tl.constexpr, STEPS: tl.constexpr):
     are smax, in units of s: sparsemax's tau, or t = 2 tau for entmax15. The sort-free solve of every
     implementation (docs/NUMERICS.md §2): Newton from the lower end of the bracket, then (entmax15) the closed
     form. The key-tiled kernel takes the same steps (``threshold_start``, ``newton_update``, ``closed_form``)
-    on row sums added up over its key tiles (``row_sums``); here each sum is one reduction of the whole row."""
+    on row sums added up over its key tiles (``_tiled_sums``); here each sum is one reduction of the whole row."""
     t = threshold_start(smax, SPARSEMAX)
     for _ in range(STEPS):
         r = tl.maximum(s - t[:, None], 0.0)
@@ -143,9 +146,12 @@ def _scores(q_ptr, k_ptr, m_ptr, offs_m, offs_n, row_ok, key_ok, D, sqk, smq, sm
 @triton.jit
 def _tiled_sums(q_ptr, k_ptr, m_ptr, offs_m, row_ok, n_keys, LK, D, sqk, smq, smk, t, smax, SCALE: tl.constexpr,
                 MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, EXP_SUM: tl.constexpr):  # fmt: skip
-    """One pass over the key row in tiles of BLOCK_N: ``row_sums`` at thresholds t (BLOCK_M,) added up over
-    the tiles, and (EXP_SUM) the softmax denominator sum exp(s - smax); float32 (BLOCK_M,) each."""
+                DOT_PRECISION: tl.constexpr, SPARSEMAX: tl.constexpr, CLOSED: tl.constexpr,
+                EXP_SUM: tl.constexpr):  # fmt: skip
+    """One pass over the key row in tiles of BLOCK_N: of r = max(s - t, 0) at thresholds t (BLOCK_M,), each
+    row's sum r, sum r^2 (entmax15) and support size |{s > t}| (sparsemax, and the closed form: CLOSED) added
+    up over the tiles, and (EXP_SUM) the softmax denominator sum exp(s - smax); float32 (BLOCK_M,) each (zeros
+    for what the step does not need)."""
     s1 = tl.zeros((BLOCK_M,), tl.float32)
     s2 = tl.zeros((BLOCK_M,), tl.float32)
     count = tl.zeros((BLOCK_M,), tl.float32)
@@ -154,10 +160,12 @@ def _tiled_sums(q_ptr, k_ptr, m_ptr, offs_m, row_ok, n_keys, LK, D, sqk, smq, sm
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s = _scores(q_ptr, k_ptr, m_ptr, offs_m, offs_n, row_ok, offs_n < n_keys, D, sqk, smq, smk, SCALE,
                     MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)  # fmt: skip
-        a1, a2, c = row_sums(s, t)
-        s1 += a1
-        s2 += a2
-        count += c
+        r = tl.maximum(s - t[:, None], 0.0)
+        s1 += tl.sum(r, 1)
+        if not SPARSEMAX:
+            s2 += tl.sum(r * r, 1)
+        if SPARSEMAX or CLOSED:
+            count += tl.sum(tl.where(s > t[:, None], 1.0, 0.0), 1)
         if EXP_SUM:
             esum += tl.sum(tl.exp(s - smax[:, None]), 1)
     return s1, s2, count, esum
@@ -219,17 +227,17 @@ def pladis_fwd(
         t = threshold_start(smax, SPARSEMAX)
         s1, s2, count, esum = _tiled_sums(q_ptr, k_ptr, m_ptr, offs_m, row_ok, n_keys, LK, D, sqk, smq, smk, t,
                                           smax, SCALE, MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
-                                          True)  # fmt: skip
+                                          SPARSEMAX, False, True)  # fmt: skip
         t = newton_update(t, s1, count, tl.sqrt(s2), SPARSEMAX)
         for _ in range(STEPS - 1):
             s1, s2, count, _e = _tiled_sums(q_ptr, k_ptr, m_ptr, offs_m, row_ok, n_keys, LK, D, sqk, smq, smk, t,
                                             smax, SCALE, MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
-                                            False)  # fmt: skip
+                                            SPARSEMAX, False, False)  # fmt: skip
             t = newton_update(t, s1, count, tl.sqrt(s2), SPARSEMAX)
         if not SPARSEMAX:
             s1, s2, count, _e = _tiled_sums(q_ptr, k_ptr, m_ptr, offs_m, row_ok, n_keys, LK, D, sqk, smq, smk, t,
                                             smax, SCALE, MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
-                                            False)  # fmt: skip
+                                            SPARSEMAX, True, False)  # fmt: skip
             t = closed_form(t, tl.maximum(count, 1.0), s1, s2)
         inv_sum = 1.0 / esum
         lam = tl.load(LAM + tl.minimum(b, NL - 1))  # lam (B,) one per sample, or (1,); in bounds for any program
@@ -367,22 +375,29 @@ def kernel_config(
 # (fp32?, key tile) -> (query tile BLOCK_M, warps); see kernel_config
 QUERY_TILES = {(True, 128): (64, 8), (True, 512): (16, 8), (False, 128): (64, 4), (False, 512): (32, 8)}
 
-# The key-tiled variant: fp32? -> (query tile BLOCK_M, key tile BLOCK_N, warps). Not yet measured on a GPU: the
-# register shape of the single-tile kernel's fastest 128-key tile (64 x 128 at 4 warps) halved along the keys.
-TILED_TILES = {False: (64, 64, 4), True: (64, 64, 8)}
-# (BLOCK_M, BLOCK_N, warps) of the key-tiled variant that the GPU benchmarks time (``sweep_configs``)
-TILED_SWEEP = ((32, 64, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8), (32, 128, 4), (64, 128, 4), (64, 128, 8))
+# The key-tiled variant: fp32? -> (query tile BLOCK_M, key tile BLOCK_N, warps). Not yet measured on a GPU:
+# 64 x 64 at 8 warps is the largest query tile whose sm_80 / sm_90 build (ptxas -v, num_stages 1) spills no
+# register with the 128-column value chunk a head dim of 72-128 takes (64 x 64 at 4 warps spills on sm_90).
+TILED_TILES = {False: (64, 64, 8), True: (64, 64, 8)}
+# (BLOCK_M, BLOCK_N, warps, BLOCK_DV or None for tiled_config's rule) of the key-tiled variant that the GPU
+# benchmarks time (``sweep_configs``). The value chunk sets the registers the P V pass needs (its v tile and
+# accumulator), against one more pass per chunk past it.
+TILED_SWEEP = (
+    (32, 64, 4, None), (64, 64, 4, None), (32, 64, 8, None), (64, 64, 8, None), (128, 64, 8, None),
+    (64, 128, 8, None), (64, 64, 4, 32), (64, 64, 8, 64),
+)  # fmt: skip
 
 
 def tiled_config(
     dtype: str, mask_dtype: str, head_dim: int, value_dim: int, max_keys: int, alpha: float, scale: float,
-    mask_mode: int, blhd: bool, block_m: int, block_n: int, num_warps: int,
+    mask_mode: int, blhd: bool, block_m: int, block_n: int, num_warps: int, block_dv: int | None = None,
 ) -> KernelConfig:  # fmt: skip
     """The key-tiled kernel (``KEY_TILED``) with these tiles: any key length, the row in tiles of ``block_n``
     recomputed in each pass, so nothing grows with the key row. Newton steps for the real ``max_keys`` (padding
     keys add nothing to the row sums: numerics.NEWTON_STEPS counts keys, not tiles). The head dim goes in
     chunks of 32 (16 when it is no multiple of 32, and for fp32); the value columns in one chunk up to 128 (64
-    for fp32), so ``P V`` needs one final pass up to that value dim. What a dot stages in shared memory
+    for fp32; ``block_dv`` sets another chunk), so ``P V`` needs one final pass up to that value dim. What a dot
+    stages in shared memory
     (BLOCK_N x BLOCK_K of k, BLOCK_M x BLOCK_N of P, BLOCK_N x BLOCK_DV of v) stays within the 48 KiB default
     for the default tiles (tests/test_kernels.py compiles them for sm_80-sm_90)."""
     check_supported(dtype, head_dim, value_dim, max_keys, alpha, mask_mode)
@@ -390,7 +405,8 @@ def tiled_config(
         raise KernelUnsupported(f"the mask must be fp32, fp16 or bf16; got {mask_dtype}")
     fp32 = dtype == "fp32"
     block_k = 32 if not fp32 and head_dim % 32 == 0 else 16
-    block_dv = max(16, min(64 if fp32 else 128, triton.next_power_of_2(value_dim)))
+    if block_dv is None:
+        block_dv = max(16, min(64 if fp32 else 128, triton.next_power_of_2(value_dim)))
     return KernelConfig(
         dtype=dtype, mask_dtype=mask_dtype, scale=float(scale), alpha=float(alpha), mask_mode=mask_mode,
         steps=newton_steps(float(alpha), max_keys), block_m=block_m, block_n=block_n, block_k=block_k,
@@ -409,9 +425,10 @@ def sweep_configs(
     base = kernel_config(*args)
     tiled = kernel_config(*args, tiled=True)
     out = {f"single tile {base.block_m}x{base.block_n}, {base.num_warps} warps (default)": base}
-    for block_m, block_n, warps in TILED_SWEEP:
-        cfg = tiled_config(*args, False, block_m, block_n, warps)
-        out[f"tiled {block_m}x{block_n}, {warps} warps" + (" (tiled default)" if cfg == tiled else "")] = cfg
+    for block_m, block_n, warps, block_dv in TILED_SWEEP:
+        cfg = tiled_config(*args, False, block_m, block_n, warps, block_dv)
+        name = f"tiled {block_m}x{block_n}, {warps} warps" + (f", {block_dv} value columns" if block_dv else "")
+        out[name + (" (tiled default)" if cfg == tiled else "")] = cfg
     return out
 
 
