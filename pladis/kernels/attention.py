@@ -121,12 +121,12 @@ def entmax_map(s, t, SPARSEMAX: tl.constexpr):
 
 
 @triton.jit
-def _scores(q_ptr, k_ptr, m_ptr, offs_m, offs_n, row_ok, key_ok, D, sqk, smq, smk, SCALE: tl.constexpr,
+def _scores(q_ptr, k_ptr, M, b, h, MB, MH, MQ, MK, offs_m, offs_n, row_ok, key_ok, D, sqk, SCALE: tl.constexpr,
             MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             DOT_PRECISION: tl.constexpr):  # fmt: skip
     """Masked float32 logits (BLOCK_M, BLOCK_N) of query rows offs_m against keys offs_n: ``Q K^T * scale``
-    (the head dim in chunks of BLOCK_K: shared memory independent of D) plus the additive mask; padding keys
-    (not key_ok) and -inf at ``MASKED`` (finite, far below)."""
+    (the head dim in chunks of BLOCK_K: shared memory independent of D) plus the additive mask M of dims (MB,
+    MH, MQ, MK) at sample b, head h; padding keys (not key_ok) and -inf at ``MASKED`` (finite, far below)."""
     s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
         offs_d = d0 + tl.arange(0, BLOCK_K)
@@ -135,18 +135,25 @@ def _scores(q_ptr, k_ptr, m_ptr, offs_m, offs_n, row_ok, key_ok, D, sqk, smq, sm
         k = tl.load(k_ptr + offs_n[:, None] * sqk + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), s, input_precision=DOT_PRECISION)
     s = s * SCALE
-    if MASK_MODE == 1:  # one row of keys per sample (padding masks): loaded once, shared by the query rows
-        s += tl.load(m_ptr + offs_n * smk, mask=key_ok, other=0.0).to(tl.float32)[None, :]
-    elif MASK_MODE == 2:
-        s += tl.load(m_ptr + offs_m[:, None] * smq + offs_n[None, :] * smk,
-                     mask=row_ok[:, None] & key_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    if MASK_MODE != 0:
+        # a mask dim of size 1 broadcasts (stride 0); otherwise it equals the attention dim (contiguous)
+        smk = tl.where(MK == 1, 0, 1).to(tl.int64)
+        smq = tl.where(MQ == 1, 0, MK).to(tl.int64)
+        smh = tl.where(MH == 1, 0, MQ * MK).to(tl.int64)
+        smb = tl.where(MB == 1, 0, MH * MQ).to(tl.int64) * MK
+        m_ptr = M + b.to(tl.int64) * smb + h.to(tl.int64) * smh
+        if MASK_MODE == 1:  # one row of keys per sample (padding masks): loaded once, shared by the query rows
+            s += tl.load(m_ptr + offs_n * smk, mask=key_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            s += tl.load(m_ptr + offs_m[:, None] * smq + offs_n[None, :] * smk,
+                         mask=row_ok[:, None] & key_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
     return tl.where(key_ok[None, :], tl.maximum(s, _MASKED), _MASKED)
 
 
 @triton.jit
-def _tiled_sums(q_ptr, k_ptr, m_ptr, offs_m, row_ok, n_keys, LK, D, sqk, smq, smk, t, smax, SCALE: tl.constexpr,
-                MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, SPARSEMAX: tl.constexpr, CLOSED: tl.constexpr,
+def _tiled_sums(q_ptr, k_ptr, M, b, h, MB, MH, MQ, MK, offs_m, row_ok, n_keys, LK, D, sqk, t, smax,
+                SCALE: tl.constexpr, MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, SPARSEMAX: tl.constexpr, CLOSED: tl.constexpr,
                 EXP_SUM: tl.constexpr):  # fmt: skip
     """One pass over the key row in tiles of BLOCK_N: of r = max(s - t, 0) at thresholds t (BLOCK_M,), each
     row's sum r, sum r^2 (entmax15) and support size |{s > t}| (sparsemax, and the closed form: CLOSED) added
@@ -158,8 +165,8 @@ def _tiled_sums(q_ptr, k_ptr, m_ptr, offs_m, row_ok, n_keys, LK, D, sqk, smq, sm
     esum = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, LK, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        s = _scores(q_ptr, k_ptr, m_ptr, offs_m, offs_n, row_ok, offs_n < n_keys, D, sqk, smq, smk, SCALE,
-                    MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)  # fmt: skip
+        s = _scores(q_ptr, k_ptr, M, b, h, MB, MH, MQ, MK, offs_m, offs_n, row_ok, offs_n < n_keys, D, sqk,
+                    SCALE, MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)  # fmt: skip
         r = tl.maximum(s - t[:, None], 0.0)
         s1 += tl.sum(r, 1)
         if not SPARSEMAX:
@@ -206,13 +213,6 @@ def pladis_fwd(
         sqk = D
         sv = DV
     o_ptr = OUT + bh.to(tl.int64) * LQ * DV
-    # a mask dim of size 1 broadcasts (stride 0); otherwise it equals the attention dim (contiguous). Unread
-    # (and compiled away) when MASK_MODE is 0.
-    smk = tl.where(MK == 1, 0, 1).to(tl.int64)
-    smq = tl.where(MQ == 1, 0, MK).to(tl.int64)
-    smh = tl.where(MH == 1, 0, MQ * MK).to(tl.int64)
-    smb = tl.where(MB == 1, 0, MH * MQ).to(tl.int64) * MK
-    m_ptr = M + b.to(tl.int64) * smb + h.to(tl.int64) * smh
     if KEY_TILED:
         # The key row in tiles of BLOCK_N, S recomputed in each pass: 1. the row max; 2. each Newton step of
         # the threshold is one pass adding up its row sums (the first also the softmax denominator); entmax15's
@@ -221,22 +221,22 @@ def pladis_fwd(
         smax = tl.full((BLOCK_M,), _MASKED, tl.float32)
         for n0 in range(0, LK, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            s = _scores(q_ptr, k_ptr, m_ptr, offs_m, offs_n, row_ok, offs_n < n_keys, D, sqk, smq, smk, SCALE,
-                        MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)  # fmt: skip
+            s = _scores(q_ptr, k_ptr, M, b, h, MB, MH, MQ, MK, offs_m, offs_n, row_ok, offs_n < n_keys, D, sqk,
+                        SCALE, MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)  # fmt: skip
             smax = tl.maximum(smax, tl.max(s, 1))
         t = threshold_start(smax, SPARSEMAX)
-        s1, s2, count, esum = _tiled_sums(q_ptr, k_ptr, m_ptr, offs_m, row_ok, n_keys, LK, D, sqk, smq, smk, t,
-                                          smax, SCALE, MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+        s1, s2, count, esum = _tiled_sums(q_ptr, k_ptr, M, b, h, MB, MH, MQ, MK, offs_m, row_ok, n_keys, LK, D,
+                                          sqk, t, smax, SCALE, MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
                                           SPARSEMAX, False, True)  # fmt: skip
         t = newton_update(t, s1, count, tl.sqrt(s2), SPARSEMAX)
         for _ in range(STEPS - 1):
-            s1, s2, count, _e = _tiled_sums(q_ptr, k_ptr, m_ptr, offs_m, row_ok, n_keys, LK, D, sqk, smq, smk, t,
-                                            smax, SCALE, MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+            s1, s2, count, _e = _tiled_sums(q_ptr, k_ptr, M, b, h, MB, MH, MQ, MK, offs_m, row_ok, n_keys, LK, D,
+                                            sqk, t, smax, SCALE, MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
                                             SPARSEMAX, False, False)  # fmt: skip
             t = newton_update(t, s1, count, tl.sqrt(s2), SPARSEMAX)
         if not SPARSEMAX:
-            s1, s2, count, _e = _tiled_sums(q_ptr, k_ptr, m_ptr, offs_m, row_ok, n_keys, LK, D, sqk, smq, smk, t,
-                                            smax, SCALE, MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+            s1, s2, count, _e = _tiled_sums(q_ptr, k_ptr, M, b, h, MB, MH, MQ, MK, offs_m, row_ok, n_keys, LK, D,
+                                            sqk, t, smax, SCALE, MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
                                             SPARSEMAX, True, False)  # fmt: skip
             t = closed_form(t, tl.maximum(count, 1.0), s1, s2)
         inv_sum = 1.0 / esum
@@ -248,7 +248,7 @@ def pladis_fwd(
             for n0 in range(0, LK, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 key_ok = offs_n < n_keys
-                s = _scores(q_ptr, k_ptr, m_ptr, offs_m, offs_n, row_ok, key_ok, D, sqk, smq, smk, SCALE,
+                s = _scores(q_ptr, k_ptr, M, b, h, MB, MH, MQ, MK, offs_m, offs_n, row_ok, key_ok, D, sqk, SCALE,
                             MASK_MODE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)  # fmt: skip
                 dense = tl.exp(s - smax[:, None]) * inv_sum[:, None]
                 p = dense + lam * (entmax_map(s, t, SPARSEMAX) - dense)
@@ -263,7 +263,7 @@ def pladis_fwd(
         # the whole key row in one tile (BLOCK_N >= LK)
         offs_n = tl.arange(0, BLOCK_N)
         key_ok = offs_n < n_keys
-        s = _scores(q_ptr, k_ptr, m_ptr, offs_m, offs_n, row_ok, key_ok, D, sqk, smq, smk, SCALE, MASK_MODE,
+        s = _scores(q_ptr, k_ptr, M, b, h, MB, MH, MQ, MK, offs_m, offs_n, row_ok, key_ok, D, sqk, SCALE, MASK_MODE,
                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)  # fmt: skip
         smax = tl.max(s, 1)
         e = tl.exp(s - smax[:, None])
