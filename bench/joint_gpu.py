@@ -10,8 +10,9 @@
   ``GOALS["joint"]`` x SDPA; the cross kernel at PixArt's 300 padded T5 keys, goal ``GOALS["long"]`` x SDPA;
 - ``tiles``: the cross kernel's single-tile default and each key-tiled variant (``attention.sweep_configs``)
   at PixArt's 300 keys and SDXL's 77 (``TILE_CASES``), fp16, each in CUDA-graph replay beside SDPA, with its
-  rel-L2 vs the float64 operator; ``verdict`` says which variant meets ``GOALS["long"]`` and whether the tiled
-  one keeps the short row's speed (the data for switching ``kernel_config``'s default);
+  rel-L2 vs the float64 operator (launched by Triton, and the two defaults also as their AOT PTX through the
+  CUDA driver, as TensorRT runs them); ``verdict`` says which variant meets ``GOALS["long"]`` and whether the
+  tiled one keeps the short row's speed (the data for switching ``kernel_config``'s default);
 - ``aot``: the PTX the TensorRT plugin's ``aot_impl`` would embed for the FLUX joint node (``plugin.plan`` for
   this GPU), launched through the CUDA driver with the plugin's launch parameters and int32 extra arguments
   and null scratch pointers, as TensorRT launches it, against the float64 operator.
@@ -147,7 +148,8 @@ def pixart_row(repeats: int) -> dict:
 def tiles_rows(name: str, shape, repeats: int) -> list[dict]:
     """One row per kernel of ``attention.sweep_configs`` at a cross-attention shape (fp16, lam 2, alpha 1.5):
     its CUDA-graph replay time beside SDPA's (all variants interleaved), ratio vs ``GOALS["long"]``, rel-L2 vs
-    the float64 operator on the first ``REF_HEADS`` heads. A variant that fails to build is a row with its error."""
+    the float64 operator on the first ``REF_HEADS`` heads; the single-tile and the key-tiled defaults also as their
+    AOT PTX (``_aot_launcher``). A variant that fails to build is a row with its error."""
     import torch
     import torch.nn.functional as F
 
@@ -178,6 +180,20 @@ def tiles_rows(name: str, shape, repeats: int) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - a variant that does not build is a result, not the end
             rows[vname] = {"check": "tiles", "case": f"{name} / {vname}", "variant": vname, "ok": False,
                            "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}  # fmt: skip
+    for vname, cfg in configs.items():  # the two defaults again, as TensorRT runs them: the AOT PTX (num_stages 1)
+        if vname.endswith("default)"):
+            aname = f"{vname}, AOT PTX"
+            try:
+                run_aot, out = _aot_launcher(cfg, q, k, v, mask4, lam)
+                run_aot()
+                torch.cuda.synchronize()
+                rows[aname] = {"check": "tiles", "case": f"{name} / {aname}", "dtype": "float16", "variant": aname,
+                               "tiled": cfg.key_tiled, "rel_l2": rel_l2(out[:, :REF_HEADS], ref),
+                               "bound": BOUNDS["float16"], "nan": bool(out.isnan().any())}  # fmt: skip
+                variants[aname] = run_aot
+            except Exception as e:  # noqa: BLE001 - as above
+                rows[aname] = {"check": "tiles", "case": f"{name} / {aname}", "variant": aname, "ok": False,
+                               "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}  # fmt: skip
     variants["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep if padding else None,
                                                                scale=d**-0.5)  # fmt: skip
     ms = _graph_ms(variants, repeats)
@@ -188,6 +204,32 @@ def tiles_rows(name: str, shape, repeats: int) -> list[dict]:
         row.update(kernel_ms=ms[vname], sdpa_ms=ms["sdpa"], ratio=ratio, goal=GOALS["long"],
                    ok=ratio <= GOALS["long"] and row["rel_l2"] <= row["bound"] and not row["nan"])  # fmt: skip
     return list(rows.values())
+
+
+def _aot_launcher(cfg, q, k, v, mask, lam):
+    """A function launching ``cfg``'s AOT-compiled PTX for this GPU through the CUDA driver on the current stream
+    (TensorRT's launch: the plugin's grid, block and shared memory, null scratch pointers), and its output."""
+    import torch
+
+    from pladis.kernels import aot
+    from pladis.kernels import attention as K
+    from pladis.kernels.driver import Driver
+    from pladis.plugins_trt import plugin
+
+    ck = aot.compile_kernel(cfg, plugin.gpu_capability())
+    drv = Driver()
+    fn = drv.load(ck.ptx, ck.name)
+    out = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
+    launch, extra = plugin.launch_and_args(cfg, ck, q.shape, k.shape, v.shape, mask.shape, lam.shape)
+    hidden = aot.expected_params(aot.ptx_entry_params(ck.ptx, ck.name), K.EXTRA_ARGS)[1]
+    params = [("ptr", t.data_ptr()) for t in (q, k, v, mask, lam)] + [("i32", int(e)) for e in extra]
+    params += [("ptr", out.data_ptr())] + [("ptr", 0)] * hidden  # TensorRT passes null scratch pointers
+
+    def run():
+        stream = torch.cuda.current_stream().cuda_stream
+        drv.launch(fn, launch.grid, launch.block, launch.shared_mem, stream, params)
+
+    return run, out
 
 
 def verdict(result: dict) -> list[str]:

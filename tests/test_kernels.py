@@ -477,7 +477,10 @@ def test_key_tiled_config_and_sweep():
     # every existing call site keeps the measured single-tile kernel
     assert not default.key_tiled and not default.constexprs()["KEY_TILED"] and default.block_n == 512
     sweep = K.sweep_configs("fp16", "fp16", 72, 72, 300, 1.5, 72**-0.5, K.MASK_KEYS)
-    assert list(sweep.values())[0] == default and len(sweep) == 1 + len(K.TILED_SWEEP)
+    assert list(sweep.values())[0] == default and len(sweep) == 1 + len(K.TILED_SWEEP)  # dv 72: no repeats
+    # head dim 64: the sweep's explicit 64-column value chunk is the rule's, so that kernel is timed once
+    short = K.sweep_configs("fp16", "fp32", 64, 64, 77, 1.5, 0.125, K.MASK_NONE)
+    assert len(set(short.values())) == len(short) == len(sweep) - 1
     assert [n for n, c in sweep.items() if c == cfg] == [n for n in sweep if n.endswith("(tiled default)")]
     assert all(c.key_tiled for c in list(sweep.values())[1:])
     with pytest.raises(PladisError, match="at most 512 keys"):  # the same coverage as the single tile
