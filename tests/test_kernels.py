@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -419,10 +420,11 @@ for shape, alpha, dtype, mask, lam, tiles, layout in json.loads(sys.argv[1]):
 print(json.dumps(out))
 """
 
-# (B, H, Lq, Lk, D, Dv), alpha, dtype, mask, lam per sample, (BLOCK_M, BLOCK_N, warps) or None for the
-# variant's default tiles (kernel_config(..., tiled=True)), memory layout. Key rows 257 (one key in the last
-# tile), 300 (PixArt's T5), 512, 190 (no multiple of the tile), 77 (SDXL's CLIP) through the tiled path; query
-# lengths no multiple of BLOCK_M; value dims over one value chunk (fp32: 64 columns) and under the head dim.
+# (B, H, Lq, Lk, D, Dv), alpha, dtype, mask, lam per sample, (BLOCK_M, BLOCK_N, warps[, BLOCK_DV, register
+# cap]) or None for the variant's default tiles (kernel_config(..., tiled=True)), memory layout. Key rows 257
+# (one key in the last tile), 300 (PixArt's T5), 512, 190 (no multiple of the tile), 77 (SDXL's CLIP) through the
+# tiled path; query lengths no multiple of BLOCK_M; value dims over one value chunk (fp32: 64 columns) and under
+# the head dim.
 TILED_CASES = [
     ((1, 2, 20, 257, 32, 32), 1.5, "float32", "padding", [2.0], None, None),
     ((2, 2, 16, 300, 64, 80), 2.0, "float32", "padding", [2.0, 0.0], None, None),
@@ -431,6 +433,8 @@ TILED_CASES = [
     ((1, 2, 17, 77, 40, 40), 1.5, "float32", None, [2.0], (16, 32, 4), "blhd"),
     ((2, 2, 24, 300, 72, 72), 1.5, "float16", "row", [0.0, 2.0], (16, 64, 4), None),
     ((2, 1, 40, 300, 72, 72), 1.5, "float16", "padding", [2.0, 0.0], None, None),
+    # value columns in 3 chunks of 32 (3 P V passes), a register cap (a compile option: no effect here)
+    ((1, 2, 20, 300, 72, 72), 2.0, "float16", "padding", [2.0], (16, 64, 4, 32, 128), None),
 ]
 # rel-L2 against the float64 formula: float32 logits and threshold (tolerances.FP32: a few float32 ulps of O(1)
 # scores, amplified by lam and by the row sums); fp16 also rounds the mixed map to 2^-11 relative before P·V
@@ -457,7 +461,7 @@ def test_key_tiled_kernel_in_triton_interpreter_matches_float64_formula():
         assert [a[0] for a in r["args"]] == ["tensor"] * 5 + ["int"] * 11 + ["tensor"]
         mask_shape, lam_len = r["args"][3][2], r["args"][4][2][0]
         assert [a[1] for a in r["args"][5:16]] == [b, h, lq, lk, d, dv, *mask_shape, lam_len]
-        block_m, block_n, warps = tiles or K.TILED_TILES[dtype == "float32"]
+        block_m, block_n, warps = (tiles or K.TILED_TILES[dtype == "float32"])[:3]
         assert r["key_tiled"] and (r["block_m"], r["block_n"], r["num_warps"]) == (block_m, block_n, warps)
         assert r["blhd"] == (layout == "blhd")
         assert block_n < lk  # several key tiles per row
@@ -502,9 +506,14 @@ def test_key_tiled_kernel_compiles_for_every_arch_dtype_and_head_dim(arch):
             ck = aot.compile_kernel(cfg, arch)
             assert cfg.key_tiled and ck.name.startswith("pladis_fwd")
             _check_compiled(ck, arch)
-    # sparsemax and the full mask, the other specialisations of the passes
+    # sparsemax and the full mask, the other specialisations of the passes; a sweep variant with a register cap
+    # (spills go to local memory, which the launch provides: still no scratch buffer)
     cfg = K.kernel_config("fp16", "fp32", 64, 64, 512, 2.0, 0.125, K.MASK_FULL, tiled=True)
     _check_compiled(aot.compile_kernel(cfg, arch), arch)
+    capped = K.tiled_config("fp16", "fp16", 72, 72, 300, 1.5, 72**-0.5, K.MASK_KEYS, False, 64, 64, 8, None, 128)
+    ck = aot.compile_kernel(capped, arch)
+    _check_compiled(ck, arch)
+    assert re.search(r"\.maxnreg\s+128", ck.ptx)  # the cap reached ptxas
 
 
 def test_supported_covers_cross_attention_only():

@@ -317,6 +317,7 @@ class KernelConfig:
     num_warps: int
     blhd: bool = False  # q, k, v in (B, L, H, D) memory (the PyTorch launcher only; TensorRT: False)
     key_tiled: bool = False  # the key row in tiles of block_n, several passes (any key length); else one tile
+    max_registers: int | None = None  # ptxas's cap on registers per thread (maxnreg); None: ptxas chooses
 
     def constexprs(self) -> dict:
         """The kernel's tl.constexpr arguments, by name."""
@@ -379,18 +380,21 @@ QUERY_TILES = {(True, 128): (64, 8), (True, 512): (16, 8), (False, 128): (64, 4)
 # 64 x 64 at 8 warps is the largest query tile whose sm_80 / sm_90 build (ptxas -v, num_stages 1) spills no
 # register with the 128-column value chunk a head dim of 72-128 takes (64 x 64 at 4 warps spills on sm_90).
 TILED_TILES = {False: (64, 64, 8), True: (64, 64, 8)}
-# (BLOCK_M, BLOCK_N, warps, BLOCK_DV or None for tiled_config's rule) of the key-tiled variant that the GPU
-# benchmarks time (``sweep_configs``). The value chunk sets the registers the P V pass needs (its v tile and
-# accumulator), against one more pass per chunk past it.
+# (BLOCK_M, BLOCK_N, warps, BLOCK_DV or None for tiled_config's rule, register cap or None) of the key-tiled
+# variant that the GPU benchmarks time (``sweep_configs``). The value chunk sets the registers the P V pass needs
+# (its v tile and accumulator), against one more pass per chunk past it; a register cap of 128 lets two programs
+# of 8 warps share an SM, against some spilling (ptxas -v: a few hundred bytes).
 TILED_SWEEP = (
-    (32, 64, 4, None), (64, 64, 4, None), (32, 64, 8, None), (64, 64, 8, None), (128, 64, 8, None),
-    (64, 128, 8, None), (64, 64, 4, 32), (64, 64, 8, 64),
+    (32, 64, 4, None, None), (64, 64, 4, None, None), (32, 64, 8, None, None), (64, 64, 8, None, None),
+    (128, 64, 8, None, None), (64, 128, 8, None, None), (64, 64, 4, 32, None), (64, 64, 8, 64, None),
+    (64, 64, 8, None, 128), (32, 64, 4, None, 128),
 )  # fmt: skip
 
 
 def tiled_config(
     dtype: str, mask_dtype: str, head_dim: int, value_dim: int, max_keys: int, alpha: float, scale: float,
     mask_mode: int, blhd: bool, block_m: int, block_n: int, num_warps: int, block_dv: int | None = None,
+    max_registers: int | None = None,
 ) -> KernelConfig:  # fmt: skip
     """The key-tiled kernel (``KEY_TILED``) with these tiles: any key length, the row in tiles of ``block_n``
     recomputed in each pass, so nothing grows with the key row. Newton steps for the real ``max_keys`` (padding
@@ -411,6 +415,7 @@ def tiled_config(
         dtype=dtype, mask_dtype=mask_dtype, scale=float(scale), alpha=float(alpha), mask_mode=mask_mode,
         steps=newton_steps(float(alpha), max_keys), block_m=block_m, block_n=block_n, block_k=block_k,
         block_dv=block_dv, pv_columns=False, num_warps=num_warps, blhd=blhd, key_tiled=True,
+        max_registers=max_registers,
     )  # fmt: skip
 
 
@@ -425,11 +430,12 @@ def sweep_configs(
     base = kernel_config(*args)
     tiled = kernel_config(*args, tiled=True)
     out = {f"single tile {base.block_m}x{base.block_n}, {base.num_warps} warps (default)": base}
-    for block_m, block_n, warps, block_dv in TILED_SWEEP:
-        cfg = tiled_config(*args, False, block_m, block_n, warps, block_dv)
+    for block_m, block_n, warps, block_dv, regs in TILED_SWEEP:
+        cfg = tiled_config(*args, False, block_m, block_n, warps, block_dv, regs)
         if cfg in out.values():  # an explicit value chunk that the rule gives anyway: timed once
             continue
         name = f"tiled {block_m}x{block_n}, {warps} warps" + (f", {block_dv} value columns" if block_dv else "")
+        name += f", <= {regs} registers" if regs else ""
         out[name + (" (tiled default)" if cfg == tiled else "")] = cfg
     return out
 
@@ -584,5 +590,6 @@ def launch_kernel(cfg: KernelConfig, q, k, v, mask, lam, wrap=None) -> torch.Ten
     grid = launch(b, h, lq, block_m=cfg.block_m, num_warps=cfg.num_warps, shared_mem=0).grid
     sizes = extra_args(q.shape, k.shape, v.shape, mask.shape, lam.shape)
     kernel = pladis_fwd if wrap is None else wrap(pladis_fwd)
-    kernel[grid](q, k, v, mask, lam, *sizes, out, **cfg.constexprs(), num_warps=cfg.num_warps)
+    cap = {} if cfg.max_registers is None else {"maxnreg": cfg.max_registers}
+    kernel[grid](q, k, v, mask, lam, *sizes, out, **cfg.constexprs(), num_warps=cfg.num_warps, **cap)
     return out
