@@ -396,14 +396,15 @@ def tiled_config(
     mask_mode: int, blhd: bool, block_m: int, block_n: int, num_warps: int, block_dv: int | None = None,
     max_registers: int | None = None,
 ) -> KernelConfig:  # fmt: skip
-    """The key-tiled kernel (``KEY_TILED``) with these tiles: any key length, the row in tiles of ``block_n``
-    recomputed in each pass, so nothing grows with the key row. Newton steps for the real ``max_keys`` (padding
-    keys add nothing to the row sums: numerics.NEWTON_STEPS counts keys, not tiles). The head dim goes in
-    chunks of 32 (16 when it is no multiple of 32, and for fp32); the value columns in one chunk up to 128 (64
-    for fp32; ``block_dv`` sets another chunk), so ``P V`` needs one final pass up to that value dim. What a dot
-    stages in shared memory
-    (BLOCK_N x BLOCK_K of k, BLOCK_M x BLOCK_N of P, BLOCK_N x BLOCK_DV of v) stays within the 48 KiB default
-    for the default tiles (tests/test_kernels.py compiles them for sm_80-sm_90)."""
+    """The key-tiled kernel (``KEY_TILED``) with these tiles: the row in tiles of ``block_n`` recomputed in each
+    pass, so nothing grows with the key row (the kernel takes any length; ``check_supported`` keeps the single
+    tile's ``MAX_KEYS``, the coverage the rest of pladis states). Newton steps for the real ``max_keys`` (padding
+    keys add nothing to the row sums: numerics.NEWTON_STEPS counts keys, not tiles). The head dim goes in chunks
+    of 32 (16 when it is no multiple of 32, and for fp32); the value columns in one chunk up to 128 (64 for fp32;
+    ``block_dv`` sets another chunk), so ``P V`` needs one final pass up to that value dim. ``max_registers``:
+    ptxas's register cap, None to leave it to ptxas. What a dot stages in shared memory (BLOCK_N x BLOCK_K of k,
+    BLOCK_M x BLOCK_N of P, BLOCK_N x BLOCK_DV of v) stays within the 48 KiB default for the default tiles
+    (tests/test_kernels.py compiles them for sm_80-sm_90)."""
     check_supported(dtype, head_dim, value_dim, max_keys, alpha, mask_mode)
     if mask_dtype not in DTYPES:
         raise KernelUnsupported(f"the mask must be fp32, fp16 or bf16; got {mask_dtype}")
