@@ -104,6 +104,8 @@ def compile_kernel(cfg, capability: int) -> CompiledKernel:
     # enable_fp_fusion stated, not left to the default (Triton 3.10 changes it): multiply-adds contract to FMA
     options = {"num_warps": cfg.num_warps, "num_stages": 1, "num_ctas": 1, "ptx_version": ptx_version(capability),
                "enable_fp_fusion": True}  # fmt: skip
+    if getattr(cfg, "max_registers", None) is not None:  # a register cap (key-tiled sweep variants only)
+        options["maxnreg"] = cfg.max_registers
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     md = compiled.metadata
     kernel = CompiledKernel(
