@@ -1,6 +1,7 @@
 """The GPU checks of the joint-attention kernel and the plugin (issue 25), one script for ``make gpu-check``.
 
-``python -m pladis.bench.joint_gpu --out DIR [--only tiles]`` writes ``DIR/joint_gpu.json`` and prints its table:
+``python -m pladis.bench.joint_gpu --out DIR [--only tiles] [--budget-s S]`` writes ``DIR/joint_gpu.json`` and prints
+its table (rows not started within ``--budget-s`` are recorded as skipped):
 
 - ``accuracy``: the joint kernel (``pladis.kernels.joint``) against the float64 operator at FLUX 1024² (512 T5
   tokens first, 4096 image tokens, 24 heads, D 128) and SD3 1024² (333 text tokens last, D 64), fp16 and bf16,
@@ -239,7 +240,9 @@ def verdict(result: dict) -> list[str]:
     cases = dict.fromkeys(r["case"].split(" / ")[0] for r in result["rows"] if r["check"] == "tiles")
     for case in cases:
         rows = [r for r in result["rows"] if r["check"] == "tiles" and r["case"].startswith(case + " / ")]
-        good = [r for r in rows if "error" not in r and r["rel_l2"] <= r["bound"] and not r["nan"]]
+        good = [
+            r for r in rows if "error" not in r and "skipped" not in r and r["rel_l2"] <= r["bound"] and not r["nan"]
+        ]
         if not good:
             lines.append(f"{case}: no variant ran within its error bound")
             continue
@@ -291,13 +294,21 @@ def aot_row(name: str, shape, dtype: str) -> dict:
             "ok": err <= BOUNDS[dtype]}  # fmt: skip
 
 
-def run(repeats: int = 20, only: str = "all") -> dict:
+def run(repeats: int = 20, only: str = "all", budget_s: float | None = None, checkpoint=None) -> dict:
     """Every row (``only="tiles"``: the ``tiles`` rows alone), on the current CUDA device; a row that raises
-    is recorded as failed, the others still run."""
+    is recorded as failed, the others still run. ``budget_s``: once that many seconds have passed, the rows
+    not yet started are recorded as skipped (``"skipped"``: why), not run. ``checkpoint(result)``: called with
+    the result so far after each job (``main`` writes it, so a run stopped from outside keeps its rows)."""
+    import time
+
     import torch
     import triton
 
-    rows = []
+    cc = torch.cuda.get_device_capability()
+    result = {"device": torch.cuda.get_device_name(), "capability": f"{cc[0]}.{cc[1]}", "torch": torch.__version__,
+              "triton": triton.__version__, "date": datetime.date.today().isoformat(), "complete": False,
+              "rows": []}  # fmt: skip
+    rows = result["rows"]
     jobs = []
     if only == "all":
         jobs += [(accuracy_row, (n, s, dt)) for n, s in SHAPES.items() for dt in DTYPES]
@@ -306,7 +317,12 @@ def run(repeats: int = 20, only: str = "all") -> dict:
     jobs += [(tiles_rows, (n, s, repeats)) for n, s in TILE_CASES.items()]
     if only == "all":
         jobs += [(aot_row, ("flux 1024²", SHAPES["flux 1024²"], "bfloat16"))]
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     for fn, args in jobs:
+        if deadline is not None and time.monotonic() > deadline:
+            rows.append({"check": fn.__name__.removesuffix("_row"), "case": str(args[0]), "ok": True,
+                         "skipped": f"budget: {budget_s:.0f} s spent before it started"})  # fmt: skip
+            continue
         try:
             got = fn(*args)
             rows.extend(got if isinstance(got, list) else [got])
@@ -314,9 +330,12 @@ def run(repeats: int = 20, only: str = "all") -> dict:
             rows.append({"check": fn.__name__.removesuffix("_row"), "case": str(args[0]), "ok": False,
                          "error": f"{type(e).__name__}: {str(e).strip()[:300]}"})  # fmt: skip
         torch.cuda.empty_cache()
-    cc = torch.cuda.get_device_capability()
-    return {"device": torch.cuda.get_device_name(), "capability": f"{cc[0]}.{cc[1]}", "torch": torch.__version__,
-            "triton": triton.__version__, "date": datetime.date.today().isoformat(), "rows": rows}  # fmt: skip
+        if checkpoint is not None:
+            checkpoint(result)
+    result["complete"] = True  # every job ran or was skipped: a file without it was stopped from outside
+    if checkpoint is not None:
+        checkpoint(result)
+    return result
 
 
 def failures(result: dict) -> list[str]:
@@ -324,7 +343,7 @@ def failures(result: dict) -> list[str]:
     tiles row that misses its time goal is reported by ``table``, not a failure)."""
     out = []
     for r in result["rows"]:
-        if "error" not in r and (r["ok"] or r["check"] == "timing"):
+        if "skipped" in r or "error" not in r and (r["ok"] or r["check"] == "timing"):
             continue
         if "error" not in r and r["check"] == "tiles" and r["rel_l2"] <= r["bound"] and not r["nan"]:
             continue  # a tiles row over its time goal only: reported by table and verdict
@@ -336,10 +355,13 @@ def failures(result: dict) -> list[str]:
 def table(result: dict) -> str:
     """A markdown table of the rows, headed by the card and the versions."""
     head = f"{result['device']} (sm {result['capability']}), torch {result['torch']}, triton {result['triton']}"
-    lines = [f"{head}, {result['date']}", "", "| check | case | dtype | result | bound / goal | ok |",
+    stopped = "" if result.get("complete", True) else " (stopped before its last rows: these are the rows it finished)"
+    lines = [f"{head}, {result['date']}{stopped}", "", "| check | case | dtype | result | bound / goal | ok |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:
-        if "error" in r:
+        if "skipped" in r:
+            value, limit = f"skipped ({r['skipped']})", ""
+        elif "error" in r:
             value, limit = r["error"], ""
         elif r["check"] == "timing":
             value = f"{r['kernel_ms']:.3f} ms vs SDPA {r['sdpa_ms']:.3f} ms = {r['ratio']:.2f}x"
@@ -362,16 +384,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20, help="timed CUDA-graph replays per variant")
     parser.add_argument("--only", choices=("all", "tiles"), default="all",
                         help="tiles: only the cross kernel's tile sweep (single tile vs key-tiled)")  # fmt: skip
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds after which rows not yet started are skipped (default: no limit)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.budget_s is not None and not args.budget_s > 0:
+        parser.error(f"--budget-s must be positive seconds; got {args.budget_s}")
     import torch
 
     if not torch.cuda.is_available():
         print("joint_gpu: no CUDA GPU here; nothing measured", file=sys.stderr)
         return 2
-    result = run(args.repeats, args.only)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "joint_gpu.json", json.dumps(result, indent=2) + "\n")  # renamed into place when complete
+
+    def save(result: dict) -> None:  # after every job: a run stopped by gpu-check's timeout keeps its rows
+        write_text(out / "joint_gpu.json", json.dumps(result, indent=2) + "\n")  # each write renamed into place whole
+
+    result = run(args.repeats, args.only, args.budget_s, save)  # its last save is the complete result
     print(table(result))
     bad = failures(result)
     for line in bad:

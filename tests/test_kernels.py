@@ -1047,6 +1047,7 @@ def test_joint_gpu_script_reports_the_tile_sweep_and_its_verdict():
          "error": "OutOfResources: shared memory"},
         row(sdxl, "single tile 64x128, 4 warps (default)", 0.040, 0.02, 2e-4, False),
         row(sdxl, "tiled 64x64, 4 warps (tiled default)", 0.050, 0.02, 2e-4, True),
+        {"check": "aot", "case": "flux 1024²", "ok": True, "skipped": "budget: 300 s spent before it started"},
     ]  # fmt: skip
     result = {"device": "card", "capability": "9.0", "torch": "t", "triton": "tr", "date": "d", "rows": rows}
     result = json.loads(json.dumps(result))
@@ -1063,5 +1064,11 @@ def test_joint_gpu_script_reports_the_tile_sweep_and_its_verdict():
     assert f"| tiles | {pix} / tiled 64x64, 4 warps (tiled default) | float16 | 0.150 ms vs SDPA 0.090 ms = 1.67x, " \
            "rel-L2 3.00e-04 | <= 2.0x, <= 4e-03 | yes |" in table  # fmt: skip
     assert table.endswith("\n".join(G.verdict(result)))
+    # a row --budget-s left unstarted is neither a failure nor a verdict, and the table says why it is empty
+    assert "| aot | flux 1024² |  | skipped (budget: 300 s spent before it started) |  | yes |" in table
+    assert "stopped" not in table.splitlines()[0]  # a file without "complete" predates the checkpoints: whole
+    assert "(stopped before its last rows" in G.table({**result, "complete": False}).splitlines()[0]
+    with pytest.raises(SystemExit):  # argparse's error exit: a budget of no time is refused before any work
+        G.main(["--out", "/nonexistent/never-written", "--budget-s", "0"])
     if not torch.cuda.is_available():  # the tile sweep alone measures nothing without a GPU either
         assert G.main(["--out", "/nonexistent/never-written", "--only", "tiles"]) == 2
