@@ -123,6 +123,9 @@ def parity(cfg: ParityConfig):
                            loras=cfg.lora or None, cuda_graphs=cfg.cuda_graphs)  # fmt: skip
     print(report.table(), flush=True)
     harness.save(report, cfg.json or None, cfg.plot or None)
+    written = [path for path in (cfg.json, cfg.plot) if path]
+    if written:  # as generate and lora say what they wrote
+        print(f"wrote {', '.join(written)}")
     return report
 
 

@@ -113,7 +113,8 @@ def test_generate_command_writes_the_api_image(engines, tmp_path, capsys):
 def test_parity_command_and_plot(engines, tmp_path, capsys):
     plot = tmp_path / "p.png"
     assert cli.main(["parity", "--engine", str(engines("tiny-sd15")), "--steps", "2", "--plot", str(plot)]) == 0
-    assert "PASS" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "PASS" in printed and printed.strip().endswith(f"wrote {plot}")  # it says what it wrote, last
     from PIL import Image
 
     assert Image.open(plot).size[0] > 400
