@@ -190,7 +190,8 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], force:
     if path.is_dir():
         raise PladisError(f"{path} is a folder; name a file to write, e.g. {path / ('out' + suffixes[0])}")
     if path.suffix.lower() not in suffixes:
-        raise PladisError(f"{path}: the file name must end in {' or '.join(suffixes)} (that is what is written)")
+        ends = suffixes[0] if len(suffixes) == 1 else f"one of {', '.join(suffixes)}"
+        raise PladisError(f"{path}: the file name must end in {ends} (that is what is written)")
     if path.exists() and not force:
         raise PladisError(f"{path} exists; pass --force to replace it, or choose another name")
     check_writable(path.parent)

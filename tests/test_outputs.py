@@ -97,7 +97,7 @@ def test_bad_output_paths_are_refused_before_any_work(engine_dir, tmp_path, caps
     gen = ["generate", "--engine", str(engine_dir), "--steps", "1"]
     (tmp_path / "dir").mkdir()
     _fails(capsys, [*gen, "--out", str(tmp_path / "dir")], "is a folder")
-    _fails(capsys, [*gen, "--out", str(tmp_path / "pic.gif")], ".png or .jpg")
+    _fails(capsys, [*gen, "--out", str(tmp_path / "pic.gif")], "must end in one of .png, .jpg, .jpeg, .webp")
     (tmp_path / "file").write_text(SENTINEL)
     _fails(capsys, [*gen, "--out", str(tmp_path / "file" / "x.png")], "cannot write in")
     (tmp_path / "old.png").write_text(SENTINEL)
