@@ -161,7 +161,8 @@ def lora(cfg: LoraConfig) -> dict:
     src = Path(cfg.engine)
     kind = folder_kind(src)
     if kind not in ("engine", "export"):
-        raise SettingError("engine", f"{src} is not an engine or export folder written by pladis")
+        raise SettingError("engine", f"{src} is not an engine or export folder written by pladis: pass --engine "
+                                     "with a folder written by `pladis export` or `pladis build`")  # fmt: skip
     out = check_output_folder(cfg.out, kind, cfg.force, inputs=(src,))
     loras = swap.parse(cfg.lora)
     engine = open_engine(src, verify=cfg.verify)

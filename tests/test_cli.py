@@ -54,3 +54,10 @@ def test_export_command(tmp_path, capsys):
     assert "holds an earlier export; pass --force" in capsys.readouterr().err
     assert cli.main(["export", "--model", "tiny-sd15", "--out", str(tmp_path / "x"), "--precision", "fp8"]) == 2
     assert "precision must be one of" in capsys.readouterr().err
+
+
+def test_lora_on_a_folder_pladis_did_not_write_says_what_to_pass(tmp_path, capsys):
+    assert cli.main(["lora", "--engine", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is not an engine or export folder written by pladis: pass --engine with a folder written by" in err
+    assert not (tmp_path / "out").exists()

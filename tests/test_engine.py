@@ -176,6 +176,8 @@ def test_interrupted_build_leaves_no_valid_entry(onnx_dirs, tmp_path, monkeypatc
 def test_bad_input(onnx_dirs, tmp_path):
     with pytest.raises(EngineError, match="has no manifest.json"):
         build(cfg(tmp_path, tmp_path))
+    with pytest.raises(EngineError, match="missing is not a folder: pass --onnx"):  # not "has no manifest.json"
+        build(cfg(tmp_path / "missing", tmp_path / "out"))
     with pytest.raises(ValueError, match="does not contain its opt shape"):
         build(cfg(onnx_dirs["tiny-sd15"], tmp_path, dims="cfg_batch=2:1:4"))
     with pytest.raises(ValueError, match="outside the exported range"):
