@@ -163,22 +163,34 @@ def check_output_folder(out: str | os.PathLike, kind: str, force: bool, inputs: 
                                   "a new or empty folder")  # fmt: skip
             if not force:
                 raise PladisError(f"output {out} holds an earlier {kind}; pass --force (force=True) to replace it")
-    check_writable(out.parent)
+    check_writable(out.parent, keep=False)
     return out
 
 
-def check_writable(folder: str | os.PathLike) -> None:
-    """Raise PladisError unless files can be created in ``folder`` (created if missing)."""
+def check_writable(folder: str | os.PathLike, keep: bool = True) -> None:
+    """Raise PladisError unless files can be created in ``folder`` (created if missing; with ``keep`` False the
+    folders this check created are removed again, so a command refused later leaves nothing behind)."""
     from pladis.errors import PladisError
 
     folder = Path(folder)
+    created = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        for parent in [*reversed(folder.parents), folder]:
+            if not parent.exists():
+                try:
+                    parent.mkdir()
+                    created.append(parent)
+                except FileExistsError:  # made meanwhile by someone else: not ours to remove
+                    pass
         fd, probe = tempfile.mkstemp(prefix=".pladis-write-test.", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
         raise PladisError(f"cannot write in {folder}: {err.strerror or err}; choose a writable location") from None
+    finally:
+        for parent in reversed(created if not keep else []):
+            with contextlib.suppress(OSError):  # something else put a file there meanwhile: keep it
+                parent.rmdir()
 
 
 def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], force: bool = False) -> Path:
@@ -194,7 +206,7 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], force:
         raise PladisError(f"{path}: the file name must end in {ends} (that is what is written)")
     if path.exists() and not force:
         raise PladisError(f"{path} exists; pass --force to replace it, or choose another name")
-    check_writable(path.parent)
+    check_writable(path.parent, keep=False)
     return path
 
 

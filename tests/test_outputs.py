@@ -411,3 +411,15 @@ def test_precision_is_what_was_exported(export_dir):
     manifest = json.loads((export_dir / "manifest.json").read_text())
     manifest["precision"] = "bf16"  # requested bf16, every component fell back to float32
     assert Engine(export_dir, manifest).precision == "fp32"
+
+
+def test_a_refused_command_leaves_no_folders_its_output_check_made(tmp_path, capsys):
+    # the writability probe created --out's missing parents, and a command refused after it (here: no engine,
+    # an unknown model) left them behind, empty
+    image = tmp_path / "a" / "b" / "x.png"
+    assert cli.main(["generate", "--engine", str(tmp_path / "nowhere"), "--out", str(image)]) == 2
+    assert cli.main(["export", "--model", "nope", "--out", str(tmp_path / "c" / "d" / "export")]) == 2
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    files.check_writable(tmp_path / "e" / "f")  # the default keeps what it made: the cache folder's own use
+    assert (tmp_path / "e" / "f").is_dir()
