@@ -142,8 +142,8 @@ def check_output_folder(out: str | os.PathLike, kind: str, force: bool, inputs: 
     """Apply the output rule to a folder a command is about to write, before any work; returns it resolved.
 
     A new path (or an empty folder) is created; an existing pladis folder of the same ``kind`` is replaced
-    only with ``force``; anything else — a file, another folder, one of the command's ``inputs`` or a folder
-    that contains one — is refused, ``force`` or not. The parent must be writable.
+    only with ``force``; anything else — a file, another folder, one of the command's ``inputs``, a folder
+    that contains one or one inside it — is refused, ``force`` or not. The parent must be writable.
     """
     from pladis.errors import PladisError
 
@@ -152,6 +152,8 @@ def check_output_folder(out: str | os.PathLike, kind: str, force: bool, inputs: 
         src = Path(src).resolve()
         if out == src or out in src.parents:
             raise PladisError(f"output {out} is (or contains) the input {src}; choose another output folder")
+        if src in out.parents:  # a later --force on the input would take the output with it
+            raise PladisError(f"output {out} is inside the input {src}; choose an output folder outside it")
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
             raise PladisError(f"output {out} exists and is not a folder; pladis never replaces it: choose a new path")

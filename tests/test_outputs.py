@@ -67,6 +67,9 @@ def test_build_never_replaces_what_pladis_did_not_write(export_dir, tmp_path, ca
         _fails(capsys, [*common, "--out", str(notes), *force], "not a folder")
         _fails(capsys, [*common, "--out", str(export_dir), *force], "is (or contains) the input")
         _fails(capsys, [*common, "--out", str(export_dir.parent), *force], "is (or contains) the input")
+        # inside the export: an `export --force` on it would delete the engine with it
+        _fails(capsys, [*common, "--out", str(export_dir / "engine"), *force], "is inside the input")
+    assert not (export_dir / "engine").exists()
     assert (user / "thesis.txt").read_text() == SENTINEL and notes.read_text() == SENTINEL
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("cache")) == ["notes.txt", "userdata"]
     assert (export_dir / "manifest.json").is_file()
