@@ -60,7 +60,11 @@ def check_config(cfg: ExportConfig) -> sources.Source:
             raise SettingError(name, f"{name} must be positive; got {getattr(cfg, name)}")
     local = [p for p in (cfg.model, cfg.config, *(x.rsplit(":", 1)[0] for x in cfg.lora)) if p and Path(p).exists()]
     check_output_folder(cfg.out, "export", cfg.force, inputs=tuple(local))  # never the model source itself
-    return sources.resolve(cfg.model, cfg.config, cfg.lora)  # model, config and LoRAs, no weights loaded
+    source = sources.resolve(cfg.model, cfg.config, cfg.lora)  # model, config and LoRAs, no weights loaded
+    if source.kind == "builtin":  # the image size from the structure alone (other sources: once loaded)
+        meta = models.load(cfg.model, device="meta")
+        contracts.check_size(meta, patch.family_of(patch.denoiser_of(meta)).name, *_size(cfg, meta))
+    return source
 
 
 def export(cfg: ExportConfig) -> dict:
