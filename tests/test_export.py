@@ -194,7 +194,7 @@ def test_bad_settings(tmp_path, kw, message):
 
 
 @pytest.mark.parametrize("model", ["sdxl", "tiny-flux"])
-def test_a_bad_size_of_a_builtin_is_refused_before_any_weights_are_made(tmp_path, monkeypatch, model):
+def test_a_bad_size_or_component_of_a_builtin_is_refused_before_any_weights_are_made(tmp_path, monkeypatch, model):
     # sdxl: the full 14 GB float32 model was built (55 s here) before `--height 17` was refused
     from pladis import sources
 
@@ -204,6 +204,8 @@ def test_a_bad_size_of_a_builtin_is_refused_before_any_weights_are_made(tmp_path
     monkeypatch.setattr(sources, "load", no_load)
     with pytest.raises(ValueError, match="height must be a multiple of"):
         run_export(tmp_path, model=model, height=17)
+    with pytest.raises(ValueError, match=r"unknown component\(s\) unte; this model has text_encoder"):
+        run_export(tmp_path, model=model, components="unte")
     assert not list(tmp_path.iterdir())
 
 
