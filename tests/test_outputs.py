@@ -388,6 +388,11 @@ def test_edited_engine_manifest_and_narrowed_dims(export_dir, tmp_path):
         "engine with a wider --dims latent_height",
     ):  # (said "exported range", re-export)
         rt.settings("a cube", height=dims["height"][2])
+    narrow = tmp_path / "narrow-batch"  # the CFG-doubled batch past a narrowed cfg_batch: rebuild, not re-export
+    build(BuildConfig(onnx=str(export_dir), out=str(narrow), cache_dir=str(tmp_path / "c"), dims="cfg_batch=1:2:4"))
+    with pytest.raises(ValueError, match="CFG doubles the batch to 6, over the engine's maximum 4; use fewer prompts "
+                                         "or rebuild the engine with a wider --dims cfg_batch"):  # fmt: skip
+        Runtime(narrow).settings("a cube", batch=3)
     manifest = json.loads((eng / "manifest.json").read_text())
     manifest["dims"]["height"] = [16, 64, 4096]
     (eng / "manifest.json").write_text(json.dumps(manifest))
