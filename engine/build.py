@@ -103,6 +103,10 @@ def check(cfg: BuildConfig):
     """Validate settings against the export folder before any build; returns (engine, dims, precision)."""
     if cfg.backend not in BACKENDS:
         raise SettingError("backend", f"backend must be one of {', '.join(BACKENDS)}; got {cfg.backend!r}")
+    if cfg.device != "cpu" and not (cfg.device == "cuda" or cfg.device.startswith("cuda:")):
+        raise SettingError("device", f"device must be cpu or cuda; got {cfg.device!r}")
+    if not Path(cfg.onnx).is_dir():
+        raise EngineError(f"{cfg.onnx} is not a folder: pass --onnx with a folder written by `pladis export`")
     if not (Path(cfg.onnx) / MANIFEST_FILE).is_file():
         raise EngineError(f"{cfg.onnx} has no manifest.json: build from a folder written by `pladis export`")
     src = open_engine(cfg.onnx, verify=cfg.verify)

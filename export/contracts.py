@@ -40,10 +40,7 @@ def dims(pipe, family: str, *, height: int, width: int, batch: int, static: bool
     [1, max(4, batch)]; the denoiser batch (CFG doubles it) over [1, 2*max prompts]."""
     fam = families.get(family)
     vae = fam.vae_scale(pipe.vae.config)
-    unit = size_multiple(pipe, family)
-    for name, size in (("height", height), ("width", width)):
-        if size % unit:
-            raise SettingError("size", f"{name} must be a multiple of {unit} for this model; got {size}")
+    unit = check_size(pipe, family, height, width)
     prompts = max(4, batch)
     d = {
         "batch": (1, batch, prompts),
@@ -62,6 +59,16 @@ def dims(pipe, family: str, *, height: int, width: int, batch: int, static: bool
     if static:
         d = {name: (opt, opt, opt) for name, (_, opt, _) in d.items()}
     return d
+
+
+def check_size(pipe, family: str, height: int, width: int) -> int:
+    """``SettingError`` unless both sides are multiples of ``size_multiple``; returns that multiple. Reads
+    configs only, so a pipeline built on the meta device answers it before any weights exist."""
+    unit = size_multiple(pipe, family)
+    for name, size in (("height", height), ("width", width)):
+        if size % unit:
+            raise SettingError("size", f"{name} must be a multiple of {unit} for this model; got {size}")
+    return unit
 
 
 def size_multiple(pipe, family: str) -> int:

@@ -60,7 +60,25 @@ def check_config(cfg: ExportConfig) -> sources.Source:
             raise SettingError(name, f"{name} must be positive; got {getattr(cfg, name)}")
     local = [p for p in (cfg.model, cfg.config, *(x.rsplit(":", 1)[0] for x in cfg.lora)) if p and Path(p).exists()]
     check_output_folder(cfg.out, "export", cfg.force, inputs=tuple(local))  # never the model source itself
-    return sources.resolve(cfg.model, cfg.config, cfg.lora)  # model, config and LoRAs, no weights loaded
+    source = sources.resolve(cfg.model, cfg.config, cfg.lora)  # model, config and LoRAs, no weights loaded
+    if source.kind == "builtin":  # size and components from the structure alone (other sources: once loaded)
+        meta = models.load(cfg.model, device="meta")
+        family = patch.family_of(patch.denoiser_of(meta)).name
+        contracts.check_size(meta, family, *_size(cfg, meta))
+        _wanted(cfg, contracts.components(meta, family))
+    return source
+
+
+def _wanted(cfg: ExportConfig, comps: list) -> list:
+    """The components ``cfg.components`` names (all when empty); SettingError naming the unknown ones."""
+    if not cfg.components:
+        return comps
+    wanted = {c.strip() for c in cfg.components.split(",")}
+    unknown = wanted - {c.name for c in comps}
+    if unknown:
+        raise SettingError("components", f"unknown component(s) {', '.join(sorted(unknown))}; this model has "
+                           f"{', '.join(c.name for c in comps)}")  # fmt: skip
+    return [c for c in comps if c.name in wanted]
 
 
 def export(cfg: ExportConfig) -> dict:
@@ -83,13 +101,7 @@ def _export(cfg: ExportConfig, source: sources.Source) -> dict:
         log.info(f"lam = {cfg.lam}: exporting the stock model (no PLADIS layers, no PladisAttention nodes)")
     d = contracts.dims(pipe, family, height=height, width=width, batch=cfg.batch, static=cfg.static)
     comps = contracts.components(pipe, family)
-    if cfg.components:
-        wanted = {c.strip() for c in cfg.components.split(",")}
-        unknown = wanted - {c.name for c in comps}
-        if unknown:
-            raise SettingError("components", f"unknown component(s) {', '.join(sorted(unknown))}; this model has "
-                               f"{', '.join(c.name for c in comps)}")  # fmt: skip
-        comps = [c for c in comps if c.name in wanted]
+    comps = _wanted(cfg, comps)
     trace = contracts.trace_dims(pipe, family, d)
     onnx_op.register_symbolics(cfg.opset)
 

@@ -131,16 +131,35 @@ def _print_result(kind: str, result) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command's error contract: a bad flag is one line, ``<prog>: error: <what>``, naming
+    where the flags are listed, and exit 2 (argparse's default prints the whole usage block above it)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; `{self.prog} --help` lists the flags\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; only ``command``'s flags are added (its config module is imported)."""
-    parser = argparse.ArgumentParser(prog="pladis", description=DESCRIPTION)
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser = _Parser(prog="pladis", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output: -v adds pladis's debug lines, -vv every library's")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = {}  # name -> its parser (errors about its flags are its own)
     for name, (text, config_path, _, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text)
+        p = parser.commands[name] = sub.add_parser(name, help=text, description=text)
         if name == command:
             _add_config(p, _resolve(config_path))
     return parser
+
+
+def parse(argv: list[str], command: str | None) -> argparse.Namespace:
+    """``argv`` parsed; a flag ``command`` does not have is that command's one-line error (exit 2)."""
+    parser = build_parser(command)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _error(command: str, message: str, status: int = 2) -> int:
@@ -232,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if a in COMMANDS), None)
     try:
-        args = build_parser(command).parse_args(argv)
+        args = parse(argv, command)
     except ModuleNotFoundError as err:  # the command's own module needs a missing extra (e.g. serve)
         if (err.name or "").split(".")[0] not in EXTRAS:
             raise

@@ -61,7 +61,8 @@ def demo(cfg: DemoConfig) -> tuple[str, bool]:
     stock, pladis_img = (np.asarray(r.images[0], np.float64) / 255 for r in results.values())
     diff = np.abs(stock - pladis_img)
     _save_side_by_side(out / "comparison.png", [stock, pladis_img, diff.mean(-1, keepdims=True).repeat(3, -1)
-                                                / max(diff.max(), 1e-12)])  # fmt: skip
+                                                / max(diff.max(), 1e-12)],
+                       [*results, "|difference|, scaled"])  # fmt: skip
     report = parity.check(engine, cfg.backend, prompt=cfg.prompt, steps=cfg.steps, seed=cfg.seed, lam=cfg.lam)
     parity.save(report, out / "parity.json", out / "parity.png")
     text = "\n".join([
@@ -86,13 +87,22 @@ def demo(cfg: DemoConfig) -> tuple[str, bool]:
     return text, report.ok
 
 
-def _save_side_by_side(path: Path, images: list, zoom: int = 8) -> None:
-    """Save HxWx3 float numpy images in [0, 1] next to each other, enlarged ``zoom`` times (nearest)."""
+CAPTION = 16  # pixels of white band above the panels for their labels
+
+
+def _save_side_by_side(path: Path, images: list, labels: list[str], zoom: int = 8) -> None:
+    """Save HxWx3 float numpy images in [0, 1] next to each other, enlarged ``zoom`` times (nearest), each
+    under its label (a white band of ``CAPTION`` pixels on top)."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     tiles = [np.kron((img * 255).round().astype(np.uint8), np.ones((zoom, zoom, 1), np.uint8)) for img in images]
     gap = np.full((tiles[0].shape[0], 8, 3), 255, np.uint8)
     row = np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
+    canvas = Image.new("RGB", (row.shape[1], row.shape[0] + CAPTION), "white")
+    canvas.paste(Image.fromarray(row), (0, CAPTION))
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(labels):
+        draw.text((i * (tiles[0].shape[1] + gap.shape[1]) + 2, 2), label, fill="black")
     with atomic_path(path) as tmp:
-        Image.fromarray(row).save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG")

@@ -142,8 +142,8 @@ def check_output_folder(out: str | os.PathLike, kind: str, force: bool, inputs: 
     """Apply the output rule to a folder a command is about to write, before any work; returns it resolved.
 
     A new path (or an empty folder) is created; an existing pladis folder of the same ``kind`` is replaced
-    only with ``force``; anything else — a file, another folder, one of the command's ``inputs`` or a folder
-    that contains one — is refused, ``force`` or not. The parent must be writable.
+    only with ``force``; anything else — a file, another folder, one of the command's ``inputs``, a folder
+    that contains one or one inside it — is refused, ``force`` or not. The parent must be writable.
     """
     from pladis.errors import PladisError
 
@@ -152,6 +152,8 @@ def check_output_folder(out: str | os.PathLike, kind: str, force: bool, inputs: 
         src = Path(src).resolve()
         if out == src or out in src.parents:
             raise PladisError(f"output {out} is (or contains) the input {src}; choose another output folder")
+        if src in out.parents:  # a later --force on the input would take the output with it
+            raise PladisError(f"output {out} is inside the input {src}; choose an output folder outside it")
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
             raise PladisError(f"output {out} exists and is not a folder; pladis never replaces it: choose a new path")
@@ -163,22 +165,34 @@ def check_output_folder(out: str | os.PathLike, kind: str, force: bool, inputs: 
                                   "a new or empty folder")  # fmt: skip
             if not force:
                 raise PladisError(f"output {out} holds an earlier {kind}; pass --force (force=True) to replace it")
-    check_writable(out.parent)
+    check_writable(out.parent, keep=False)
     return out
 
 
-def check_writable(folder: str | os.PathLike) -> None:
-    """Raise PladisError unless files can be created in ``folder`` (created if missing)."""
+def check_writable(folder: str | os.PathLike, keep: bool = True) -> None:
+    """Raise PladisError unless files can be created in ``folder`` (created if missing; with ``keep`` False the
+    folders this check created are removed again, so a command refused later leaves nothing behind)."""
     from pladis.errors import PladisError
 
     folder = Path(folder)
+    created = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        for parent in [*reversed(folder.parents), folder]:
+            if not parent.exists():
+                try:
+                    parent.mkdir()
+                    created.append(parent)
+                except FileExistsError:  # made meanwhile by someone else: not ours to remove
+                    pass
         fd, probe = tempfile.mkstemp(prefix=".pladis-write-test.", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
         raise PladisError(f"cannot write in {folder}: {err.strerror or err}; choose a writable location") from None
+    finally:
+        for parent in reversed(created if not keep else []):
+            with contextlib.suppress(OSError):  # something else put a file there meanwhile: keep it
+                parent.rmdir()
 
 
 def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], force: bool = False) -> Path:
@@ -190,10 +204,11 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], force:
     if path.is_dir():
         raise PladisError(f"{path} is a folder; name a file to write, e.g. {path / ('out' + suffixes[0])}")
     if path.suffix.lower() not in suffixes:
-        raise PladisError(f"{path}: the file name must end in {' or '.join(suffixes)} (that is what is written)")
+        ends = suffixes[0] if len(suffixes) == 1 else f"one of {', '.join(suffixes)}"
+        raise PladisError(f"{path}: the file name must end in {ends} (that is what is written)")
     if path.exists() and not force:
         raise PladisError(f"{path} exists; pass --force to replace it, or choose another name")
-    check_writable(path.parent)
+    check_writable(path.parent, keep=False)
     return path
 
 

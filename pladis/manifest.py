@@ -366,7 +366,7 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     if not folder.is_dir():
         raise EngineError(f"{folder} is not a folder: pass a folder written by `pladis export` or `pladis build`")
     if not path.is_file():
-        raise EngineError(f"{folder} has no manifest.json: pass a folder written by `pladis export`")
+        raise EngineError(f"{folder} has no manifest.json: pass a folder written by `pladis export` or `pladis build`")
     data = _read_json(path)
     if data.get("format") == "pladis-onnx/1":
         raise EngineError(f"{folder} was exported by an older pladis with lam baked into the graph; re-export it "

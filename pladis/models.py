@@ -418,6 +418,17 @@ BUILTINS: dict[str, Builtin] = {
 }
 
 
+def unknown(name: str) -> str:
+    """The message for a model name that is no built-in, no folder and no hub id (``org/name``), with the
+    closest built-in names when a typo is likely."""
+    import difflib
+
+    close = difflib.get_close_matches(name, BUILTINS, n=2)
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    return (f"unknown model {name!r}{hint}: use a built-in ({', '.join(BUILTINS)}), a diffusers folder, a "
+            ".safetensors / .ckpt checkpoint, or a hub id of the form org/name")  # fmt: skip
+
+
 def _hub_failure(err: Exception) -> str:
     """from_pretrained's reason on one line, without its pointers to a stack trace the user does not see."""
     text = str(err)
@@ -450,6 +461,8 @@ def load(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
             if isinstance(component, torch.nn.Module):
                 component.eval()  # from_pretrained does this; freshly built modules start in training mode
         return pipe if device == "cpu" else pipe.to(device)
+    if "/" not in name_or_path and not Path(name_or_path).expanduser().is_dir():  # no hub id: never ask the hub
+        raise PladisError(unknown(name_or_path))
     import diffusers
     from packaging.version import Version
 

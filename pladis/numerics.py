@@ -27,8 +27,10 @@ def check_lam(value, lam_range: tuple[float, float] = LAM_RANGE, field: str = "l
         value = value.item()
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if not number or not math.isfinite(value) or not lo <= value <= hi:
-        stock = " (this engine was exported without PLADIS layers: it runs only 0)" if lo == hi == 0 else ""
-        raise SettingError(field, f"{field} must be a finite number in [{lo:g}, {hi:g}]{stock}; 0 = the stock "
+        if lo == hi == 0:  # a stock export: the range says nothing a user can act on, the export does
+            raise SettingError(field, f"{field} {value!r}: this engine was exported without PLADIS layers (--lam 0), "
+                                      "so it runs only 0; re-export without --lam 0 for a PLADIS engine")  # fmt: skip
+        raise SettingError(field, f"{field} must be a finite number in [{lo:g}, {hi:g}]; 0 = the stock "
                                   f"model, the paper's useful range is 1-3; got {value!r}")  # fmt: skip
     return float(value)
 

@@ -99,10 +99,7 @@ def resolve(model: str, config: str = "", loras=()) -> Source:
         raise SourceError(f"model path {model} does not exist (looked in {Path.cwd()}); pass an existing diffusers "
                           "folder or .safetensors / .ckpt file")  # fmt: skip
     if not HUB_ID.fullmatch(model):
-        raise SourceError(
-            f"unknown model {model!r}: use a built-in ({', '.join(models.BUILTINS)}), a diffusers folder, "
-            "a .safetensors / .ckpt checkpoint, or a hub id of the form org/name"
-        )
+        raise SourceError(models.unknown(model))
     if loras and importlib.util.find_spec("peft") is None:
         raise lora.LoraError(lora.NO_PEFT)
     return Source("hub", model, None, loras=loras)  # LoRAs are checked once the model is loaded

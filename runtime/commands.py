@@ -123,6 +123,9 @@ def parity(cfg: ParityConfig):
                            loras=cfg.lora or None, cuda_graphs=cfg.cuda_graphs)  # fmt: skip
     print(report.table(), flush=True)
     harness.save(report, cfg.json or None, cfg.plot or None)
+    written = [path for path in (cfg.json, cfg.plot) if path]
+    if written:  # as generate and lora say what they wrote
+        print(f"wrote {', '.join(written)}")
     return report
 
 
@@ -158,7 +161,8 @@ def lora(cfg: LoraConfig) -> dict:
     src = Path(cfg.engine)
     kind = folder_kind(src)
     if kind not in ("engine", "export"):
-        raise SettingError("engine", f"{src} is not an engine or export folder written by pladis")
+        raise SettingError("engine", f"{src} is not an engine or export folder written by pladis: pass --engine "
+                                     "with a folder written by `pladis export` or `pladis build`")  # fmt: skip
     out = check_output_folder(cfg.out, kind, cfg.force, inputs=(src,))
     loras = swap.parse(cfg.lora)
     engine = open_engine(src, verify=cfg.verify)

@@ -291,8 +291,15 @@ class Runtime:
         also returns the mask it was given."""
         ports = {i.name: i for i in self.engine.component(encoder).inputs}
         length = self.engine.dim(ports["input_ids"].shape[1])[1]
-        enc = self.tokenizer(encoder)(prompts, padding="max_length", max_length=length, truncation=True,
-                                      add_special_tokens=special_tokens, return_tensors="pt")  # fmt: skip
+        tok = self.tokenizer(encoder)
+        enc = tok(prompts, padding="max_length", max_length=length, truncation=True,
+                  add_special_tokens=special_tokens, return_tensors="pt")  # fmt: skip
+        over = tok(prompts, max_length=length + 1, truncation=True, add_special_tokens=special_tokens)["input_ids"]
+        for text, ids in zip(prompts, over, strict=True):
+            if len(ids) > length:  # said, as the diffusers pipelines do: the encoder reads the first tokens only
+                shown = text if len(text) <= 40 else text[:37] + "..."
+                log.warning("the prompt %r is longer than the %d tokens %s reads: the rest is dropped (shorten it)",
+                            shown, length, encoder)  # fmt: skip
         if "attention_mask" not in ports:
             return self.run(encoder, {"input_ids": enc.input_ids})
         out = self.run(encoder, {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask})
@@ -322,13 +329,19 @@ class Runtime:
 
     def prepare(self, s: Settings) -> tuple[dict, object, torch.Tensor]:
         """(constant denoiser inputs, scheduler with timesteps set, initial latents (packed for FLUX))."""
+        sched = self.scheduler(s.scheduler)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a 0/0 here is the SettingError below
+            self.family.timesteps(self.denoising, sched, s.steps, s.height, s.width)
+        if not torch.isfinite(torch.as_tensor(sched.timesteps, dtype=torch.float64)).all():  # before any encoding
+            terminal = sched.config.get("shift_terminal")
+            why = " (its shift_terminal stretch divides by zero at one step)" if terminal else ""
+            raise SettingError("steps", f"{s.steps} step(s) give this engine's {type(sched).__name__} no valid "
+                                        f"timesteps{why}; use more steps")  # fmt: skip
         cond = self.family.encode(self.denoising, s.prompts, s.negatives, s.height, s.width, s.guidance)
         if s.lam is not None:  # both CFG halves of a sample get that sample's lam: [uncond..., cond...]
             name = self.engine.manifest.pladis.lam_input
             cond[name] = torch.tensor(s.lam * (2 if s.negatives is not None else 1), dtype=torch.float32)
         cond = {k: v.to(self.device) for k, v in cond.items()}  # once: constant over the steps
-        sched = self.scheduler(s.scheduler)
-        self.family.timesteps(self.denoising, sched, s.steps, s.height, s.width)
         shape = self.family.latent_shape(self.denoising, 1, s.height, s.width)
         # drawn on the CPU, one generator per image: the same noise on every device
         noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in s.seeds])

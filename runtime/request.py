@@ -172,8 +172,9 @@ def _negatives(negative, prompts: tuple[str, ...], use_cfg: bool, engine) -> tup
         return None
     cfg_max = engine.dim("cfg_batch")[2]
     if cfg_max < 2 * len(prompts):
+        fix = _widen(engine, "cfg_batch", "--batch")
         raise SettingError("batch", f"CFG doubles the batch to {2 * len(prompts)}, over the engine's maximum "
-                                    f"{cfg_max}; use fewer prompts")  # fmt: skip
+                                    f"{cfg_max}; use fewer prompts or {fix}")  # fmt: skip
     negatives = (negative or "",) * len(prompts) if isinstance(negative, str | None) else tuple(negative)
     if len(negatives) != len(prompts):
         raise SettingError("negative_prompt", f"{len(negatives)} negative prompts for {len(prompts)} prompts; give "

@@ -1,7 +1,9 @@
 """The `pladis` command: the demo end to end (its report well-formed), the layer listing, and errors that name the
 problem (the error and output contract in general: test_errors.py)."""
 
-from pladis import cli
+import numpy as np
+
+from pladis import cli, demo
 
 
 def test_demo_runs_the_whole_path(tmp_path, capsys):
@@ -17,7 +19,12 @@ def test_demo_runs_the_whole_path(tmp_path, capsys):
     assert len({line.count(" | ") for line in table}) == 1, table  # every row has the header's columns
     from PIL import Image
 
-    assert Image.open(out / "comparison.png").size[0] > 3 * 32 * 8  # three zoomed panels side by side
+    comparison = np.asarray(Image.open(out / "comparison.png").convert("L"))
+    assert comparison.shape[1] > 3 * 32 * 8  # three zoomed panels side by side
+    panel = (comparison.shape[1] - 2 * 8) // 3
+    for i in range(3):  # each panel under a label: dark text in the white band above it
+        band = comparison[: demo.CAPTION, i * (panel + 8) : i * (panel + 8) + panel]
+        assert (band < 128).any() and (band > 250).mean() > 0.5, i
     assert Image.open(out / "parity.png").size[0] > 400
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
     assert "PLADIS demo" in capsys.readouterr().out
@@ -47,3 +54,10 @@ def test_export_command(tmp_path, capsys):
     assert "holds an earlier export; pass --force" in capsys.readouterr().err
     assert cli.main(["export", "--model", "tiny-sd15", "--out", str(tmp_path / "x"), "--precision", "fp8"]) == 2
     assert "precision must be one of" in capsys.readouterr().err
+
+
+def test_lora_on_a_folder_pladis_did_not_write_says_what_to_pass(tmp_path, capsys):
+    assert cli.main(["lora", "--engine", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is not an engine or export folder written by pladis: pass --engine with a folder written by" in err
+    assert not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ import torch
 from pladis import cli
 from pladis.eager import eager_components
 from pladis.engine import BuildConfig, build, cache, check, key_parts
+from pladis.errors import SettingError
 from pladis.export import ExportConfig, contracts, export
 from pladis.manifest import open_engine, read_manifest
 from pladis.runtime import EngineError, Runtime, parity
@@ -176,6 +177,10 @@ def test_interrupted_build_leaves_no_valid_entry(onnx_dirs, tmp_path, monkeypatc
 def test_bad_input(onnx_dirs, tmp_path):
     with pytest.raises(EngineError, match="has no manifest.json"):
         build(cfg(tmp_path, tmp_path))
+    with pytest.raises(SettingError, match="device must be cpu or cuda; got 'gpu'"):  # not: needs onnxruntime-gpu
+        build(cfg(onnx_dirs["tiny-sd15"], tmp_path, device="gpu"))
+    with pytest.raises(EngineError, match="missing is not a folder: pass --onnx"):  # not "has no manifest.json"
+        build(cfg(tmp_path / "missing", tmp_path / "out"))
     with pytest.raises(ValueError, match="does not contain its opt shape"):
         build(cfg(onnx_dirs["tiny-sd15"], tmp_path, dims="cfg_batch=2:1:4"))
     with pytest.raises(ValueError, match="outside the exported range"):

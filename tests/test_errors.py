@@ -68,7 +68,24 @@ def test_bad_flag_values_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse's own type check
         cli.main(["export", "--opset", "seventeen"])
     assert exit_.value.code == 2
+    _one_line(capsys, "pladis export: error: argument --opset: invalid int value: 'seventeen'", "pladis export --help")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [(["generate", "--stepz", "3"], "pladis generate: error: unrecognized arguments: --stepz 3"),
+     (["-v", "cache", "list", "extra"], "pladis cache: error: unrecognized arguments: extra"),
+     (["generate", "--steps"], "pladis generate: error: argument --steps: expected one argument"),
+     (["frobnicate"], "pladis: error: argument COMMAND: invalid choice: 'frobnicate'")],
+)  # fmt: skip
+def test_argparse_mistakes_are_one_line_naming_the_command(argv, needle, capsys):
+    # argparse's default printed its whole usage block above the error; a flag the command lacks was blamed on
+    # `pladis` instead of the command whose --help lists the flags
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    _one_line(capsys, needle, "--help` lists the flags")
 
 
 @pytest.mark.parametrize("lam", ["11", "-1"])

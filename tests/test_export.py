@@ -193,6 +193,22 @@ def test_bad_settings(tmp_path, kw, message):
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("model", ["sdxl", "tiny-flux"])
+def test_a_bad_size_or_component_of_a_builtin_is_refused_before_any_weights_are_made(tmp_path, monkeypatch, model):
+    # sdxl: the full 14 GB float32 model was built (55 s here) before `--height 17` was refused
+    from pladis import sources
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights loaded before the size check")
+
+    monkeypatch.setattr(sources, "load", no_load)
+    with pytest.raises(ValueError, match="height must be a multiple of"):
+        run_export(tmp_path, model=model, height=17)
+    with pytest.raises(ValueError, match=r"unknown component\(s\) unte; this model has text_encoder"):
+        run_export(tmp_path, model=model, components="unte")
+    assert not list(tmp_path.iterdir())
+
+
 def test_output_rule_never_replaces_user_data(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("user data")

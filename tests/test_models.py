@@ -6,6 +6,7 @@ import torch
 
 import pladis
 from pladis import models
+from pladis.errors import PladisError
 
 TINY = [name for name in models.BUILTINS if name.startswith("tiny-")]
 
@@ -96,3 +97,22 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_clean_line(tmp_path, monkeypatch
     err = capsys.readouterr().err.strip()
     assert err.startswith("pladis layers: error: cannot load model 'org/name'") and "\n" not in err, err
     assert "stacktrace" not in err and "not in the local Hugging Face cache" in err
+
+
+def test_a_name_that_is_no_builtin_folder_or_hub_id_is_refused_without_asking_the_hub(monkeypatch, capsys):
+    # a new user's typo: `pladis layers --model tiny-sdxxl` went to from_pretrained, waited on the hub, and said
+    # the Hub could not be reached; export said "unknown model" at once. Now both say it, with the close names.
+    import diffusers
+
+    from pladis import cli
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("from_pretrained called for a name that is no hub id")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", no_hub)
+    assert cli.main(["layers", "--model", "tiny-sdxxl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pladis layers: error: unknown model 'tiny-sdxxl' (did you mean 'tiny-sdxl'"), err
+    assert "\n" not in err
+    with pytest.raises(PladisError, match="unknown model 'nope': use a built-in"):  # no close name: no hint
+        models.load("nope")

@@ -67,6 +67,9 @@ def test_build_never_replaces_what_pladis_did_not_write(export_dir, tmp_path, ca
         _fails(capsys, [*common, "--out", str(notes), *force], "not a folder")
         _fails(capsys, [*common, "--out", str(export_dir), *force], "is (or contains) the input")
         _fails(capsys, [*common, "--out", str(export_dir.parent), *force], "is (or contains) the input")
+        # inside the export: an `export --force` on it would delete the engine with it
+        _fails(capsys, [*common, "--out", str(export_dir / "engine"), *force], "is inside the input")
+    assert not (export_dir / "engine").exists()
     assert (user / "thesis.txt").read_text() == SENTINEL and notes.read_text() == SENTINEL
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("cache")) == ["notes.txt", "userdata"]
     assert (export_dir / "manifest.json").is_file()
@@ -97,7 +100,7 @@ def test_bad_output_paths_are_refused_before_any_work(engine_dir, tmp_path, caps
     gen = ["generate", "--engine", str(engine_dir), "--steps", "1"]
     (tmp_path / "dir").mkdir()
     _fails(capsys, [*gen, "--out", str(tmp_path / "dir")], "is a folder")
-    _fails(capsys, [*gen, "--out", str(tmp_path / "pic.gif")], ".png or .jpg")
+    _fails(capsys, [*gen, "--out", str(tmp_path / "pic.gif")], "must end in one of .png, .jpg, .jpeg, .webp")
     (tmp_path / "file").write_text(SENTINEL)
     _fails(capsys, [*gen, "--out", str(tmp_path / "file" / "x.png")], "cannot write in")
     (tmp_path / "old.png").write_text(SENTINEL)
@@ -385,6 +388,11 @@ def test_edited_engine_manifest_and_narrowed_dims(export_dir, tmp_path):
         "engine with a wider --dims latent_height",
     ):  # (said "exported range", re-export)
         rt.settings("a cube", height=dims["height"][2])
+    narrow = tmp_path / "narrow-batch"  # the CFG-doubled batch past a narrowed cfg_batch: rebuild, not re-export
+    build(BuildConfig(onnx=str(export_dir), out=str(narrow), cache_dir=str(tmp_path / "c"), dims="cfg_batch=1:2:4"))
+    with pytest.raises(ValueError, match="CFG doubles the batch to 6, over the engine's maximum 4; use fewer prompts "
+                                         "or rebuild the engine with a wider --dims cfg_batch"):  # fmt: skip
+        Runtime(narrow).settings("a cube", batch=3)
     manifest = json.loads((eng / "manifest.json").read_text())
     manifest["dims"]["height"] = [16, 64, 4096]
     (eng / "manifest.json").write_text(json.dumps(manifest))
@@ -411,3 +419,15 @@ def test_precision_is_what_was_exported(export_dir):
     manifest = json.loads((export_dir / "manifest.json").read_text())
     manifest["precision"] = "bf16"  # requested bf16, every component fell back to float32
     assert Engine(export_dir, manifest).precision == "fp32"
+
+
+def test_a_refused_command_leaves_no_folders_its_output_check_made(tmp_path, capsys):
+    # the writability probe created --out's missing parents, and a command refused after it (here: no engine,
+    # an unknown model) left them behind, empty
+    image = tmp_path / "a" / "b" / "x.png"
+    assert cli.main(["generate", "--engine", str(tmp_path / "nowhere"), "--out", str(image)]) == 2
+    assert cli.main(["export", "--model", "nope", "--out", str(tmp_path / "c" / "d" / "export")]) == 2
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    files.check_writable(tmp_path / "e" / "f")  # the default keeps what it made: the cache folder's own use
+    assert (tmp_path / "e" / "f").is_dir()

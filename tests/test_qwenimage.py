@@ -198,6 +198,20 @@ def test_generate_and_parity_commands(exported, tmp_path, capsys):
     family_checks.generate_and_parity_commands(exported[1], tmp_path, capsys)
 
 
+def test_one_step_is_refused_naming_steps_not_a_traceback(exported, tmp_path, capsys):
+    # Qwen-Image's scheduler config stretches sigmas to shift_terminal 0.02: at one step that is 0/0, and the
+    # NaN timestep ended in an IndexError inside diffusers' scheduler (a "bug in pladis" traceback)
+    from pladis import cli
+
+    for argv in (["generate", "--out", str(tmp_path / "one.png")], ["parity", "--json", str(tmp_path / "p.json")]):
+        assert cli.main([*argv, "--engine", str(exported[1]), "--steps", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and "\n" not in err, err
+        assert "step(s) give this engine's FlowMatchEulerDiscreteScheduler no valid timesteps" in err
+        assert "shift_terminal" in err and "use more steps" in err
+    assert not list(tmp_path.iterdir())  # refused before anything is written
+
+
 # --------------------------------------------------------------------------------------------------
 # Single files and LoRAs, through diffusers' own loaders
 # --------------------------------------------------------------------------------------------------

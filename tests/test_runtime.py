@@ -113,7 +113,8 @@ def test_generate_command_writes_the_api_image(engines, tmp_path, capsys):
 def test_parity_command_and_plot(engines, tmp_path, capsys):
     plot = tmp_path / "p.png"
     assert cli.main(["parity", "--engine", str(engines("tiny-sd15")), "--steps", "2", "--plot", str(plot)]) == 0
-    assert "PASS" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "PASS" in printed and printed.strip().endswith(f"wrote {plot}")  # it says what it wrote, last
     from PIL import Image
 
     assert Image.open(plot).size[0] > 400
@@ -218,3 +219,16 @@ def test_bad_engine_folders(engines, tmp_path):
         Runtime(engines("tiny-sd15"), "trt").generate("a cat", steps=1, progress=False)
     with pytest.raises(EngineError, match="no component unet2"):
         Runtime(engines("tiny-sd15"), "ort", {"unet2": "torch"})
+
+
+def test_a_prompt_longer_than_the_encoder_reads_is_said_not_dropped_silently(engines, caplog):
+    # a new user's 1000-character prompt ran with no word that most of it was cut (diffusers' pipelines warn)
+    rt = Runtime(engines("tiny-sd15"), "ort")
+    with caplog.at_level(logging.WARNING, logger="pladis"):
+        rt.generate("a red cube", steps=1)
+    assert not [r for r in caplog.records if "longer than" in r.getMessage()]  # a short prompt: nothing to say
+    with caplog.at_level(logging.WARNING, logger="pladis"):
+        rt.generate("a red cube " * 100, steps=1)
+    said = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
+    assert len(said) == 1 and "'a red cube a red cube" in said[0] and "tokens text_encoder reads" in said[0], said
+    assert "the rest is dropped" in said[0]
