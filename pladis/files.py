@@ -124,6 +124,33 @@ FOLDER_KINDS = {
 }
 
 
+# Every folder pladis publishes (``replace_folder``) lists the files it wrote in this file, one relative path a
+# line: ``--force`` replaces such a folder only while it holds nothing else (a user's notes put inside survive).
+INVENTORY = ".pladis-files"
+
+
+def _files_in(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def write_inventory(folder: str | os.PathLike) -> None:
+    """Record every file now in ``folder`` (its relative paths, sorted) in its ``INVENTORY``."""
+    folder = Path(folder)
+    names = sorted(_files_in(folder) - {INVENTORY})
+    write_text(folder / INVENTORY, "".join(f"{n}\n" for n in names))
+
+
+def foreign_files(folder: str | os.PathLike) -> list[str]:
+    """The files in ``folder`` that its ``INVENTORY`` does not list (relative paths, sorted): what someone else
+    put there after pladis wrote it. A folder without an inventory (written before pladis kept one): none."""
+    folder = Path(folder)
+    try:
+        listed = set((folder / INVENTORY).read_text().splitlines())
+    except OSError:
+        return []
+    return sorted(_files_in(folder) - listed - {INVENTORY})
+
+
 def folder_kind(path: str | os.PathLike) -> str | None:
     """The kind of pladis folder ``path`` is ("export", "engine", "demo"), or None."""
     path = Path(path)
@@ -142,8 +169,9 @@ def check_output_folder(out: str | os.PathLike, kind: str, force: bool, inputs: 
     """Apply the output rule to a folder a command is about to write, before any work; returns it resolved.
 
     A new path (or an empty folder) is created; an existing pladis folder of the same ``kind`` is replaced
-    only with ``force``; anything else — a file, another folder, one of the command's ``inputs``, a folder
-    that contains one or one inside it — is refused, ``force`` or not. The parent must be writable.
+    only with ``force``, and only while it holds no file its ``INVENTORY`` does not list; anything else — a
+    file, another folder, one of the command's ``inputs``, a folder that contains one or one inside it — is
+    refused, ``force`` or not. The parent must be writable.
     """
     from pladis.errors import PladisError
 
@@ -165,6 +193,12 @@ def check_output_folder(out: str | os.PathLike, kind: str, force: bool, inputs: 
                                   "a new or empty folder")  # fmt: skip
             if not force:
                 raise PladisError(f"output {out} holds an earlier {kind}; pass --force (force=True) to replace it")
+            foreign = foreign_files(out)
+            if foreign:
+                more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+                raise PladisError(f"output {out} holds files pladis did not write ({', '.join(foreign[:3])}{more}), "
+                                  "which replacing it would delete: move them out of it and run again, or choose "
+                                  "another output folder")  # fmt: skip
     check_writable(out.parent, keep=False)
     return out
 
@@ -214,7 +248,9 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], force:
 
 def replace_folder(tmp: Path, out: Path) -> None:
     """Rename the finished folder ``tmp`` onto ``out``; an old ``out`` (already checked by
-    ``check_output_folder``) is moved aside first and removed only after the rename."""
+    ``check_output_folder``) is moved aside first and removed only after the rename. ``tmp``'s files are
+    recorded in its ``INVENTORY`` first."""
+    write_inventory(tmp)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.old")

@@ -96,6 +96,27 @@ def test_engine_replaced_only_with_force(export_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "eng" / "engine.json").read_text())["flags"]["opt_level"] == 1
 
 
+def test_force_replaces_a_pladis_folder_only_while_it_holds_nothing_else(export_dir, tmp_path, capsys):
+    from pladis.files import INVENTORY
+
+    eng = tmp_path / "eng"
+    args = ["build", "--onnx", str(export_dir), "--out", str(eng), "--cache-dir", str(tmp_path / "c")]
+    assert cli.main(args) == 0
+    # the inventory lists exactly the files the build left (an independent walk of the folder)
+    walked = sorted(p.relative_to(eng).as_posix() for p in eng.rglob("*") if p.is_file() and p.name != INVENTORY)
+    assert (eng / INVENTORY).read_text().splitlines() == walked and "engine.json" in walked
+    (eng / "my-notes.txt").write_text(SENTINEL)
+    (eng / "scheduler" / "keep.txt").write_text(SENTINEL)
+    _fails(capsys, [*args, "--opt-level", "1", "--force"], "did not write (my-notes.txt, scheduler/keep.txt)",
+           "move them out")  # fmt: skip
+    assert (eng / "my-notes.txt").read_text() == SENTINEL and (eng / "scheduler" / "keep.txt").read_text() == SENTINEL
+    assert json.loads((eng / "engine.json").read_text())["flags"]["opt_level"] != 1  # the old engine, untouched
+    (eng / "my-notes.txt").unlink()
+    (eng / "scheduler" / "keep.txt").unlink()
+    assert cli.main([*args, "--opt-level", "1", "--force"]) == 0  # nothing of the user's left in it: replaced
+    assert json.loads((eng / "engine.json").read_text())["flags"]["opt_level"] == 1
+
+
 def test_bad_output_paths_are_refused_before_any_work(engine_dir, tmp_path, capsys):
     gen = ["generate", "--engine", str(engine_dir), "--steps", "1"]
     (tmp_path / "dir").mkdir()
