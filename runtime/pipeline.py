@@ -317,26 +317,35 @@ class Runtime:
 
     def settings(self, request: Request | str | list[str] | None = None, /, **fields) -> Settings:
         """``request`` (or a prompt and ``Request`` keywords) checked against the engine, defaults filled in;
-        ``SettingError`` naming the field otherwise. Nothing runs."""
+        ``SettingError`` naming the field otherwise (the steps too: the scheduler's timesteps are set once, on
+        the CPU, to see that they are valid). No component runs."""
         if isinstance(request, Request):
             if fields:
                 raise TypeError(f"pass a Request or keyword settings, not both (got {', '.join(fields)})")
         else:
             request = Request(**fields) if request is None else Request(request, **fields)
-        return check(request, self.engine)
+        s = check(request, self.engine)
+        self.timestep_scheduler(s)
+        return s
+
+    def timestep_scheduler(self, s: Settings):
+        """A fresh scheduler of ``s`` with its timesteps set for ``s``; SettingError naming steps when that step
+        count gives no valid timesteps (before any encoding)."""
+        sched = self.scheduler(s.scheduler)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a 0/0 here is the SettingError below
+            self.family.timesteps(self.denoising, sched, s.steps, s.height, s.width)
+        if not torch.isfinite(torch.as_tensor(sched.timesteps, dtype=torch.float64)).all():
+            terminal = sched.config.get("shift_terminal")
+            why = " (its shift_terminal stretch divides by zero at one step)" if terminal else ""
+            raise SettingError("steps", f"{s.steps} step(s) give this engine's {type(sched).__name__} no valid "
+                                        f"timesteps{why}; use more steps")  # fmt: skip
+        return sched
 
     # -- the loop, in pieces ------------------------------------------------------------------------
 
     def prepare(self, s: Settings) -> tuple[dict, object, torch.Tensor]:
         """(constant denoiser inputs, scheduler with timesteps set, initial latents (packed for FLUX))."""
-        sched = self.scheduler(s.scheduler)
-        with np.errstate(invalid="ignore", divide="ignore"):  # a 0/0 here is the SettingError below
-            self.family.timesteps(self.denoising, sched, s.steps, s.height, s.width)
-        if not torch.isfinite(torch.as_tensor(sched.timesteps, dtype=torch.float64)).all():  # before any encoding
-            terminal = sched.config.get("shift_terminal")
-            why = " (its shift_terminal stretch divides by zero at one step)" if terminal else ""
-            raise SettingError("steps", f"{s.steps} step(s) give this engine's {type(sched).__name__} no valid "
-                                        f"timesteps{why}; use more steps")  # fmt: skip
+        sched = self.timestep_scheduler(s)  # before any encoding
         cond = self.family.encode(self.denoising, s.prompts, s.negatives, s.height, s.width, s.guidance)
         if s.lam is not None:  # both CFG halves of a sample get that sample's lam: [uncond..., cond...]
             name = self.engine.manifest.pladis.lam_input

@@ -210,6 +210,12 @@ def test_one_step_is_refused_naming_steps_not_a_traceback(exported, tmp_path, ca
         assert "step(s) give this engine's FlowMatchEulerDiscreteScheduler no valid timesteps" in err
         assert "shift_terminal" in err and "use more steps" in err
     assert not list(tmp_path.iterdir())  # refused before anything is written
+    from pladis.errors import SettingError
+    from pladis.runtime import Runtime
+
+    with pytest.raises(SettingError, match="no valid timesteps") as err:  # what the server answers with a 400
+        Runtime(exported[1]).settings("a cat", steps=1)
+    assert err.value.field == "steps"
 
 
 # --------------------------------------------------------------------------------------------------
