@@ -8,9 +8,11 @@ peft adapters, weights them by their scales and fuses them into the weights.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,14 +156,26 @@ def _misfit(module, path: str, key: str, value: torch.Tensor) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _loading():
+    """diffusers' loader without its notes that say nothing to a pladis user: "No LoRA keys associated to
+    CLIPTextModel" (a LoRA for the denoiser only) and peft's "Already found a peft_config" (a second adapter)."""
+    from pladis.model_files import quiet
+
+    with quiet(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*Already found a `?peft_config`?")
+        yield
+
+
 def fuse(pipe, loras) -> None:
     """Load each LoRA as a peft adapter, weight them by their scales, fuse them into the weights and drop
     the adapters: the pipeline is a plain one again, with LoRA-modified weights."""
     names = []
     for i, lora in enumerate(loras):
         name = f"pladis_lora_{i}"
-        pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=name,
-                               local_files_only=True)  # fmt: skip
+        with _loading():
+            pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=name,
+                                   local_files_only=True)  # fmt: skip
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)  # each adapter's scale was set by set_adapters
@@ -191,8 +205,9 @@ def load_adapter(pipe, lora: Lora, name: str) -> dict[tuple[str, str], torch.nn.
     from peft.tuners.lora import LoraLayer
 
     try:
-        pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=name,
-                               local_files_only=True)  # fmt: skip
+        with _loading():
+            pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=name,
+                                   local_files_only=True)  # fmt: skip
     except (ValueError, KeyError, RuntimeError) as err:  # diffusers' and peft's refusals of a foreign file
         raise LoraError(f"LoRA {lora.path.name} cannot be loaded into {type(pipe).__name__} ({type(err).__name__}: "
                         f"{str(err).splitlines()[0][:300] if str(err) else ''}); is it a LoRA for this model "
