@@ -66,6 +66,8 @@ def check_config(cfg: ExportConfig) -> sources.Source:
         family = patch.family_of(patch.denoiser_of(meta)).name
         contracts.check_size(meta, family, *_size(cfg, meta))
         _wanted(cfg, contracts.components(meta, family))
+    elif (meta := sources.structure(source)) is not None:  # a diffusers folder: its configs on the meta device
+        contracts.check_size(meta, patch.family_of(patch.denoiser_of(meta)).name, *_size(cfg, meta))
     return source
 
 

@@ -159,12 +159,24 @@ def _misfit(module, path: str, key: str, value: torch.Tensor) -> str | None:
 @contextlib.contextmanager
 def _loading():
     """diffusers' loader without its notes that say nothing to a pladis user: "No LoRA keys associated to
-    CLIPTextModel" (a LoRA for the denoiser only) and peft's "Already found a peft_config" (a second adapter)."""
-    from pladis.model_files import quiet
+    CLIPTextModel" (a LoRA for the denoiser only), transformers' weight-loading progress bar, and peft's
+    "Already found a peft_config" (a second adapter). (model_files.quiet is a floor above this module.)"""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
 
-    with quiet(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*Already found a `?peft_config`?")
-        yield
+    levels, bar = (tlog.get_verbosity(), dlog.get_verbosity()), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    dlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*Already found a `?peft_config`?")
+            yield
+    finally:
+        tlog.set_verbosity(levels[0])
+        dlog.set_verbosity(levels[1])
+        if bar:
+            tlog.enable_progress_bar()
 
 
 def fuse(pipe, loras) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from pladis import lora, models, single_file
 from pladis.errors import PladisError
-from pladis.families import Layout
+from pladis.families import Layout, denoiser_components
 from pladis.lora import LORA_SUFFIXES, Lora
 from pladis.model_files import dtype_kw, meta_modules, pipeline_class, quiet
 from pladis.single_file import CHECKPOINT_SUFFIXES
@@ -103,6 +103,23 @@ def resolve(model: str, config: str = "", loras=()) -> Source:
     if loras and importlib.util.find_spec("peft") is None:
         raise lora.LoraError(lora.NO_PEFT)
     return Source("hub", model, None, loras=loras)  # LoRAs are checked once the model is loaded
+
+
+def structure(src: Source):
+    """A diffusers folder's denoiser and VAE built on the meta device from their configs (attributes named as
+    the pipeline's), for checks on the structure before any weights are read; None for other sources, or
+    when they cannot be built that way (the checks then run once the pipeline is loaded)."""
+    from types import SimpleNamespace
+
+    if src.kind != "folder":
+        return None
+    try:
+        get = meta_modules(Path(src.name))
+        parts = {name: get(name) for name in ("vae", *denoiser_components())}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError):
+        return None
+    parts = {name: module for name, module in parts.items() if module is not None}
+    return SimpleNamespace(**parts) if "vae" in parts and len(parts) > 1 else None
 
 
 def load(src: Source, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -358,6 +358,21 @@ def test_moved_or_changed_source_is_reported(exports, saved, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
+def test_a_folders_bad_size_is_refused_before_its_weights_are_read(saved, tmp_path, monkeypatch):
+    # the size rule from the folder's configs on the meta device, before DiffusionPipeline.from_pretrained
+    import diffusers
+
+    from pladis.export import ExportConfig, export
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights read before the size check")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", no_load)
+    with pytest.raises(ValueError, match="height must be a multiple of 4 for this model; got 17"):
+        export(ExportConfig(model=str(saved / "tiny-sd15"), out=str(tmp_path / "out"), height=17))
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def bad_files(saved, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
