@@ -113,20 +113,21 @@ def _prompts(request: Request, engine) -> tuple[str, ...]:
         raise SettingError("batch", f"batch must be a whole number of images, at least 1; got {batch!r}")
     prompt = request.prompt
     if isinstance(prompt, str):
-        prompts = (prompt,) * batch
+        count = batch
     elif isinstance(prompt, Sequence) and all(isinstance(p, str) for p in prompt):
         if batch != 1:
             raise SettingError("batch", f"batch={batch} repeats one prompt string; with a list of prompts give one "
                                         "entry per image (batch=1)")  # fmt: skip
-        prompts = tuple(prompt)
+        count = len(prompt)
     else:
         raise SettingError("prompt", f"prompt must be a string or a list of strings; got {type(prompt).__name__}")
+    max_batch = engine.dim("batch")[2]
+    if count > max_batch:  # before the prompts are repeated: a batch of 10**12 is refused, never allocated
+        raise SettingError("batch", f"batch of {count} prompts is over this engine's maximum of {max_batch}; "
+                                    f"split the prompts or {_widen(engine, 'batch', '--batch')}")  # fmt: skip
+    prompts = (prompt,) * batch if isinstance(prompt, str) else tuple(prompt)
     if not prompts or any(not p.strip() for p in prompts):
         raise SettingError("prompt", "prompt is empty: pass a non-empty prompt string or a list of them")
-    max_batch = engine.dim("batch")[2]
-    if len(prompts) > max_batch:
-        raise SettingError("batch", f"batch of {len(prompts)} prompts is over this engine's maximum of {max_batch}; "
-                                    f"split the prompts or {_widen(engine, 'batch', '--batch')}")  # fmt: skip
     return prompts
 
 

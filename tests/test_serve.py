@@ -218,6 +218,7 @@ HUGE = "9" * 5000
     (dict(steps=0), "steps"),
     (dict(n=5), "n"),
     (dict(n="two"), "n"),
+    (dict(n=10**12), "n"),  # over the engine's batch: refused before the prompt is repeated (was a MemoryError 500)
     (dict(scheduler="heun"), "scheduler"),
     (dict(response_format="url"), "response_format"),
     (dict(output_format="svg"), "output_format"),
