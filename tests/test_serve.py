@@ -262,6 +262,16 @@ def test_odd_input_gets_400_not_500(server, content, field):
     assert r.json()["error"]["param"] == field, r.text
 
 
+@pytest.mark.parametrize("body, fix", [
+    (dict(prompt="x" * 2001), "shorten it"),
+    (dict(negative_prompt="x" * 2001, guidance=5), "shorten it"),
+    (dict(steps=51), "ask for at most 50"),
+])  # fmt: skip
+def test_refusals_at_the_servers_limits_say_the_fix(server, body, fix):
+    r = post(server, **body)  # the limit alone left the client guessing what to change
+    assert r.status_code == 400 and fix in r.json()["error"]["message"], r.text
+
+
 def test_non_json_content_type_is_415(server):
     r = post_raw(server, b"prompt=a red cube", "text/plain")
     assert r.status_code == 415 and r.json()["error"]["param"] == "content-type", r.text
@@ -325,6 +335,7 @@ def test_readiness_liveness_metrics(server):
 def test_oversize_body_by_content_length_is_413(server):
     r = post_raw(server, b"{" + b" " * 70000 + b"}")
     assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+    assert "send a smaller one" in r.json()["error"]["message"], r.text
 
 
 def _rss() -> int:
