@@ -191,6 +191,10 @@ def _seeds(seed, n: int) -> tuple[int, ...]:
         seeds = tuple(first + i for i in range(n))
     if len(seeds) != n:
         raise SettingError("seed", f"{len(seeds)} seeds for {n} prompts; give one seed or one per prompt")
+    for i, x in enumerate(seeds):  # torch's generators take 64-bit seeds, and the step noise's is seed + 1
+        if not -(2**63) <= x < 2**63:
+            whose = f" (image {i}'s: seed + {i})" if i and not isinstance(seed, Sequence) else ""
+            raise SettingError("seed", f"seed {x}{whose} is outside [-2**63, 2**63 - 1]; pick one inside it")
     return seeds
 
 

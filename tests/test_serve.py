@@ -232,6 +232,7 @@ HUGE = "9" * 5000
     (dict(guidance=-1), "guidance"),
     (dict(guidance=0, negative_prompt="blur"), "negative_prompt"),  # the runtime's own check, named
     (dict(seed=-1), "seed"),
+    (dict(seed=2**63 - 1, n=2), "seed"),  # image 1 gets seed + 1, past the range (was served)
     (dict(steps=True), "steps"),  # strict types: no bool for a number (was accepted as 1)
     (dict(n="2"), "n"),  # no string for a number (was accepted as 2)
     (dict(guidance="7"), "guidance"),
