@@ -278,6 +278,14 @@ def test_non_json_content_type_is_415(server):
     assert r.status_code == 415 and r.json()["error"]["param"] == "content-type", r.text
 
 
+def test_a_body_without_a_content_type_is_read_as_json(server):
+    request = httpx.Request("POST", f"{server}/v1/images/generations", headers=AUTH,
+                            content=b'{"prompt": "a red cube", "steps": 1}')  # fmt: skip
+    assert "content-type" not in request.headers  # as the README says: read as JSON, not a 415
+    r = httpx.Client(timeout=60).send(request)
+    assert r.status_code == 200 and len(r.json()["data"]) == 1, r.text
+
+
 def test_openai_sdk_sync_with_its_usual_arguments_and_errors(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
