@@ -113,20 +113,21 @@ def _prompts(request: Request, engine) -> tuple[str, ...]:
         raise SettingError("batch", f"batch must be a whole number of images, at least 1; got {batch!r}")
     prompt = request.prompt
     if isinstance(prompt, str):
-        prompts = (prompt,) * batch
+        count = batch
     elif isinstance(prompt, Sequence) and all(isinstance(p, str) for p in prompt):
         if batch != 1:
             raise SettingError("batch", f"batch={batch} repeats one prompt string; with a list of prompts give one "
                                         "entry per image (batch=1)")  # fmt: skip
-        prompts = tuple(prompt)
+        count = len(prompt)
     else:
         raise SettingError("prompt", f"prompt must be a string or a list of strings; got {type(prompt).__name__}")
+    max_batch = engine.dim("batch")[2]
+    if count > max_batch:  # before the prompts are repeated: a batch of 10**12 is refused, never allocated
+        raise SettingError("batch", f"batch of {count} prompts is over this engine's maximum of {max_batch}; "
+                                    f"split the prompts or {_widen(engine, 'batch', '--batch')}")  # fmt: skip
+    prompts = (prompt,) * batch if isinstance(prompt, str) else tuple(prompt)
     if not prompts or any(not p.strip() for p in prompts):
         raise SettingError("prompt", "prompt is empty: pass a non-empty prompt string or a list of them")
-    max_batch = engine.dim("batch")[2]
-    if len(prompts) > max_batch:
-        raise SettingError("batch", f"batch of {len(prompts)} prompts is over this engine's maximum of {max_batch}; "
-                                    f"split the prompts or {_widen(engine, 'batch', '--batch')}")  # fmt: skip
     return prompts
 
 
@@ -190,6 +191,10 @@ def _seeds(seed, n: int) -> tuple[int, ...]:
         seeds = tuple(first + i for i in range(n))
     if len(seeds) != n:
         raise SettingError("seed", f"{len(seeds)} seeds for {n} prompts; give one seed or one per prompt")
+    for i, x in enumerate(seeds):  # torch's generators take 64-bit seeds, and the step noise's is seed + 1
+        if not -(2**63) <= x < 2**63:
+            whose = f" (image {i}'s: seed + {i})" if i and not isinstance(seed, Sequence) else ""
+            raise SettingError("seed", f"seed {x}{whose} is outside [-2**63, 2**63 - 1]; pick one inside it")
     return seeds
 
 

@@ -133,6 +133,8 @@ def test_parity_command_and_plot(engines, tmp_path, capsys):
     (dict(steps=True), "steps", "steps must be a whole number"),
     (dict(guidance=float("nan")), "guidance", "guidance must be a finite number"),
     (dict(seed=[1, 2]), "seed", "2 seeds for 1 prompts"),
+    (dict(seed=2**64), "seed", "outside"),  # torch's generator cannot take it (was a traceback)
+    (dict(seed=2**63 - 1, batch=2), "seed", r"image 1's: seed \+ 1"),
 ])  # fmt: skip
 def test_bad_settings_are_refused_before_work(engines, kwargs, field, message):
     rt = Runtime(engines("tiny-sd15"), "ort")

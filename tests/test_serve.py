@@ -218,6 +218,7 @@ HUGE = "9" * 5000
     (dict(steps=0), "steps"),
     (dict(n=5), "n"),
     (dict(n="two"), "n"),
+    (dict(n=10**12), "n"),  # over the engine's batch: refused before the prompt is repeated (was a MemoryError 500)
     (dict(scheduler="heun"), "scheduler"),
     (dict(response_format="url"), "response_format"),
     (dict(output_format="svg"), "output_format"),
@@ -231,6 +232,7 @@ HUGE = "9" * 5000
     (dict(guidance=-1), "guidance"),
     (dict(guidance=0, negative_prompt="blur"), "negative_prompt"),  # the runtime's own check, named
     (dict(seed=-1), "seed"),
+    (dict(seed=2**63 - 1, n=2), "seed"),  # image 1 gets seed + 1, past the range (was served)
     (dict(steps=True), "steps"),  # strict types: no bool for a number (was accepted as 1)
     (dict(n="2"), "n"),  # no string for a number (was accepted as 2)
     (dict(guidance="7"), "guidance"),
@@ -261,9 +263,27 @@ def test_odd_input_gets_400_not_500(server, content, field):
     assert r.json()["error"]["param"] == field, r.text
 
 
+@pytest.mark.parametrize("body, fix", [
+    (dict(prompt="x" * 2001), "shorten it"),
+    (dict(negative_prompt="x" * 2001, guidance=5), "shorten it"),
+    (dict(steps=51), "ask for at most 50"),
+])  # fmt: skip
+def test_refusals_at_the_servers_limits_say_the_fix(server, body, fix):
+    r = post(server, **body)  # the limit alone left the client guessing what to change
+    assert r.status_code == 400 and fix in r.json()["error"]["message"], r.text
+
+
 def test_non_json_content_type_is_415(server):
     r = post_raw(server, b"prompt=a red cube", "text/plain")
     assert r.status_code == 415 and r.json()["error"]["param"] == "content-type", r.text
+
+
+def test_a_body_without_a_content_type_is_read_as_json(server):
+    request = httpx.Request("POST", f"{server}/v1/images/generations", headers=AUTH,
+                            content=b'{"prompt": "a red cube", "steps": 1}')  # fmt: skip
+    assert "content-type" not in request.headers  # as the README says: read as JSON, not a 415
+    r = httpx.Client(timeout=60).send(request)
+    assert r.status_code == 200 and len(r.json()["data"]) == 1, r.text
 
 
 def test_openai_sdk_sync_with_its_usual_arguments_and_errors(server):
@@ -324,6 +344,7 @@ def test_readiness_liveness_metrics(server):
 def test_oversize_body_by_content_length_is_413(server):
     r = post_raw(server, b"{" + b" " * 70000 + b"}")
     assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+    assert "send a smaller one" in r.json()["error"]["message"], r.text
 
 
 def _rss() -> int:

@@ -531,7 +531,8 @@ async def read_request(request: HttpRequest, cfg: ServeConfig) -> ImageRequest:
     if media != "application/json" and not media.endswith("+json"):
         raise ApiError(415, f"content type {_short(media)} is not JSON; send 'Content-Type: application/json'",
                        param="content-type", code="unsupported_media_type")  # fmt: skip
-    too_big = ApiError(413, f"the request body is over {cfg.max_body_bytes} bytes", param="body", code="too_large")
+    too_big = ApiError(413, f"the request body is over the server's maximum of {cfg.max_body_bytes} bytes; send a "
+                       "smaller one (a shorter prompt)", param="body", code="too_large")  # fmt: skip
     length = request.headers.get("content-length", "")
     if len(length) > 18 or (length.isdigit() and int(length) > cfg.max_body_bytes):
         raise too_big
@@ -606,7 +607,8 @@ def check_body(body: ImageRequest, cfg: ServeConfig) -> str:
     for name in ("prompt", "negative_prompt"):
         value = getattr(body, name)
         if value is not None and len(value) > cfg.max_prompt_chars:
-            raise _bad(name, f"{name} is {len(value)} characters, over the server's maximum of {cfg.max_prompt_chars}")
+            raise _bad(name, f"{name} is {len(value)} characters, over the server's maximum of {cfg.max_prompt_chars}; "
+                             "shorten it")  # fmt: skip
     if body.stream:
         raise _bad("stream", "streaming is not supported; leave stream out or false")
     if body.response_format not in (None, "b64_json"):
@@ -615,7 +617,8 @@ def check_body(body: ImageRequest, cfg: ServeConfig) -> str:
     if fmt not in FORMATS:
         raise _bad("output_format", f"output_format {_short(fmt)} is not served; choose one of {', '.join(FORMATS)}")
     if body.steps is not None and body.steps > cfg.max_steps:
-        raise _bad("steps", f"steps = {body.steps} is over the server's maximum of {cfg.max_steps}")
+        raise _bad("steps", f"steps = {body.steps} is over the server's maximum of {cfg.max_steps}; ask for at most "
+                            f"{cfg.max_steps}")  # fmt: skip
     return fmt
 
 
