@@ -39,6 +39,18 @@ class Lora:
     scale: float
 
 
+MAX_SCALE = 100.0  # LoRA scales are O(1) (typically 0-2); far past this, fused weights overflow to a black image
+
+
+def check_scale(what, scale: float) -> None:
+    """LoraError unless ``scale`` is a finite number within ±``MAX_SCALE`` (``what``: the LoRA, for the message)."""
+    if not math.isfinite(scale):
+        raise LoraError(f"LoRA {what!r}: scale must be a finite number; got {scale}")
+    if abs(scale) > MAX_SCALE:
+        raise LoraError(f"LoRA {what!r}: scale {scale:g} is outside ±{MAX_SCALE:g} (scales are typically 0-2; far "
+                        "larger ones overflow the fused weights): use a smaller scale")  # fmt: skip
+
+
 def parse_lora(spec: str) -> Lora:
     """``FILE`` or ``FILE:SCALE`` (scale 1.0 by default) -> Lora with an absolute path; checks both."""
     spec = str(spec)
@@ -51,8 +63,7 @@ def parse_lora(spec: str) -> Lora:
         except ValueError:
             raise LoraError(f"LoRA {spec!r}: scale {tail!r} is not a number; write FILE:SCALE, e.g. "
                             f"{head}:0.8") from None  # fmt: skip
-    if not math.isfinite(scale):
-        raise LoraError(f"LoRA {spec!r}: scale must be a finite number; got {scale}")
+    check_scale(spec, scale)
     p = Path(path).expanduser()
     if not p.is_file():
         raise LoraError(f"LoRA file {path} does not exist{' (it is a folder)' if p.is_dir() else ''}; "

@@ -22,7 +22,6 @@ Loaded adapters are kept per file (path, size, mtime), so changing scales or set
 from __future__ import annotations
 
 import json
-import math
 import threading
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from pladis.errors import PladisError
-from pladis.lora import Lora, LoraError, parse_lora
+from pladis.lora import Lora, LoraError, check_scale, parse_lora
 from pladis.manifest import Engine
 
 LORA_FILE = "loras.json"  # written by `pladis lora` beside an engine's files; applied when a Runtime opens it
@@ -49,8 +48,7 @@ def parse(loras) -> tuple[Lora, ...]:
                 scale = float(scale)
             except (TypeError, ValueError):
                 raise LoraError(f"LoRA {path}: scale {scale!r} is not a number") from None
-            if not math.isfinite(scale):
-                raise LoraError(f"LoRA {path}: scale must be a finite number; got {scale}")
+            check_scale(str(path), scale)
             lora = parse_lora(str(path))
             out.append(Lora(lora.path, scale))
         else:

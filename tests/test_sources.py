@@ -406,6 +406,8 @@ BAD = [  # (model, config, loras, message)
      "model does not have"),
     ("tiny-sdxl", "", ("{saved}/lora-a.safetensors:nan",), "scale must be a finite number; got nan"),
     ("tiny-sdxl", "", ("{saved}/lora-a.safetensors:inf",), "scale must be a finite number; got inf"),
+    # finite but far past any LoRA's range: the fused weights would overflow to a black image
+    ("tiny-sdxl", "", ("{saved}/lora-a.safetensors:1e30",), r"scale 1e\+30 is outside ±100"),
     ("tiny-sdxl", "", ("{saved}/lora-a.safetensors:strong",), "scale 'strong' is not a number"),
     ("tiny-sdxl", "", ("{saved}/lora-missing.safetensors:0.5",), "LoRA file .*lora-missing.safetensors does not exist"),
     ("tiny-pixart", "", ("{saved}/lora-a.safetensors",), "PixArtAlphaPipeline, which has no LoRA loader in diffusers"),
