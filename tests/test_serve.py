@@ -197,6 +197,15 @@ def test_lam_zero_on_a_stock_engine_is_served(stock_engine):
         assert r.status_code == 400 and error["param"] == "lam" and "without PLADIS layers" in error["message"], r.text
 
 
+def test_no_unauthenticated_api_pages_and_health_answers_head(server):
+    # FastAPI's /docs, /redoc and /openapi.json were served without the key (and /docs loads from a CDN)
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{server}{path}").status_code in (401, 404), path
+        assert httpx.get(f"{server}{path}", headers=AUTH).status_code == 404, path
+    r = httpx.head(f"{server}/healthz")  # some load balancers' probes send HEAD (it was a 405)
+    assert r.status_code == 200 and not r.content
+
+
 def test_the_bearer_scheme_is_case_insensitive(server):
     for scheme in ("bearer", "BEARER"):  # HTTP auth schemes are case-insensitive (lower case was a 401)
         r = httpx.post(f"{server}/v1/images/generations", json={"prompt": "a red cube", "steps": 2},

@@ -465,7 +465,9 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
             supervisor.cancel()
             await asyncio.to_thread(service.worker.stop, cfg.shutdown_s + 5)
 
-    app = FastAPI(title="pladis", lifespan=lifespan)
+    # no /docs, /redoc or /openapi.json: they would be served without the API key, and /docs loads its page
+    # from a CDN an edge machine may not reach; the README documents the API
+    app = FastAPI(title="pladis", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Guard, key=api_key(cfg), metrics=service.metrics)
     app.state.pladis, app.state.drain, app.state.abort, app.state.idle = service, service.drain, service.abort, \
         service.idle  # fmt: skip
@@ -478,8 +480,8 @@ def create_app(cfg: ServeConfig, runtime=None) -> FastAPI:
         "/v1/models": service.models,
         "/v1/models/{name}": service.model_card,
     }
-    for path, endpoint in routes.items():
-        app.add_api_route(path, endpoint, methods=["GET"], response_model=None)
+    for path, endpoint in routes.items():  # HEAD too: some health-check probes send it
+        app.add_api_route(path, endpoint, methods=["GET", "HEAD"], response_model=None)
     app.add_api_route("/v1/images/generations", service.images, methods=["POST"], response_model=None)
     return app
 
