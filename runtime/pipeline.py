@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,6 +146,7 @@ class Runtime:
         self.scheduler_config = _scheduler_config(self.engine.folder)  # read once: the folder may move later
         self.loras: tuple = ()  # the LoRAs swapped in now (pladis.lora.Lora, in order)
         self._adapters = None  # pladis.runtime.lora.Adapters, made on the first swap
+        self._adapters_made = threading.Lock()  # the server checks requests in threads beside its worker
         self._lora_weights: dict[str, dict] = {}  # component -> module path -> fused weight
         self.eager_loras: tuple = ()  # torch backends: LoRAs fused into the eager model by diffusers (parity)
         if loras is None:
@@ -170,14 +172,21 @@ class Runtime:
         from pladis.runtime import lora
 
         loras = lora.parse(loras)
-        if loras and self._adapters is None:
-            self._adapters = lora.Adapters(self.engine)
-        fused = self._adapters.fused(loras) if loras else {}
+        fused = self.adapters().fused(loras) if loras else {}
         for comp in sorted(set(fused) | set(self._lora_weights)):  # before any weight changes
             if comp not in self.backend_names:
                 raise EngineError(f"the LoRAs touch {comp}, which this engine does not have")
             backends.check_lora(self.engine, comp, self.backend_names[comp])
         return loras, fused
+
+    def adapters(self):
+        """The engine's LoRA adapters (``pladis.runtime.lora.Adapters``), made once, whichever thread asks first."""
+        with self._adapters_made:
+            if self._adapters is None:
+                from pladis.runtime import lora
+
+                self._adapters = lora.Adapters(self.engine)
+            return self._adapters
 
     @property
     def lora_set(self) -> tuple[tuple, dict]:
@@ -189,11 +198,10 @@ class Runtime:
         from pladis.runtime import lora
 
         loras = lora.parse(loras)
-        if loras and self._adapters is None:
-            self._adapters = lora.Adapters(self.engine)
         if loras:
-            self._adapters.check(loras)
-            for comp in sorted({c for x in loras for c, _ in self._adapters.layers(x)}):
+            adapters = self.adapters()
+            adapters.check(loras)
+            for comp in sorted({c for x in loras for c, _ in adapters.layers(x)}):
                 if comp not in self.backend_names:
                     raise EngineError(f"the LoRAs touch {comp}, which this engine does not have")
                 backends.check_lora(self.engine, comp, self.backend_names[comp])

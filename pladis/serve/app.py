@@ -370,7 +370,8 @@ class Service:
             body = await read_request(request, self.cfg)
         except ClientDisconnect:
             return _JSON({}, CLIENT_GONE)
-        job, fmt = self.job(body)
+        # in a thread: a new LoRA set's first check reads its adapters (seconds), which must not stall the loop
+        job, fmt = await asyncio.to_thread(self.job, body)
         images = await self.wait(job, request)
         if images is None:
             return _JSON({}, CLIENT_GONE)
