@@ -494,6 +494,13 @@ def test_server_serves_each_request_its_own_loras(family, tmp_path):
         r = client.post("/v1/images/generations", json={**body, "loras": [{"name": "style-c"}]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "loras"
         assert "'style-c'" in r.json()["error"]["message"] and "style-a" in r.json()["error"]["message"]
+        r = client.post("/v1/images/generations", json={**body, "loras": [{"name": "style-a"}, {"name": "style-a"}]})
+        assert r.status_code == 400 and "named twice" in r.json()["error"]["message"], r.text
+        (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
+        r = client.post("/v1/images/generations", json={**body, "loras": [{"name": "broken"}]})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "loras" and "broken.safetensors" in error["message"], r.text
+        assert str(tmp_path) not in error["message"]  # the client is not told where the server keeps its files
         metrics = client.get("/metrics").text
     for j in jobs:
         np.testing.assert_array_equal(together[j], alone[j])  # batched with others of its set = alone

@@ -17,6 +17,7 @@ import base64
 import io
 import json
 import logging
+import os
 import random
 import re
 import time
@@ -300,13 +301,16 @@ class Service:
                 known = sorted(p.stem for p in folder.glob("*.safetensors"))[:10]
                 raise _bad("loras", f"unknown LoRA adapter {_short(item.name)}; this server has "
                                     f"{', '.join(known) or 'none'} (files in --lora-dir)")  # fmt: skip
+            if any(item.name == name for name, _ in named):
+                raise _bad("loras", f"LoRA adapter {_short(item.name)} is named twice; name each adapter once, with "
+                                    "the scale it should have")  # fmt: skip
             named.append((item.name, float(item.scale)))
         named = tuple(named)
         if named not in self.lora_sets:
             try:  # the fit to the engine, before the request is queued (adapters are read once per file)
                 self.runtime.lora_check(self.lora_files(named))
-            except PladisError as err:
-                raise _bad("loras", str(err)) from None
+            except PladisError as err:  # the adapter's name for the client, not where the server keeps it
+                raise _bad("loras", str(err).replace(f"{folder.resolve()}{os.sep}", "")) from None
         return named
 
     def drain(self) -> None:
