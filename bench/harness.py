@@ -12,6 +12,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -99,6 +100,25 @@ def machine() -> dict[str, object]:
         info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, triton=triton,
                     torch_build=torch.__version__)  # fmt: skip
     return info
+
+
+def cuda_here(script: str) -> bool:
+    """Whether a CUDA GPU is here; if not, ``script`` says so on stderr (the GPU scripts then exit 2)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"{script}: no CUDA GPU here; nothing measured", file=sys.stderr)
+        return False
+    return True
+
+
+def finish(script: str, table: str, failed: list[str]) -> int:
+    """A GPU script's end: its table on stdout, one ``FAILED`` line per failure on stderr; the exit status
+    (1 when anything failed, else 0)."""
+    print(table)
+    for line in failed:
+        print(f"{script}: FAILED {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def add_out_argument(parser) -> None:

@@ -31,6 +31,7 @@ import json
 import sys
 from pathlib import Path
 
+from pladis.bench import harness
 from pladis.files import write_text
 
 # name: (B, H, text tokens, image tokens, head dim, text first)
@@ -98,7 +99,6 @@ def accuracy_row(name: str, shape, dtype: str) -> dict:
 
 def _graph_ms(variants: dict, repeats: int) -> dict:
     """Median milliseconds of each variant in CUDA-graph replay, interleaved."""
-    from pladis.bench import harness
     from pladis.bench.suite import _graphed
 
     graphed = {name: _graphed(fn) for name, fn in variants.items()}
@@ -389,10 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.budget_s is not None and not args.budget_s > 0:
         parser.error(f"--budget-s must be positive seconds; got {args.budget_s}")
-    import torch
-
-    if not torch.cuda.is_available():
-        print("joint_gpu: no CUDA GPU here; nothing measured", file=sys.stderr)
+    if not harness.cuda_here("joint_gpu"):
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -401,11 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         write_text(out / "joint_gpu.json", json.dumps(result, indent=2) + "\n")  # each write renamed into place whole
 
     result = run(args.repeats, args.only, args.budget_s, save)  # its last save is the complete result
-    print(table(result))
-    bad = failures(result)
-    for line in bad:
-        print(f"joint_gpu: FAILED {line}", file=sys.stderr)
-    return 1 if bad else 0
+    return harness.finish("joint_gpu", table(result), failures(result))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+from pladis.bench import harness
 from pladis.files import write_text
 
 STEPS = {"sdxl": 30, "dit": 28}
@@ -458,20 +459,13 @@ def failures(result: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
-    import torch
-
-    if not torch.cuda.is_available():
-        print("latency_gpu: no CUDA GPU here; nothing measured", file=sys.stderr)
+    if not harness.cuda_here("latency_gpu"):
         return 2
     result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "latency_gpu.json", json.dumps(result, indent=2) + "\n")  # renamed into place when complete
-    print(table(result))
-    bad = failures(result)
-    for line in bad:
-        print(f"latency_gpu: FAILED {line}", file=sys.stderr)
-    return 1 if bad else 0
+    return harness.finish("latency_gpu", table(result), failures(result))
 
 
 if __name__ == "__main__":
