@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from pladis.bench import harness
+from pladis.errors import error_line
 from pladis.files import write_text
 
 STEPS = {"sdxl": 30, "dit": 28}
@@ -406,7 +407,7 @@ def run(args) -> dict:
             result["targets"] = verdicts(name, result)
             models[name] = result
         except Exception as e:  # noqa: BLE001 - one failing model is a result, not the end of the script
-            models[name] = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"}
+            models[name] = {"error": error_line(e, 300)}
         model = None
         torch.cuda.empty_cache()
     cc = torch.cuda.get_device_capability()

@@ -29,6 +29,7 @@ import time
 import torch
 
 from pladis.bench import harness
+from pladis.errors import error_line
 
 OPERATOR_SHAPES = {  # (B, H, Lq, Lk, D): SD 1.5 and SDXL at 512²/1024² latents' top level, PixArt T5 keys
     "sd15 64x64 Lk77": (2, 8, 4096, 77, 40),
@@ -129,11 +130,6 @@ def _graphed(fn):
     return replay
 
 
-def _error_line(e: Exception, limit: int = 300) -> str:
-    """An exception as one line for the results: its type and the first line of its message."""
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:limit]}"
-
-
 def _runnable(variants: dict) -> tuple[dict, dict]:
     """The variants whose first call succeeds, and {name: error} for the others (a compiler that fails on
     one device should cost its row, not the whole suite)."""
@@ -143,7 +139,7 @@ def _runnable(variants: dict) -> tuple[dict, dict]:
             fn()
             ok[name] = fn
         except Exception as e:  # noqa: BLE001 - recorded in the results
-            failed[name] = _error_line(e)
+            failed[name] = error_line(e, 300)
     return ok, failed
 
 
@@ -237,7 +233,7 @@ def _unet_step(shape: tuple[int, int, int], repeats: int, device: str) -> dict:
                 static_out = forward()
             variants[name] = (None, lambda graph=graph, out=static_out: graph.replay() or out)
         except Exception as e:  # noqa: BLE001 - recorded in the results
-            failed[name] = _error_line(e)
+            failed[name] = error_line(e, 300)
     samples: dict[str, list[float]] = {name: [] for name in variants}
     outs = {}
     for round_ in range(2 + max(5, repeats // 2)):  # 2 warm-up rounds, then timed rounds, variants interleaved
@@ -310,7 +306,7 @@ def _kernel_tiles(shape, device: str) -> dict:
                 errors[name] = ((out.double() - ref).norm() / ref.norm()).item()
                 rows[name] = _graphed(call)
             except Exception as e:  # noqa: BLE001 - a tile that does not compile or fit is a result too
-                errors[name] = _error_line(e, 200)
+                errors[name] = error_line(e)
     rows, failed = _runnable(rows)
     samples = harness.interleaved(rows, warmup=2, repeats=20, timer=_timer(device))
     summary = {name: harness.summary(x) for name, x in samples.items()}

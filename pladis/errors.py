@@ -11,6 +11,11 @@ from __future__ import annotations
 import importlib
 
 
+def error_line(err: BaseException, limit: int = 200) -> str:
+    """``err`` as one short line for a warning or a result file: its type and its message's first line."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:limit]}"
+
+
 class PladisError(ValueError):
     """A user-facing failure; the message says what is wrong and how to fix it."""
 

@@ -43,6 +43,7 @@ import torch
 
 from pladis import backends as registry
 from pladis.eager import eager_components  # noqa: F401  (the torch backend's model; tests clear its cache)
+from pladis.errors import error_line
 from pladis.manifest import Engine, EngineError, check_function_body
 from pladis.precision import BY_DTYPE, numpy_type
 
@@ -244,9 +245,8 @@ class OrtBackend:
                     self._plain = _run_options(-1)
                     return
                 except Exception as err:  # noqa: BLE001 - e.g. a node ONNX Runtime places on the CPU: run eagerly
-                    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
                     log.warning("ONNX Runtime refused CUDA graphs for %s (%s); running it eagerly", self.path.name,
-                                first)  # fmt: skip
+                                error_line(err))  # fmt: skip
                     self.graph_limit = 0
             self.session = ort.session(self.path, self.device, threads=self.threads,
                                        initializers=self.initializers)  # fmt: skip
@@ -293,8 +293,8 @@ class OrtBackend:
         try:
             self.session.run_with_iobinding(graph.binding, graph.options)
         except Exception as err:  # noqa: BLE001 - a capture ONNX Runtime cannot make: plain runs from now on
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            log.warning("ONNX Runtime's CUDA graph of %s failed (%s); running it eagerly", self.path.name, first)
+            log.warning("ONNX Runtime's CUDA graph of %s failed (%s); running it eagerly", self.path.name,
+                        error_line(err))  # fmt: skip
             self.graph_limit = 0
             self._graphs.clear()
             return None

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pladis.errors import SettingError
+from pladis.errors import SettingError, error_line
 from pladis.options import DEFAULT_GRAPH_CACHE_SIZE
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class GraphCache:
         try:
             replay, outputs = self.capture(lambda: fn(static))
         except Exception as err:  # noqa: BLE001 - any capture failure means: run this key eagerly
-            reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+            reason = error_line(err)
             self.failed[key] = reason
             log.warning("CUDA graph capture of %s failed (%s); running it eagerly", key[0], reason)
             return None
